@@ -1,0 +1,176 @@
+import CDPDK
+import CVioLinux
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Errors from the DPDK layer, each with the message a user should see.
+public enum DPDKError: Error, CustomStringConvertible, Sendable {
+    case ealInit(args: [String], errno: Int32, message: String)
+    case alreadyInitialized
+    case noHugepages(neededMB: Int, freeMB: Int)
+    case mempool(name: String, count: Int, errno: Int32, message: String)
+    case allocation(bytes: Int)
+    case memoryWalk(String)
+
+    public var description: String {
+        switch self {
+        case let .ealInit(args, e, m):
+            return "DPDK EAL initialisation failed (\(m), rte_errno \(e)) with arguments: \(args.joined(separator: " "))"
+        case .alreadyInitialized: return "DPDK EAL is already initialised in this process"
+        case let .noHugepages(need, free):
+            return "hugepages requested but only \(free) MiB are free (need \(need) MiB): reserve more with Scripts/setup.sh, or use --memory nohuge"
+        case let .mempool(name, count, e, m):
+            return "cannot create mbuf pool \(name) of \(count) mbufs: \(m) (rte_errno \(e)); not enough DPDK memory? raise --memory-mb"
+        case .allocation(let b): return "cannot allocate \(b) bytes of DPDK memory"
+        case .memoryWalk(let m): return "cannot export DPDK memory to the device: \(m)"
+        }
+    }
+}
+
+/// How DPDK gets its memory.
+public enum MemoryMode: String, Sendable, CaseIterable {
+    /// 2 MiB hugepages from hugetlbfs, one file per segment list (`--single-file-segments`).
+    case hugepages
+    /// `--no-huge`: 4 KiB pages in one memfd, which vhost-user can share. Works anywhere; slower.
+    case nohuge
+    /// Hugepages when enough are free and hugetlbfs is mounted, otherwise `nohuge`.
+    case auto
+}
+
+/// An EAL preset: the arguments swift-virtio passes to `rte_eal_init` for each memory mode.
+/// `Configs/eal/*.conf` hold the same presets as files (one argument per line, `{MB}`, `{PREFIX}`
+/// and `{LCORES}` substituted); a test checks the two agree.
+public struct EALPreset: Sendable, Equatable {
+    public var arguments: [String]
+    public init(arguments: [String]) { self.arguments = arguments }
+
+    public static let hugepages = EALPreset(arguments: [
+        "--lcores", "{LCORES}", "-m", "{MB}", "--single-file-segments", "--in-memory", "--file-prefix", "{PREFIX}",
+        "--no-pci", "--no-shconf", "--no-telemetry", "--iova-mode", "va", "--log-level", "lib.eal:warning",
+    ])
+    public static let nohuge = EALPreset(arguments: [
+        "--lcores", "{LCORES}", "-m", "{MB}", "--no-huge", "--file-prefix", "{PREFIX}",
+        "--no-pci", "--no-shconf", "--no-telemetry", "--iova-mode", "va", "--log-level", "lib.eal:warning",
+    ])
+
+    /// Parses a `Configs/eal/*.conf` file: one argument per line, `#` comments, blank lines skipped.
+    public init(fileContents: String) {
+        arguments = fileContents.split(separator: "\n").map { $0.trimmingCharacters(in: " \t") }
+            .filter { !$0.isEmpty && !$0.hasPrefix("#") }.map(String.init)
+    }
+
+    func expanded(memoryMB: Int, prefix: String, lcores: String) -> [String] {
+        arguments.map {
+            $0.replacing("{MB}", with: String(memoryMB)).replacing("{PREFIX}", with: prefix)
+                .replacing("{LCORES}", with: lcores)
+        }
+    }
+}
+
+extension StringProtocol {
+    fileprivate func trimmingCharacters(in set: String) -> Substring {
+        var s = Substring(self)
+        while let f = s.first, set.contains(f) { s.removeFirst() }
+        while let l = s.last, set.contains(l) { s.removeLast() }
+        return s
+    }
+}
+
+/// What `EAL.initialize` chose.
+public struct EALReport: Sendable {
+    public var mode: MemoryMode
+    public var memoryMB: Int
+    public var lcoreCPUs: [Int]
+    public var arguments: [String]
+    public var tscHz: UInt64
+    public var summary: String {
+        let cpus = lcoreCPUs.map(String.init).joined(separator: ",")
+        return mode == .hugepages
+            ? "memory: \(memoryMB) MiB of hugepages (single-file segments), poll loop on CPU \(cpus)"
+            : "memory: \(memoryMB) MiB of --no-huge memfd memory (no hugepages used; slower), poll loop on CPU \(cpus)"
+    }
+}
+
+/// The DPDK Environment Abstraction Layer, initialised once per process.
+public enum EAL {
+    nonisolated(unsafe) private static var report: EALReport?
+
+    /// The report of the initialisation done in this process, if any.
+    public static var current: EALReport? { report }
+
+    /// Free hugepage memory and whether hugetlbfs is mounted.
+    public static func hugepageStatus() -> (freeMB: Int, mounted: Bool) {
+        var freePages = 0, pageKB = 0
+        if let meminfo = readFile("/proc/meminfo") {
+            for line in meminfo.split(separator: "\n") {
+                let parts = line.split(separator: " ", omittingEmptySubsequences: true)
+                guard parts.count >= 2 else { continue }
+                if parts[0] == "HugePages_Free:" { freePages = Int(parts[1]) ?? 0 }
+                if parts[0] == "Hugepagesize:" { pageKB = Int(parts[1]) ?? 0 }
+            }
+        }
+        let mounted = readFile("/proc/mounts")?.split(separator: "\n").contains { $0.split(separator: " ").dropFirst(2).first == "hugetlbfs" } ?? false
+        return (freePages * pageKB / 1024, mounted)
+    }
+
+    /// The CPUs this process may run on (honours `taskset`).
+    public static func affinityCPUs() -> [Int] {
+        var cpus = [Int32](repeating: 0, count: 1024)
+        let n = cvio_affinity_cpus(&cpus, Int32(cpus.count))
+        return n > 0 ? cpus[0..<Int(n)].map(Int.init) : [0]
+    }
+
+    /// Initialises the EAL. `.auto` picks hugepages when `memoryMB` of them are free, else
+    /// `--no-huge`. The main lcore runs on the first CPU of the process affinity.
+    @discardableResult
+    public static func initialize(mode: MemoryMode = .auto, memoryMB: Int = 512, preset: EALPreset? = nil,
+                                  filePrefix: String? = nil, extraArguments: [String] = []) throws -> EALReport {
+        guard report == nil else { throw DPDKError.alreadyInitialized }
+        let huge = hugepageStatus()
+        var chosen = mode
+        if mode == .auto { chosen = huge.mounted && huge.freeMB >= memoryMB ? .hugepages : .nohuge }
+        if chosen == .hugepages && (!huge.mounted || huge.freeMB < memoryMB) {
+            throw DPDKError.noHugepages(neededMB: memoryMB, freeMB: huge.mounted ? huge.freeMB : 0)
+        }
+        let cpus = affinityCPUs()
+        let lcores = cpus.count == 1 ? "0@\(cpus[0])" : "0@(\(cpus.map(String.init).joined(separator: ",")))"
+        let prefix = filePrefix ?? "vio-\(getpid())"
+        let p = preset ?? (chosen == .hugepages ? .hugepages : .nohuge)
+        let args = ["vio"] + p.expanded(memoryMB: memoryMB, prefix: prefix, lcores: lcores) + extraArguments
+        var argv: [UnsafeMutablePointer<CChar>?] = args.map { strdup($0) }
+        // rte_eal_init keeps pointers into argv; the strings are intentionally never freed.
+        let rc = argv.withUnsafeMutableBufferPointer { rte_eal_init(Int32(args.count), $0.baseAddress) }
+        if rc < 0 {
+            let e = vio_rte_errno()
+            throw DPDKError.ealInit(args: args, errno: e, message: String(cString: vio_rte_strerror(e)))
+        }
+        let r = EALReport(mode: chosen, memoryMB: memoryMB, lcoreCPUs: cpus, arguments: args, tscHz: rte_get_tsc_hz())
+        report = r
+        return r
+    }
+
+    /// Releases EAL resources (hugepage files). Call once at exit.
+    public static func cleanup() {
+        if report != nil { _ = rte_eal_cleanup() }
+    }
+}
+
+func readFile(_ path: String) -> String? {
+    guard let f = fopen(path, "r") else { return nil }
+    defer { fclose(f) }
+    var out = [UInt8]()
+    var buf = [UInt8](repeating: 0, count: 4096)
+    while true {
+        let n = fread(&buf, 1, buf.count, f)
+        if n <= 0 { break }
+        out.append(contentsOf: buf[0..<n])
+    }
+    return String(decoding: out, as: UTF8.self)
+}
+
+/// The time stamp counter and its rate.
+public enum TSC {
+    @inlinable @inline(__always) public static func now() -> UInt64 { cvio_rdtsc() }
+    public static var hz: UInt64 { EAL.current?.tscHz ?? rte_get_tsc_hz() }
+}

@@ -1,0 +1,339 @@
+import CVioLinux
+import Logging
+import Synchronization
+import VirtioCore
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Errors of the vhost-user front end, each with what the user should know.
+public enum VhostUserError: Error, CustomStringConvertible, Equatable, Sendable {
+    case socketMissing(path: String)
+    case connectionRefused(path: String)
+    case connectFailed(path: String, errno: Int32)
+    case pathTooLong(path: String)
+    case io(request: String, errno: Int32)
+    case backendClosed(request: String)
+    case timeout(request: String)
+    case badReply(request: String, detail: String)
+    case requestFailed(request: String, code: UInt64)
+    case incompatibleFeatures(missing: String)
+    case tooManyRegions(Int)
+    case notConnected
+
+    public var description: String {
+        switch self {
+        case .socketMissing(let p): return "vhost-user socket \(p) does not exist (is the backend running?)"
+        case .connectionRefused(let p): return "vhost-user backend at \(p) refused the connection (nothing is listening)"
+        case let .connectFailed(p, e): return "cannot connect to vhost-user socket \(p): \(String(cString: strerror(e)))"
+        case .pathTooLong(let p): return "vhost-user socket path is too long: \(p)"
+        case let .io(r, e): return "vhost-user \(r): \(String(cString: strerror(e)))"
+        case .backendClosed(let r): return "vhost-user backend closed the connection during \(r)"
+        case .timeout(let r): return "vhost-user backend did not answer \(r) in time"
+        case let .badReply(r, d): return "malformed vhost-user reply to \(r): \(d)"
+        case let .requestFailed(r, c): return "vhost-user backend rejected \(r) (reply-ack code \(c))"
+        case .incompatibleFeatures(let m): return "vhost-user backend lacks required features: \(m)"
+        case .tooManyRegions(let n): return "DPDK memory has \(n) regions; vhost-user takes at most 8 (use --single-file-segments)"
+        case .notConnected: return "vhost-user backend is not connected"
+        }
+    }
+}
+
+/// The front end of a vhost-user connection (we are the driver; the backend is the device), over
+/// a UNIX stream socket, in the order DESIGN.md gives. Blocking I/O with a receive timeout, on
+/// the control path only. A monitor thread waits for the peer to hang up and clears
+/// `isConnected`; the data path never makes a syscall for it.
+public final class VhostUserConnection: VirtioTransport, @unchecked Sendable {
+    public let path: String
+    public private(set) var deviceFeatures: VirtioFeatures = []
+    public private(set) var protocolFeatures: VhostUserProtocolFeatures = []
+    public private(set) var maxQueues: Int?
+    public private(set) var negotiatedFeatures: VirtioFeatures = []
+    let logger: Logger
+    let fd: Int32
+    private var kickFDs: [Int32] = []
+    private var callFDs: [Int32] = []
+    private var queueCount = 0
+    private var started = false
+    private let alive = Atomic<Bool>(true)
+    private let reasonLock = Mutex<String?>(nil)
+    private let wakeFD: Int32
+    private var monitor: pthread_t?
+    /// Protocol features we use when the backend offers them.
+    public static let wantedProtocolFeatures: VhostUserProtocolFeatures = [.mq, .replyAck, .config, .status]
+
+    /// Connects and runs the first part of the handshake: SET_OWNER, GET_FEATURES, protocol
+    /// features, GET_QUEUE_NUM.
+    public init(path: String, logger: Logger = Logger(label: "vhost-user"), replyTimeoutSeconds: Int = 10) throws {
+        self.path = path
+        self.logger = logger
+        let s = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard s >= 0 else { throw VhostUserError.connectFailed(path: path, errno: errno) }
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(path.utf8)
+        guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else { close(s); throw VhostUserError.pathTooLong(path: path) }
+        withUnsafeMutableBytes(of: &addr.sun_path) { dst in
+            for (i, b) in bytes.enumerated() { dst[i] = b }
+        }
+        let rc = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(s, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        if rc != 0 {
+            let e = errno
+            close(s)
+            switch e {
+            case ENOENT: throw VhostUserError.socketMissing(path: path)
+            case ECONNREFUSED: throw VhostUserError.connectionRefused(path: path)
+            default: throw VhostUserError.connectFailed(path: path, errno: e)
+            }
+        }
+        var tv = timeval(tv_sec: replyTimeoutSeconds, tv_usec: 0)
+        setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        fd = s
+        wakeFD = cvio_eventfd()
+        do { try handshake() } catch {
+            close(fd); close(wakeFD)
+            throw error
+        }
+        startMonitor()
+    }
+
+    deinit {
+        stopMonitor()
+        close(fd)
+        close(wakeFD)
+        for f in kickFDs + callFDs where f >= 0 { close(f) }
+    }
+
+    public var isConnected: Bool { alive.load(ordering: .relaxed) }
+    public var disconnectReason: String? { reasonLock.withLock { $0 } }
+
+    private func lost(_ reason: String) {
+        reasonLock.withLock { if $0 == nil { $0 = reason } }
+        alive.store(false, ordering: .relaxed)
+    }
+
+    private func handshake() throws {
+        try send(.u64(.setOwner, 0), ack: false)
+        let offered = try request(.u64(.getFeatures, 0)).u64(at: 0)
+        guard let offered else { throw VhostUserError.badReply(request: "GET_FEATURES", detail: "payload shorter than 8 bytes") }
+        let all = VirtioFeatures(rawValue: offered)
+        if all.contains(vhostUserProtocolFeaturesBit) {
+            guard let p = try request(.u64(.getProtocolFeatures, 0)).u64(at: 0) else {
+                throw VhostUserError.badReply(request: "GET_PROTOCOL_FEATURES", detail: "payload shorter than 8 bytes")
+            }
+            let chosen = VhostUserProtocolFeatures(rawValue: p).intersection(Self.wantedProtocolFeatures)
+            try send(.u64(.setProtocolFeatures, chosen.rawValue), ack: false)
+            protocolFeatures = chosen
+            if chosen.contains(.mq) {
+                guard let q = try request(.u64(.getQueueNum, 0)).u64(at: 0) else {
+                    throw VhostUserError.badReply(request: "GET_QUEUE_NUM", detail: "payload shorter than 8 bytes")
+                }
+                maxQueues = Int(q)
+            }
+        }
+        deviceFeatures = all.subtracting(vhostUserProtocolFeaturesBit)
+        try setStatus([.acknowledge, .driver])
+        logger.debug("vhost-user \(path): device features \(deviceFeatures), protocol features 0x\(String(protocolFeatures.rawValue, radix: 16))")
+    }
+
+    private func setStatus(_ s: DeviceStatus) throws {
+        guard protocolFeatures.contains(.status) else { return }
+        try send(.u64(.setStatus, UInt64(s.rawValue)))
+    }
+
+    // MARK: VirtioTransport
+
+    public func readConfig(offset: Int, count: Int) throws -> [UInt8] {
+        guard protocolFeatures.contains(.config) else {
+            throw VhostUserError.incompatibleFeatures(missing: "VHOST_USER_PROTOCOL_F_CONFIG (needed to read device config space)")
+        }
+        let reply = try request(.config(offset: offset, size: count))
+        guard let size = reply.u32(at: 4), Int(size) == count, reply.payload.count >= 12 + count else {
+            throw VhostUserError.badReply(request: "GET_CONFIG", detail: "asked for \(count) bytes, got a payload of \(reply.payload.count) bytes")
+        }
+        return Array(reply.payload[12..<(12 + count)])
+    }
+
+    public func negotiate(_ features: VirtioFeatures, queueCount: Int) throws {
+        precondition(deviceFeatures.isSuperset(of: features), "negotiating features the device does not offer")
+        self.queueCount = queueCount
+        // Call descriptors first (as DPDK's virtio_user does): the device may signal on them, we
+        // never read them in poll mode.
+        for i in 0..<queueCount {
+            let call = cvio_eventfd()
+            let kick = cvio_eventfd()
+            guard call >= 0, kick >= 0 else { throw VhostUserError.io(request: "eventfd", errno: errno) }
+            callFDs.append(call); kickFDs.append(kick)
+            try send(.u64(.setVringCall, UInt64(i), fds: [call]))
+        }
+        var wire = features
+        if !protocolFeatures.isEmpty || deviceFeaturesHadProtocolBit { wire.insert(vhostUserProtocolFeaturesBit) }
+        try send(.u64(.setFeatures, wire.rawValue))
+        negotiatedFeatures = features
+        try setStatus([.acknowledge, .driver, .featuresOK])
+    }
+
+    private var deviceFeaturesHadProtocolBit: Bool { !protocolFeatures.isEmpty }
+
+    public func setMemory(_ regions: [MemoryRegion]) throws {
+        guard regions.count <= VhostUserMessage.maxRegions else { throw VhostUserError.tooManyRegions(regions.count) }
+        try send(.memoryTable(regions))
+    }
+
+    public func setupQueue(_ index: Int, addresses: QueueAddresses) throws {
+        try send(.vringState(.setVringNum, index: index, num: UInt32(addresses.size)))
+        try send(.vringState(.setVringBase, index: index, num: 0))
+        try send(.vringAddress(index: index, addresses))
+        // KICK last: backends take it as "this ring is ready".
+        try send(.u64(.setVringKick, UInt64(index), fds: [kickFDs[index]]))
+    }
+
+    public func start() throws {
+        if !protocolFeatures.isEmpty {
+            // With protocol features, rings start disabled (vhost-user.rst, "Ring states").
+            for i in 0..<queueCount { try send(.vringState(.setVringEnable, index: i, num: 1)) }
+        }
+        try setStatus([.acknowledge, .driver, .featuresOK, .driverOK])
+        started = true
+    }
+
+    public func stop() throws {
+        guard started else { return }
+        started = false
+        guard isConnected else { return }
+        if !protocolFeatures.isEmpty {
+            for i in 0..<queueCount { try send(.vringState(.setVringEnable, index: i, num: 0)) }
+        }
+        // GET_VRING_BASE stops each ring; after the last reply the backend touches none of our memory.
+        for i in 0..<queueCount {
+            let r = try request(.vringState(.getVringBase, index: i, num: 0))
+            guard r.u32(at: 0) == UInt32(i) else {
+                throw VhostUserError.badReply(request: "GET_VRING_BASE", detail: "reply names ring \(r.u32(at: 0).map(String.init) ?? "?")")
+            }
+        }
+    }
+
+    @inline(never)
+    public func notify(queue index: Int) {
+        var one: UInt64 = 1
+        _ = Glibc.write(kickFDs[index], &one, 8)
+    }
+
+    // MARK: Messages
+
+    /// Sends a message; with REPLY_ACK negotiated and `ack`, asks for and checks the ack.
+    public func send(_ message: VhostUserMessage, ack: Bool = true) throws {
+        var m = message
+        let r = VhostUserRequest(rawValue: m.request)
+        let name = r?.description ?? "request \(m.request)"
+        let wantAck = ack && protocolFeatures.contains(.replyAck) && !(r?.hasReply ?? false)
+        if wantAck { m.flags |= VhostUserMessage.needReplyFlag }
+        try write(m, name: name)
+        if wantAck {
+            let reply = try read(expecting: m.request, name: name)
+            guard let code = reply.u64(at: 0) else { throw VhostUserError.badReply(request: name, detail: "ack shorter than 8 bytes") }
+            if code != 0 { throw VhostUserError.requestFailed(request: name, code: code) }
+        }
+    }
+
+    /// Sends a request that has a reply and returns the reply.
+    public func request(_ message: VhostUserMessage) throws -> VhostUserMessage {
+        let name = VhostUserRequest(rawValue: message.request)?.description ?? "request \(message.request)"
+        try write(message, name: name)
+        return try read(expecting: message.request, name: name)
+    }
+
+    private func write(_ m: VhostUserMessage, name: String) throws {
+        let bytes = m.encoded
+        let n = bytes.withUnsafeBytes { b in
+            m.fds.withUnsafeBufferPointer { cvio_send_with_fds(fd, b.baseAddress, b.count, $0.baseAddress, Int32(m.fds.count)) }
+        }
+        if n < 0 {
+            let e = errno
+            if e == EPIPE || e == ECONNRESET { lost("backend closed the connection"); throw VhostUserError.backendClosed(request: name) }
+            throw VhostUserError.io(request: name, errno: e)
+        }
+        guard n == bytes.count else { throw VhostUserError.io(request: name, errno: EIO) }
+    }
+
+    private func readExactly(_ count: Int, name: String) throws -> [UInt8] {
+        var buf = [UInt8](repeating: 0, count: count)
+        var got = 0
+        while got < count {
+            var fds = [Int32](repeating: -1, count: 8)
+            var nfds: Int32 = 0
+            let n = buf.withUnsafeMutableBytes { b in
+                cvio_recv_with_fds(fd, b.baseAddress! + got, count - got, &fds, 8, &nfds)
+            }
+            for i in 0..<Int(nfds) { close(fds[i]) }  // we expect no descriptors in replies
+            if n == 0 { lost("backend closed the connection"); throw VhostUserError.backendClosed(request: name) }
+            if n < 0 {
+                let e = errno
+                if e == EAGAIN || e == EWOULDBLOCK { throw VhostUserError.timeout(request: name) }
+                if e == ECONNRESET { lost("backend reset the connection"); throw VhostUserError.backendClosed(request: name) }
+                throw VhostUserError.io(request: name, errno: e)
+            }
+            got += n
+        }
+        return buf
+    }
+
+    private func read(expecting request: UInt32, name: String) throws -> VhostUserMessage {
+        let header = try readExactly(VhostUserMessage.headerSize, name: name)
+        let h = VhostUserMessage.decodeHeader(header)!
+        guard h.request == request else {
+            throw VhostUserError.badReply(request: name, detail: "reply is for request \(h.request)")
+        }
+        guard h.flags & 0x3 == VhostUserMessage.version, h.flags & VhostUserMessage.replyFlag != 0 else {
+            throw VhostUserError.badReply(request: name, detail: "flags 0x\(String(h.flags, radix: 16)) lack version 1 and the reply bit")
+        }
+        guard h.size <= 4096 else { throw VhostUserError.badReply(request: name, detail: "payload size \(h.size) is too large") }
+        let payload = h.size > 0 ? try readExactly(Int(h.size), name: name) : []
+        return VhostUserMessage(request: h.request, flags: h.flags, payload: payload)
+    }
+
+    // MARK: Hang-up monitor
+
+    private func startMonitor() {
+        let box = Unmanaged.passRetained(MonitorBox(connection: self))
+        var tid = pthread_t()
+        let rc = pthread_create(&tid, nil, { arg in
+            let box = Unmanaged<MonitorBox>.fromOpaque(arg!).takeRetainedValue()
+            box.run()
+            return nil
+        }, box.toOpaque())
+        if rc == 0 { monitor = tid } else { box.release() }
+    }
+
+    private func stopMonitor() {
+        guard let t = monitor else { return }
+        var one: UInt64 = 1
+        _ = Glibc.write(wakeFD, &one, 8)
+        pthread_join(t, nil)
+        monitor = nil
+    }
+
+
+
+    private final class MonitorBox {
+        unowned(unsafe) let connection: VhostUserConnection
+        let fd: Int32, wake: Int32
+        init(connection: VhostUserConnection) { self.connection = connection; fd = connection.fd; wake = connection.wakeFD }
+        func run() {
+            var fds = [pollfd(fd: fd, events: Int16(pollRDHUP), revents: 0), pollfd(fd: wake, events: Int16(POLLIN), revents: 0)]
+            while true {
+                fds[0].revents = 0; fds[1].revents = 0
+                let n = poll(&fds, 2, -1)
+                if n < 0 { if errno == EINTR { continue }; return }
+                if fds[1].revents != 0 { return }
+                if fds[0].revents & Int16(POLLHUP | pollRDHUP | POLLERR) != 0 {
+                    connection.lost("vhost-user backend \(connection.path) hung up")
+                    return
+                }
+            }
+        }
+    }
+}
+let pollRDHUP: Int32 = 0x2000  // POLLRDHUP from <poll.h> (hidden behind _GNU_SOURCE)

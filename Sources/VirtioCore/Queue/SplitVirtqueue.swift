@@ -1,0 +1,366 @@
+import Synchronization
+
+/// One part of a buffer chain handed to `SplitVirtqueue.addChain`.
+@frozen public struct VirtqSegment: Sendable {
+    public var addr: UInt64
+    public var len: UInt32
+    public var deviceWritable: Bool
+    @inlinable public init(addr: UInt64, len: UInt32, deviceWritable: Bool) {
+        self.addr = addr; self.len = len; self.deviceWritable = deviceWritable
+    }
+}
+
+/// What the driver remembers about a buffer in flight, indexed by its head descriptor.
+@usableFromInline @frozen struct SlotInfo {
+    @usableFromInline var cookie: UnsafeMutableRawPointer?
+    /// Bytes of the chain the device may write: the most a used element may claim.
+    @usableFromInline var writable: UInt32
+    /// Descriptors in the chain; 0 means "not in flight".
+    @usableFromInline var ndesc: UInt16
+    /// Last descriptor of the chain (to splice it back onto the free list).
+    @usableFromInline var last: UInt16
+    @inlinable init(cookie: UnsafeMutableRawPointer?, writable: UInt32, ndesc: UInt16, last: UInt16) {
+        self.cookie = cookie; self.writable = writable; self.ndesc = ndesc; self.last = last
+    }
+}
+
+/// The driver side of a split virtqueue (VIRTIO 1.2 §2.7) over memory someone else owns (DPDK
+/// memory for a real device, heap memory in tests). It knows nothing of packets or block requests:
+/// a buffer is a chain of (address, length, direction) with an opaque cookie that comes back when
+/// the device has used it.
+///
+/// Two modes, fixed at creation:
+/// - **in order** (VIRTIO_F_IN_ORDER negotiated, §2.7.9): descriptors are taken from the table in
+///   ring order, so there is no free list; completion only moves counters. The device may write a
+///   single used element for a batch (its id is the head of the batch's last buffer, placed at the
+///   batch's first used slot); every buffer before it counts as fully written.
+/// - **out of order**: a free list threaded through `next`, as the spec's example driver does.
+///
+/// Everything the device writes is checked before use; the first bad value stops the queue
+/// (`failure`) without touching anything outside our buffers, and `reclaimAll` still returns
+/// every cookie.
+public struct SplitVirtqueue: ~Copyable {
+    public let size: Int
+    public let inOrder: Bool
+    public let eventIndex: Bool
+    @usableFromInline let mask: UInt16
+    @usableFromInline let desc: UnsafeMutablePointer<VirtqDesc>
+    @usableFromInline let availIdx: UnsafeMutablePointer<Atomic<UInt16>>
+    @usableFromInline let availRing: UnsafeMutablePointer<UInt16>
+    @usableFromInline let usedFlags: UnsafeMutablePointer<Atomic<UInt16>>
+    @usableFromInline let usedIdx: UnsafeMutablePointer<Atomic<UInt16>>
+    @usableFromInline let usedRing: UnsafeMutablePointer<VirtqUsedElem>
+    @usableFromInline let availEvent: UnsafeMutablePointer<Atomic<UInt16>>
+    @usableFromInline let slots: UnsafeMutablePointer<SlotInfo>
+    public let memory: UnsafeMutableRawPointer
+    public let layout: SplitRingLayout
+
+    /// Next available-ring position to fill (free-running).
+    @usableFromInline var nextAvail: UInt16 = 0
+    /// Value last stored to `avail->idx`.
+    @usableFromInline var publishedAvail: UInt16 = 0
+    /// Next used-ring position to consume (free-running).
+    @usableFromInline var lastUsed: UInt16 = 0
+    @usableFromInline var freeDescs: Int
+    /// In order: next descriptor to hand out (free-running). Out of order: head of the free list.
+    @usableFromInline var descHead: UInt16 = 0
+    /// In order: first descriptor of the oldest buffer not yet completed (free-running).
+    @usableFromInline var oldestDesc: UInt16 = 0
+    /// In order: a single used element covers buffers up to `batchEnd`, which gets `batchLen`.
+    @usableFromInline var inBatch = false
+    @usableFromInline var batchEnd: UInt16 = 0
+    @usableFromInline var batchLen: UInt32 = 0
+    /// Buffers posted and not yet completed (published or not).
+    @usableFromInline var outstanding: Int = 0
+    /// The first device error seen; once set, the queue hands out and takes back nothing more.
+    public private(set) var failure: VirtqueueError?
+
+    /// Lays a fresh queue over `memory` (at least `layout.totalBytes`, 4 KiB aligned), zeroing it.
+    public init(memory: UnsafeMutableRawPointer, layout: SplitRingLayout, inOrder: Bool, eventIndex: Bool = false) {
+        precondition(Int(bitPattern: memory) & (SplitRingLayout.alignment - 1) == 0, "ring memory must be 4 KiB aligned")
+        self.memory = memory
+        self.layout = layout
+        self.size = layout.size
+        self.inOrder = inOrder
+        self.eventIndex = eventIndex
+        self.mask = UInt16(truncatingIfNeeded: layout.size - 1)
+        let avail = memory + layout.availOffset
+        let used = memory + layout.usedOffset
+        desc = (memory + layout.descOffset).bindMemory(to: VirtqDesc.self, capacity: layout.size)
+        availIdx = (avail + 2).assumingMemoryBound(to: Atomic<UInt16>.self)
+        availRing = (avail + 4).bindMemory(to: UInt16.self, capacity: layout.size)
+        usedFlags = used.assumingMemoryBound(to: Atomic<UInt16>.self)
+        usedIdx = (used + 2).assumingMemoryBound(to: Atomic<UInt16>.self)
+        usedRing = (used + 4).bindMemory(to: VirtqUsedElem.self, capacity: layout.size)
+        availEvent = (used + 4 + 8 * layout.size).assumingMemoryBound(to: Atomic<UInt16>.self)
+        slots = .allocate(capacity: layout.size)
+        freeDescs = layout.size
+        resetRing()
+    }
+
+    deinit { slots.deallocate() }
+
+    /// Zeroes the rings and forgets every buffer (after `reclaimAll`, before a device restart).
+    public mutating func resetRing() {
+        memory.initializeMemory(as: UInt8.self, repeating: 0, count: layout.totalBytes)
+        // Poll mode: ask for no used-buffer notifications (VRING_AVAIL_F_NO_INTERRUPT, §2.7.7).
+        (memory + layout.availOffset).storeBytes(of: virtqAvailFlagNoInterrupt, as: UInt16.self)
+        // Chain links: in order, descriptor i continues in i+1 and is never relinked; out of order
+        // the same links form the initial free list.
+        for i in 0..<size { desc[i].next = UInt16(truncatingIfNeeded: (i + 1) & Int(mask)) }
+        slots.initialize(repeating: SlotInfo(cookie: nil, writable: 0, ndesc: 0, last: 0), count: size)
+        nextAvail = 0; publishedAvail = 0; lastUsed = 0; descHead = 0; oldestDesc = 0
+        freeDescs = size; outstanding = 0; inBatch = false; failure = nil
+    }
+
+    // MARK: Addresses for the transport
+    public var descAddress: UInt64 { UInt64(UInt(bitPattern: desc)) }
+    public var availAddress: UInt64 { UInt64(UInt(bitPattern: memory + layout.availOffset)) }
+    public var usedAddress: UInt64 { UInt64(UInt(bitPattern: memory + layout.usedOffset)) }
+
+    /// Free descriptors.
+    @inlinable public var freeCount: Int { freeDescs }
+    /// Buffers handed to the queue and not yet returned by `harvest`/`reclaimAll`.
+    @inlinable public var inFlight: Int { outstanding }
+
+    // MARK: Posting
+
+    /// In-order fast path: one single-descriptor buffer into the next slot. The caller has checked
+    /// `freeCount`. Writes address, length and flags of one descriptor and one avail entry.
+    @inlinable @inline(__always)
+    public mutating func addInOrder(addr: UInt64, len: UInt32, deviceWritable: Bool, cookie: UnsafeMutableRawPointer?) {
+        precondition(freeDescs > 0 && failure == nil)
+        let head = descHead & mask
+        descHead &+= 1
+        let d = desc + Int(head)
+        d.pointee.addr = addr
+        d.pointee.len = len
+        d.pointee.flags = deviceWritable ? VirtqDesc.flagWrite : 0
+        slots[Int(head)] = SlotInfo(cookie: cookie, writable: deviceWritable ? len : 0, ndesc: 1, last: head)
+        availRing[Int(nextAvail & mask)] = head
+        nextAvail &+= 1
+        freeDescs &-= 1
+        outstanding &+= 1
+    }
+
+    /// One single-descriptor buffer, in either mode.
+    @inlinable
+    public mutating func add(addr: UInt64, len: UInt32, deviceWritable: Bool, cookie: UnsafeMutableRawPointer?) {
+        if inOrder { addInOrder(addr: addr, len: len, deviceWritable: deviceWritable, cookie: cookie); return }
+        precondition(freeDescs > 0 && failure == nil)
+        let head = descHead
+        let d = desc + Int(head)
+        descHead = d.pointee.next
+        d.pointee.addr = addr
+        d.pointee.len = len
+        d.pointee.flags = deviceWritable ? VirtqDesc.flagWrite : 0
+        slots[Int(head)] = SlotInfo(cookie: cookie, writable: deviceWritable ? len : 0, ndesc: 1, last: head)
+        availRing[Int(nextAvail & mask)] = head
+        nextAvail &+= 1
+        freeDescs &-= 1
+        outstanding &+= 1
+    }
+
+    /// A chain of `count` descriptors (e.g. a block request: header, data, status). Returns false,
+    /// adding nothing, when fewer than `count` descriptors are free.
+    @inlinable
+    public mutating func addChain(count: Int, cookie: UnsafeMutableRawPointer?, _ segment: (Int) -> VirtqSegment) -> Bool {
+        precondition(count >= 1 && failure == nil)
+        guard count <= freeDescs else { return false }
+        let head: UInt16 = inOrder ? descHead & mask : descHead
+        var d = head
+        var writable: UInt32 = 0
+        for i in 0..<count {
+            let s = segment(i)
+            let p = desc + Int(d)
+            p.pointee.addr = s.addr
+            p.pointee.len = s.len
+            var flags: UInt16 = s.deviceWritable ? VirtqDesc.flagWrite : 0
+            if i < count - 1 { flags |= VirtqDesc.flagNext }
+            p.pointee.flags = flags
+            if s.deviceWritable { writable &+= s.len }
+            if i < count - 1 { d = p.pointee.next }
+        }
+        if inOrder { descHead &+= UInt16(truncatingIfNeeded: count) } else { descHead = desc[Int(d)].next }
+        slots[Int(head)] = SlotInfo(cookie: cookie, writable: writable, ndesc: UInt16(truncatingIfNeeded: count), last: d)
+        availRing[Int(nextAvail & mask)] = head
+        nextAvail &+= 1
+        freeDescs &-= count
+        outstanding &+= 1
+        return true
+    }
+
+    /// Makes everything added since the last call visible to the device with one store of
+    /// `avail->idx`, and says whether the device asked to be notified (§2.7.13.3–4).
+    @inlinable
+    public mutating func publish() -> Bool {
+        let new = nextAvail, old = publishedAvail
+        guard new != old else { return false }
+        // Release: the descriptors and avail entries written above are visible before the index.
+        availIdx.pointee.store(new, ordering: .releasing)
+        publishedAvail = new
+        // Full fence: the index store must be visible before we read the device's suppression
+        // field, or we could miss a notification the device is about to ask for (§2.7.13.4).
+        atomicMemoryFence(ordering: .sequentiallyConsistent)
+        if eventIndex {
+            return virtqNeedEvent(event: availEvent.pointee.load(ordering: .relaxed), new: new, old: old)
+        }
+        return usedFlags.pointee.load(ordering: .relaxed) & virtqUsedFlagNoNotify == 0
+    }
+
+    // MARK: Completions
+
+    /// Buffers the device has completed and we have not harvested yet. Checks the used index
+    /// against what is in flight; a jump stops the queue.
+    @inlinable
+    public mutating func completedCount() -> Int {
+        guard failure == nil else { return 0 }
+        // Acquire: the used elements the device wrote before moving the index are visible to us.
+        let usedNow = usedIdx.pointee.load(ordering: .acquiring)
+        let ready = usedNow &- lastUsed
+        let inFlight = publishedAvail &- lastUsed
+        if ready > inFlight {
+            fail(.usedIndexJump(usedIdx: usedNow, lastSeen: lastUsed, inFlight: inFlight))
+            return 0
+        }
+        return Int(ready)
+    }
+
+    /// Hands up to `max` completed buffers to `body` (cookie, bytes written by the device), oldest
+    /// first in order mode. Returns how many; fewer than completed only when `max` or a device
+    /// error (see `failure`) stops it.
+    @inlinable
+    public mutating func harvest(max: Int, _ body: (UnsafeMutableRawPointer?, UInt32) -> Void) -> Int {
+        let n = Swift.min(completedCount(), max)
+        return inOrder ? harvestInOrder(n, body) : harvestOutOfOrder(n, body)
+    }
+
+    @inlinable
+    mutating func harvestInOrder(_ n: Int, _ body: (UnsafeMutableRawPointer?, UInt32) -> Void) -> Int {
+        var i = 0
+        while i < n {
+            let head = oldestDesc & mask
+            let slot = slots[Int(head)]
+            let len: UInt32
+            if inBatch {
+                if head == batchEnd { len = batchLen; inBatch = false } else { len = slot.writable }
+            } else {
+                let e = usedRing[Int(lastUsed & mask)]
+                if e.id == UInt32(head) {
+                    guard e.len <= slot.writable else {
+                        fail(.usedLengthTooLarge(id: e.id, length: e.len, posted: slot.writable)); break
+                    }
+                    len = e.len
+                } else {
+                    // One element for several buffers: it must name a later buffer completed in
+                    // this same call, and then every buffer up to it is fully written.
+                    guard startBatch(e, head: head, completed: n - i) else { break }
+                    len = batchEnd == head ? batchLen : slot.writable
+                    if batchEnd == head { inBatch = false }
+                }
+            }
+            oldestDesc &+= slot.ndesc
+            freeDescs &+= Int(slot.ndesc)
+            lastUsed &+= 1
+            outstanding &-= 1
+            i &+= 1
+            body(slot.cookie, len)
+        }
+        return i
+    }
+
+    /// Checks a used element that does not name the next buffer (slow path, once per batch).
+    @usableFromInline
+    mutating func startBatch(_ e: VirtqUsedElem, head: UInt16, completed: Int) -> Bool {
+        guard e.id < UInt32(size) else { fail(.usedIDOutOfRange(id: e.id, size: size)); return false }
+        var h = head
+        var k = 0
+        while k < completed {
+            if UInt32(h) == e.id {
+                let posted = slots[Int(h)].writable
+                guard e.len <= posted else { fail(.usedLengthTooLarge(id: e.id, length: e.len, posted: posted)); return false }
+                inBatch = true; batchEnd = h; batchLen = e.len
+                return true
+            }
+            h = (h &+ slots[Int(h)].ndesc) & mask
+            k += 1
+        }
+        fail(.usedIDOutOfOrder(id: e.id, expected: head))
+        return false
+    }
+
+    @inlinable
+    mutating func harvestOutOfOrder(_ n: Int, _ body: (UnsafeMutableRawPointer?, UInt32) -> Void) -> Int {
+        var i = 0
+        while i < n {
+            let e = usedRing[Int(lastUsed & mask)]
+            guard e.id < UInt32(size) else { fail(.usedIDOutOfRange(id: e.id, size: size)); break }
+            let id = Int(e.id)
+            let slot = slots[id]
+            guard slot.ndesc != 0 else { fail(.usedIDNotInFlight(id: e.id)); break }
+            guard e.len <= slot.writable else {
+                fail(.usedLengthTooLarge(id: e.id, length: e.len, posted: slot.writable)); break
+            }
+            // Splice the chain back onto the front of the free list.
+            desc[Int(slot.last)].next = descHead
+            descHead = UInt16(truncatingIfNeeded: id)
+            freeDescs &+= Int(slot.ndesc)
+            slots[id].ndesc = 0
+            lastUsed &+= 1
+            outstanding &-= 1
+            i &+= 1
+            body(slot.cookie, e.len)
+        }
+        return i
+    }
+
+    @usableFromInline
+    mutating func fail(_ error: VirtqueueError) {
+        if failure == nil { failure = error }
+    }
+
+    /// After the device has stopped (or vanished): hands every buffer still in flight to `body`,
+    /// then resets the rings. Returns how many.
+    @discardableResult
+    public mutating func reclaimAll(_ body: (UnsafeMutableRawPointer?) -> Void) -> Int {
+        let count = forEachInFlight(body)
+        resetRing()
+        return count
+    }
+
+    /// Visits the cookie of every buffer in flight (oldest first in order mode) without changing
+    /// anything. Returns how many.
+    @discardableResult
+    public func forEachInFlight(_ body: (UnsafeMutableRawPointer?) -> Void) -> Int {
+        var count = 0
+        if inOrder {
+            var d = oldestDesc
+            while count < outstanding {
+                let slot = slots[Int(d & mask)]
+                body(slot.cookie)
+                d &+= slot.ndesc
+                count += 1
+            }
+        } else {
+            for i in 0..<size where slots[i].ndesc != 0 {
+                body(slots[i].cookie)
+                count += 1
+            }
+        }
+        return count
+    }
+}
+
+extension SplitVirtqueue {
+    /// `harvest` into two arrays (cookies, lengths) for callers that keep their own state.
+    @inlinable
+    public mutating func harvest(into cookies: UnsafeMutablePointer<UnsafeMutableRawPointer?>,
+                                 lengths: UnsafeMutablePointer<UInt32>, max: Int) -> Int {
+        var k = 0
+        return harvest(max: max) { c, l in
+            cookies[k] = c
+            lengths[k] = l
+            k &+= 1
+        }
+    }
+}

@@ -1,0 +1,50 @@
+/// A piece of driver memory the device must be able to reach: process virtual address, length,
+/// and the file that backs it (so a vhost-user backend can map it).
+public struct MemoryRegion: Sendable, Equatable {
+    public var address: UInt64
+    public var size: UInt64
+    public var fd: Int32
+    public var fileOffset: UInt64
+    public init(address: UInt64, size: UInt64, fd: Int32, fileOffset: UInt64) {
+        self.address = address; self.size = size; self.fd = fd; self.fileOffset = fileOffset
+    }
+}
+
+/// Where a queue's rings are, as the transport must tell the device.
+public struct QueueAddresses: Sendable, Equatable {
+    public var size: Int
+    public var desc: UInt64
+    public var avail: UInt64
+    public var used: UInt64
+    public init(size: Int, desc: UInt64, avail: UInt64, used: UInt64) {
+        self.size = size; self.desc = desc; self.avail = avail; self.used = used
+    }
+}
+
+/// What a device driver (net, blk) needs from whatever carries virtio to the device: vhost-user
+/// today, virtio-pci later. The data path never calls it except `notify`, and only when the
+/// device asked for a notification.
+public protocol VirtioTransport: AnyObject {
+    /// Features the device offers (transport-only bits removed).
+    var deviceFeatures: VirtioFeatures { get }
+    /// Queues the device supports (for net: 2 × queue pairs), or nil if it does not say.
+    var maxQueues: Int? { get }
+    /// Reads `count` bytes of device config space at `offset`.
+    func readConfig(offset: Int, count: Int) throws -> [UInt8]
+    /// Accepts `features` (a subset of `deviceFeatures`) for a device that will use `queueCount` queues.
+    func negotiate(_ features: VirtioFeatures, queueCount: Int) throws
+    /// Tells the device which memory it may access.
+    func setMemory(_ regions: [MemoryRegion]) throws
+    /// Hands queue `index` to the device.
+    func setupQueue(_ index: Int, addresses: QueueAddresses) throws
+    /// Sets DRIVER_OK / enables the queues: the device may now use them.
+    func start() throws
+    /// Stops every queue; afterwards the device touches none of our memory.
+    func stop() throws
+    /// Available-buffer notification for queue `index` (§2.7.13.4).
+    func notify(queue index: Int)
+    /// False once the device has gone away (checked off the data path).
+    var isConnected: Bool { get }
+    /// Why the connection was lost, if it was.
+    var disconnectReason: String? { get }
+}

@@ -1,0 +1,147 @@
+import ArgumentParser
+import CVioLinux
+import DPDK
+import Foundation
+import Logging
+import Synchronization
+import VhostUser
+import VirtioNet
+
+/// Set by SIGINT/SIGTERM; the poll loops read it once per iteration.
+let stopRequested = Atomic<Bool>(false)
+
+func installStopHandler() {
+    cvio_install_stop_handler { _ in stopRequested.store(true, ordering: .relaxed) }
+}
+
+/// A user-facing failure: printed as `vio: error: …`, exit status 1 (2 for a lost link).
+struct VioFailure: Error, CustomStringConvertible {
+    var description: String
+    var exitCode: Int32 = 1
+}
+
+/// `--port vhost:PATH`.
+struct PortURI: ExpressibleByArgument, CustomStringConvertible {
+    var path: String
+    init?(argument: String) {
+        guard argument.hasPrefix("vhost:"), argument.count > 6 else { return nil }
+        path = String(argument.dropFirst(6))
+    }
+    var description: String { "vhost:\(path)" }
+    static var defaultValueDescription: String { "vhost:/path/to.sock" }
+}
+
+extension MemoryMode: ExpressibleByArgument {}
+
+/// Options every dataplane command shares.
+struct DataplaneOptions: ParsableArguments {
+    @Option(name: .customLong("port"), help: "A virtio-net device: vhost:PATH (a vhost-user socket). Repeatable.")
+    var ports: [PortURI] = []
+    @Option(help: "Descriptors per ring (power of two, 64...4096).")
+    var ringSize = 256
+    @Option(help: "Packets per burst.")
+    var burst = 32
+    @Option(help: "Memory: auto (hugepages if free, else --no-huge), hugepages or nohuge.")
+    var memory: MemoryMode = .auto
+    @Option(help: "MiB of DPDK memory.")
+    var memoryMb = 256
+    @Option(help: "Mbufs in the pool.")
+    var mbufs = 16384
+    @Flag(help: "Do not negotiate VIRTIO_F_IN_ORDER (use the out-of-order ring path).")
+    var noInOrder = false
+    @Flag(help: "Do not negotiate VIRTIO_NET_F_MRG_RXBUF.")
+    var noMrgRxbuf = false
+    @Option(help: "Write final totals as JSON to this file.")
+    var json: String?
+    @Option(help: "Seconds between stats lines (0: none).")
+    var statsPeriod = 1.0
+    @Flag(help: "Log negotiation details.")
+    var verbose = false
+
+    func validate(portCount: ClosedRange<Int>) throws {
+        guard portCount.contains(ports.count) else {
+            throw ValidationError("give \(portCount.lowerBound == portCount.upperBound ? "\(portCount.lowerBound)" : "\(portCount.lowerBound) or \(portCount.upperBound)") --port vhost:PATH")
+        }
+        guard (1...512).contains(burst) else { throw ValidationError("--burst must be 1...512") }
+        guard ringSize >= 64, ringSize <= 4096, ringSize & (ringSize - 1) == 0 else {
+            throw ValidationError("--ring-size must be a power of two from 64 to 4096")
+        }
+        guard mbufs >= ringSize * 2 * ports.count + burst * 4 else {
+            throw ValidationError("--mbufs \(mbufs) is too few for \(ports.count) port(s) with --ring-size \(ringSize)")
+        }
+    }
+}
+
+/// EAL, the pool and the ports' common setup.
+struct Dataplane {
+    let eal: EALReport
+    let pool: PacketPool
+    let logger: Logger
+
+    init(_ o: DataplaneOptions, dataRoom: Int = 2048 + 128) throws {
+        LoggingSystem.bootstrap { label in
+            var h = StreamLogHandler.standardError(label: label)
+            h.logLevel = o.verbose ? .debug : .info
+            return h
+        }
+        logger = Logger(label: "vio")
+        do {
+            eal = try EAL.initialize(mode: o.memory, memoryMB: o.memoryMb)
+            pool = try PacketPool(name: "vio_pool", count: o.mbufs, dataRoom: dataRoom)
+        } catch let e as DPDKError {
+            throw VioFailure(description: e.description)
+        }
+        logger.info("\(eal.summary)")
+    }
+
+    func openPort(_ uri: PortURI, id: UInt16, _ o: DataplaneOptions) throws -> VirtioNetPort {
+        var opts = VirtioNetOptions()
+        opts.ringSize = o.ringSize
+        opts.allowInOrder = !o.noInOrder
+        opts.allowMergeableRxBuffers = !o.noMrgRxbuf
+        opts.portID = id
+        do {
+            return try VirtioNetPort(vhostUserPath: uri.path, pool: pool, options: opts, logger: logger)
+        } catch {
+            throw VioFailure(description: "port \(id) (\(uri)): \(error)")
+        }
+    }
+}
+
+/// Final per-port totals, as printed and as written by --json.
+struct PortReport: Codable {
+    var port: Int
+    var path: String
+    var features: String
+    var rxPackets: UInt64, rxBytes: UInt64, txPackets: UInt64, txBytes: UInt64
+    var txDrops: UInt64, rxErrors: UInt64, txErrors: UInt64, rxNoMbuf: UInt64
+    var linkError: String?
+
+    init(_ p: borrowing VirtioNetPort, path: String, extraDrops: UInt64 = 0) {
+        port = Int(p.portID); self.path = path; features = p.features.description
+        let c = p.counters
+        rxPackets = c.rxPackets; rxBytes = c.rxBytes; txPackets = c.txPackets; txBytes = c.txBytes
+        txDrops = c.txDrops + extraDrops; rxErrors = c.rxErrors; txErrors = c.txErrors; rxNoMbuf = c.rxNoMbuf
+        linkError = p.linkError
+    }
+}
+
+func writeJSON<T: Encodable>(_ value: T, to path: String?) throws {
+    guard let path else { return }
+    let enc = JSONEncoder()
+    enc.outputFormatting = [.prettyPrinted, .sortedKeys]
+    do { try enc.encode(value).write(to: URL(fileURLWithPath: path)) } catch {
+        throw VioFailure(description: "cannot write \(path): \(error.localizedDescription)")
+    }
+}
+
+/// Rates between two snapshots of a port's counters.
+struct RateLine {
+    static func format(port: Int, now: NetCounters, before: NetCounters, seconds: Double) -> String {
+        func mpps(_ a: UInt64, _ b: UInt64) -> String { String(format: "%7.3f", Double(a &- b) / seconds / 1e6) }
+        func gbps(_ a: UInt64, _ b: UInt64) -> String { String(format: "%6.2f", Double(a &- b) * 8 / seconds / 1e9) }
+        return "port \(port): rx \(mpps(now.rxPackets, before.rxPackets)) Mpps \(gbps(now.rxBytes, before.rxBytes)) Gbit/s | "
+            + "tx \(mpps(now.txPackets, before.txPackets)) Mpps \(gbps(now.txBytes, before.txBytes)) Gbit/s | "
+            + "drops \(now.txDrops) errors \(now.rxErrors + now.txErrors)"
+    }
+}

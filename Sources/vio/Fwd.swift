@@ -1,0 +1,236 @@
+import ArgumentParser
+import DPDK
+import Foundation
+import VirtioNet
+
+enum FwdMode: String, ExpressibleByArgument, CaseIterable, Codable {
+    /// Forward as received: port 0 → port 1 and back (one port: back out of the same port).
+    case io
+    /// As io, with source and destination MAC swapped (an echo).
+    case macswap
+    /// Receive and free.
+    case rxonly
+    /// Send generated UDP frames; also receive and count whatever comes back.
+    case txonly
+}
+
+struct FwdReport: Codable {
+    var mode: FwdMode
+    var seconds: Double
+    var memory: String
+    var ports: [PortReport]
+    var mbufCapacity: Int
+    var mbufsInUseAfterStop: Int
+    var error: String?
+}
+
+/// `vio fwd`: testpmd-style forwarding over one or two virtio-net ports on one lcore.
+struct Fwd: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Forward packets between virtio-net ports (testpmd-style io, macswap, rxonly, txonly).")
+
+    @OptionGroup var dataplane: DataplaneOptions
+    @Option(help: "Forwarding mode: io, macswap, rxonly, txonly.")
+    var mode: FwdMode = .io
+    @Option(help: "Stop after this many seconds (default: run until SIGINT/SIGTERM).")
+    var duration: Double?
+    @Option(help: "Frame size for txonly (60...2048).")
+    var size = 64
+    @Option(help: "Inject this many bursts of generated frames on every port before forwarding (testpmd's tx_first).")
+    var txFirst = 0
+
+    func validate() throws {
+        try dataplane.validate(portCount: 1...2)
+        guard (60...2048).contains(size) else { throw ValidationError("--size must be 60...2048 for fwd") }
+        if let d = duration, d <= 0 { throw ValidationError("--duration must be positive") }
+    }
+
+    func run() throws {
+        do { try forward() } catch let f as VioFailure {
+            FileHandle.standardError.write(Data("vio: error: \(f.description)\n".utf8))
+            throw ExitCode(f.exitCode)
+        }
+    }
+
+    func forward() throws {
+        installStopHandler()
+        let dp = try Dataplane(dataplane)
+        let o = dataplane
+        let burst = o.burst
+        let bufs = UnsafeMutablePointer<Mbuf>.allocate(capacity: burst)
+        defer { bufs.deallocate() }
+        var p0 = try dp.openPort(o.ports[0], id: 0, o)
+        let template0 = Frames.template(src: p0.mac, size: size)
+        let hz = Double(TSC.hz)
+        let start = TSC.now()
+        let end = duration.map { start + UInt64($0 * hz) } ?? UInt64.max
+        let period = o.statsPeriod > 0 ? UInt64(o.statsPeriod * hz) : UInt64.max
+        var failure: String?
+
+        if o.ports.count == 1 {
+            for _ in 0..<txFirst { _ = sendGenerated(&p0, bufs, burst, template0) }
+            var clock = Clock(start: start, end: end, period: period)
+            var before = p0.counters
+            while true {
+                switch mode {
+                case .io, .macswap: echoBurst(&p0, bufs, burst, macswap: mode == .macswap)
+                case .rxonly: drain(&p0, bufs, burst)
+                case .txonly: drain(&p0, bufs, burst); _ = sendGenerated(&p0, bufs, burst, template0)
+                }
+                guard let tick = clock.tick() else { continue }
+                if !p0.isLinkUp { failure = "port 0 (\(o.ports[0])): \(p0.linkError ?? "link down")"; break }
+                if tick.stats {
+                    print(RateLine.format(port: 0, now: p0.counters, before: before, seconds: tick.seconds))
+                    before = p0.counters
+                }
+                if tick.done { break }
+            }
+            let seconds = Double(TSC.now() - start) / hz
+            let reports = [PortReport(p0, path: o.ports[0].path)]
+            _ = p0.close()
+            try finish(dp, reports, seconds: seconds, failure: failure)
+        } else {
+            var p1 = try dp.openPort(o.ports[1], id: 1, o)
+            let template1 = Frames.template(src: p1.mac, size: size)
+            for _ in 0..<txFirst {
+                _ = sendGenerated(&p0, bufs, burst, template0)
+                _ = sendGenerated(&p1, bufs, burst, template1)
+            }
+            var clock = Clock(start: start, end: end, period: period)
+            var before = (p0.counters, p1.counters)
+            while true {
+                switch mode {
+                case .io, .macswap:
+                    forwardBurst(from: &p0, to: &p1, bufs, burst, macswap: mode == .macswap)
+                    forwardBurst(from: &p1, to: &p0, bufs, burst, macswap: mode == .macswap)
+                case .rxonly: drain(&p0, bufs, burst); drain(&p1, bufs, burst)
+                case .txonly:
+                    drain(&p0, bufs, burst); _ = sendGenerated(&p0, bufs, burst, template0)
+                    drain(&p1, bufs, burst); _ = sendGenerated(&p1, bufs, burst, template1)
+                }
+                guard let tick = clock.tick() else { continue }
+                if !p0.isLinkUp { failure = "port 0 (\(o.ports[0])): \(p0.linkError ?? "link down")"; break }
+                if !p1.isLinkUp { failure = "port 1 (\(o.ports[1])): \(p1.linkError ?? "link down")"; break }
+                if tick.stats {
+                    print(RateLine.format(port: 0, now: p0.counters, before: before.0, seconds: tick.seconds))
+                    print(RateLine.format(port: 1, now: p1.counters, before: before.1, seconds: tick.seconds))
+                    before = (p0.counters, p1.counters)
+                }
+                if tick.done { break }
+            }
+            let seconds = Double(TSC.now() - start) / hz
+            let reports = [PortReport(p0, path: o.ports[0].path), PortReport(p1, path: o.ports[1].path)]
+            _ = p0.close()
+            _ = p1.close()
+            try finish(dp, reports, seconds: seconds, failure: failure)
+        }
+    }
+
+    func finish(_ dp: Dataplane, _ reports: [PortReport], seconds: Double, failure: String?) throws {
+        let inUse = dp.pool.inUseCount
+        for r in reports {
+            print("port \(r.port) totals: rx \(r.rxPackets) packets \(r.rxBytes) bytes, tx \(r.txPackets) packets \(r.txBytes) bytes, "
+                  + "drops \(r.txDrops), errors \(r.rxErrors + r.txErrors), rx-nombuf \(r.rxNoMbuf)")
+        }
+        print(String(format: "%.2f s; mbufs in use after stop: %d of %d", seconds, inUse, dp.pool.capacity))
+        let report = FwdReport(mode: mode, seconds: seconds, memory: dp.eal.mode.rawValue, ports: reports,
+                               mbufCapacity: dp.pool.capacity, mbufsInUseAfterStop: inUse, error: failure)
+        try writeJSON(report, to: dataplane.json)
+        EAL.cleanup()
+        if let failure { throw VioFailure(description: failure, exitCode: 2) }
+    }
+}
+
+/// Paces the housekeeping of a poll loop by the TSC: a tick every ~1 ms, stats every `period`.
+struct Clock {
+    let end: UInt64, period: UInt64
+    var nextTick: UInt64, nextStats: UInt64, lastStats: UInt64
+    let tickCycles: UInt64
+    init(start: UInt64, end: UInt64, period: UInt64) {
+        self.end = end; self.period = period
+        tickCycles = TSC.hz / 1000
+        nextTick = start + tickCycles
+        nextStats = period == .max ? .max : start + period
+        lastStats = start
+    }
+    struct Tick { var stats: Bool; var done: Bool; var seconds: Double }
+    @inline(__always) mutating func tick() -> Tick? {
+        let now = TSC.now()
+        guard now >= nextTick else { return nil }
+        nextTick = now + tickCycles
+        var t = Tick(stats: false, done: now >= end || stopRequested.load(ordering: .relaxed), seconds: 0)
+        if now >= nextStats {
+            t.stats = true
+            t.seconds = Double(now - lastStats) / Double(TSC.hz)
+            lastStats = now
+            nextStats = now + period
+        }
+        return t
+    }
+}
+
+// MARK: Per-burst work (no allocation, no locks, no syscalls)
+
+@inline(__always)
+func swapMACs(_ bufs: UnsafeMutablePointer<Mbuf>, _ n: Int) {
+    for i in 0..<n {
+        let p = bufs[i].data
+        let dst = p.loadUnaligned(as: UInt32.self), dst2 = p.loadUnaligned(fromByteOffset: 4, as: UInt16.self)
+        let src = p.loadUnaligned(fromByteOffset: 6, as: UInt32.self), src2 = p.loadUnaligned(fromByteOffset: 10, as: UInt16.self)
+        p.storeBytes(of: src, as: UInt32.self); p.storeBytes(of: src2, toByteOffset: 4, as: UInt16.self)
+        p.storeBytes(of: dst, toByteOffset: 6, as: UInt32.self); p.storeBytes(of: dst2, toByteOffset: 10, as: UInt16.self)
+    }
+}
+
+/// Sends `bufs[0..<n]` on `port`; frees and counts as drops what the ring cannot take.
+@inline(__always)
+func sendOrDrop(_ port: inout VirtioNetPort, _ bufs: UnsafeMutablePointer<Mbuf>, _ n: Int) {
+    let sent = port.txBurst(bufs, count: n)
+    if sent < n {
+        freeBulk(bufs + sent, count: n - sent)
+        port.counters.txDrops &+= UInt64(n - sent)
+    }
+}
+
+/// One port: receive a burst and send it back out of the same port.
+@inline(__always)
+func echoBurst(_ port: inout VirtioNetPort, _ bufs: UnsafeMutablePointer<Mbuf>, _ burst: Int, macswap: Bool) {
+    let n = port.rxBurst(bufs, max: burst)
+    guard n > 0 else { return }
+    if macswap { swapMACs(bufs, n) }
+    sendOrDrop(&port, bufs, n)
+}
+
+/// Two ports: receive a burst on `rx` and send it out of `tx`.
+@inline(__always)
+func forwardBurst(from rx: inout VirtioNetPort, to tx: inout VirtioNetPort, _ bufs: UnsafeMutablePointer<Mbuf>, _ burst: Int, macswap: Bool) {
+    let n = rx.rxBurst(bufs, max: burst)
+    guard n > 0 else { return }
+    if macswap { swapMACs(bufs, n) }
+    sendOrDrop(&tx, bufs, n)
+}
+
+/// Receives and frees (rxonly; and txonly, so echoed traffic is counted and never backs up).
+@inline(__always)
+func drain(_ port: inout VirtioNetPort, _ bufs: UnsafeMutablePointer<Mbuf>, _ burst: Int) {
+    let n = port.rxBurst(bufs, max: burst)
+    if n > 0 { freeBulk(bufs, count: n) }
+}
+
+/// Allocates a burst, copies the template frame into each mbuf and sends it.
+@inline(__always)
+func sendGenerated(_ port: inout VirtioNetPort, _ bufs: UnsafeMutablePointer<Mbuf>, _ burst: Int, _ template: [UInt8]) -> Int {
+    guard port.pool.allocate(bufs, count: burst) else { return 0 }
+    let size = template.count
+    template.withUnsafeBytes { t in
+        for i in 0..<burst {
+            let m = bufs[i]
+            m.data.copyMemory(from: t.baseAddress.unsafelyUnwrapped, byteCount: size)
+            m.dataLength = UInt16(truncatingIfNeeded: size)
+            m.packetLength = UInt32(truncatingIfNeeded: size)
+        }
+    }
+    let sent = port.txBurst(bufs, count: burst)
+    if sent < burst { freeBulk(bufs + sent, count: burst - sent); port.counters.txDrops &+= UInt64(burst - sent) }
+    return sent
+}

@@ -1,0 +1,9 @@
+import ArgumentParser
+
+@main
+struct Vio: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "vio",
+        abstract: "swift-virtio: poll-mode virtio drivers on DPDK memory.",
+        subcommands: [Fwd.self, Pktgen.self])
+}
