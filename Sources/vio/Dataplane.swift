@@ -11,6 +11,8 @@ import VirtioNet
 let stopRequested = Atomic<Bool>(false)
 
 func installStopHandler() {
+    // Stats lines go out as they are printed, also into a pipe or a file.
+    setvbuf(stdout, nil, _IOLBF, 0)
     cvio_install_stop_handler { _ in stopRequested.store(true, ordering: .relaxed) }
 }
 

@@ -1,0 +1,187 @@
+import Foundation
+import XCTest
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A scratch directory for sockets and logs, removed at teardown.
+final class TempDir {
+    let url: URL
+    init() throws {
+        url = URL(fileURLWithPath: "/tmp").appendingPathComponent("vio-test-\(getpid())-\(UUID().uuidString.prefix(8))")
+        try FileManager.default.createDirectory(at: url, withIntermediateDirectories: true)
+    }
+    func path(_ name: String) -> String { url.appendingPathComponent(name).path }
+    deinit { try? FileManager.default.removeItem(at: url) }
+}
+
+/// Paths of the tools under test.
+enum Tools {
+    /// The `vio` binary built next to this test bundle.
+    static var vio: String {
+        let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+        var dir = URL(fileURLWithPath: exe).deletingLastPathComponent()
+        // The test binary lives inside …/debug/<package>PackageTests.xctest (a file on Linux).
+        while !FileManager.default.fileExists(atPath: dir.appendingPathComponent("vio").path), dir.path != "/" {
+            dir = dir.deletingLastPathComponent()
+        }
+        return dir.appendingPathComponent("vio").path
+    }
+    static let testpmd = "/usr/bin/dpdk-testpmd"
+
+    static var hugepagesAvailable: Bool {
+        guard let info = try? String(contentsOfFile: "/proc/meminfo", encoding: .utf8),
+              let mounts = try? String(contentsOfFile: "/proc/mounts", encoding: .utf8) else { return false }
+        let free = info.split(separator: "\n").first { $0.hasPrefix("HugePages_Free:") }
+            .flatMap { Int($0.split(separator: " ").last ?? "") } ?? 0
+        return free >= 160 && mounts.contains("hugetlbfs")
+    }
+}
+
+nonisolated(unsafe) private var peerCounter = 0
+
+/// A `dpdk-testpmd` vhost-user device (net_vhost), started and stopped by the test, pinned to CPU 0.
+final class Peer {
+    let socket: String
+    let log: String
+    let process = Process()
+    private var stopped = false
+
+    init(mode: String, dir: TempDir, name: String = "peer", extra: [String] = []) throws {
+        guard FileManager.default.isExecutableFile(atPath: Tools.testpmd) else {
+            throw XCTSkip("dpdk-testpmd is not installed (run Scripts/setup.sh)")
+        }
+        peerCounter += 1
+        socket = dir.path("\(name).sock")
+        log = dir.path("\(name).log")
+        FileManager.default.createFile(atPath: log, contents: nil)
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/taskset")
+        process.arguments = ["-c", "0", Tools.testpmd, "--lcores", "0@0,1@0", "--no-pci", "--no-huge", "-m", "256",
+                             "--file-prefix", "viotest-\(getpid())-\(peerCounter)", "--no-telemetry",
+                             "--vdev", "net_vhost0,iface=\(socket)", "--",
+                             "--forward-mode=\(mode)", "--stats-period", "1", "--auto-start",
+                             "--total-num-mbufs", "16384"] + extra
+        let h = FileHandle(forWritingAtPath: log)!
+        process.standardOutput = h
+        process.standardError = h
+        process.standardInput = FileHandle.nullDevice
+        try process.run()
+        let deadline = Date().addingTimeInterval(20)
+        while !FileManager.default.fileExists(atPath: socket) {
+            guard process.isRunning, Date() < deadline else {
+                kill()
+                throw TestFailure("testpmd peer did not create \(socket): \(tail())")
+            }
+            usleep(50_000)
+        }
+    }
+
+    func tail(_ n: Int = 2000) -> String {
+        let s = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
+        return String(s.suffix(n))
+    }
+
+    /// The peer's own final counters (testpmd's "Forward statistics for port 0" at SIGINT).
+    struct Stats { var rx: UInt64; var tx: UInt64 }
+
+    func stop() throws -> Stats {
+        guard !stopped else { throw TestFailure("peer already stopped") }
+        stopped = true
+        Glibc.kill(process.processIdentifier, SIGINT)
+        let deadline = Date().addingTimeInterval(15)
+        while process.isRunning && Date() < deadline { usleep(50_000) }
+        if process.isRunning { Glibc.kill(process.processIdentifier, SIGKILL); process.waitUntilExit() }
+        let text = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
+        guard let r = text.range(of: "Forward statistics for port 0", options: .backwards) else {
+            throw TestFailure("no final statistics in the peer's log: \(tail())")
+        }
+        let section = text[r.upperBound...]
+        func number(after key: String) -> UInt64? {
+            guard let k = section.range(of: key) else { return nil }
+            return UInt64(section[k.upperBound...].drop { $0 == " " }.prefix { $0.isNumber })
+        }
+        guard let rx = number(after: "RX-packets:"), let tx = number(after: "TX-packets:") else {
+            throw TestFailure("cannot parse the peer's statistics: \(section.prefix(400))")
+        }
+        return Stats(rx: rx, tx: tx)
+    }
+
+    /// Kills the peer at once (the "backend disappears" case).
+    func kill() {
+        guard !stopped else { return }
+        stopped = true
+        Glibc.kill(process.processIdentifier, SIGKILL)
+        process.waitUntilExit()
+    }
+
+    deinit { kill() }
+}
+
+struct TestFailure: Error, CustomStringConvertible {
+    var description: String
+    init(_ d: String) { description = d }
+}
+
+/// A finished `vio` run.
+struct VioRun {
+    var status: Int32
+    var stdout: String
+    var stderr: String
+    var json: [String: Any]?
+    var timedOut: Bool
+
+    func int(_ key: String) -> Int? { (json?[key] as? NSNumber)?.intValue }
+    func port(_ i: Int) -> [String: Any]? {
+        if let ports = json?["ports"] as? [[String: Any]] { return ports.count > i ? ports[i] : nil }
+        return i == 0 ? json?["port"] as? [String: Any] : nil
+    }
+}
+
+/// A `vio` process pinned to CPU 1.
+final class Vio {
+    let process = Process()
+    let out: String, err: String, jsonPath: String?
+    let started = Date()
+
+    init(_ args: [String], dir: TempDir, name: String = "vio", json: Bool = true) throws {
+        out = dir.path("\(name).out"); err = dir.path("\(name).err")
+        jsonPath = json ? dir.path("\(name).json") : nil
+        FileManager.default.createFile(atPath: out, contents: nil)
+        FileManager.default.createFile(atPath: err, contents: nil)
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/taskset")
+        process.arguments = ["-c", "1", Tools.vio] + args + (jsonPath.map { ["--json", $0] } ?? [])
+        process.standardOutput = FileHandle(forWritingAtPath: out)
+        process.standardError = FileHandle(forWritingAtPath: err)
+        process.standardInput = FileHandle.nullDevice
+        try process.run()
+    }
+
+    var stdoutSoFar: String { (try? String(contentsOfFile: out, encoding: .utf8)) ?? "" }
+
+    func signal(_ s: Int32) { Glibc.kill(process.processIdentifier, s) }
+
+    /// Waits up to `timeout` seconds; a run still going then is killed and marked timed out.
+    func wait(timeout: Double) -> VioRun {
+        let deadline = Date().addingTimeInterval(timeout)
+        while process.isRunning && Date() < deadline { usleep(20_000) }
+        var timedOut = false
+        if process.isRunning { timedOut = true; signal(SIGKILL) }
+        process.waitUntilExit()
+        var json: [String: Any]?
+        if let p = jsonPath, let d = FileManager.default.contents(atPath: p), !d.isEmpty {
+            json = (try? JSONSerialization.jsonObject(with: d)) as? [String: Any]
+        }
+        return VioRun(status: process.terminationStatus,
+                      stdout: (try? String(contentsOfFile: out, encoding: .utf8)) ?? "",
+                      stderr: (try? String(contentsOfFile: err, encoding: .utf8)) ?? "",
+                      json: json, timedOut: timedOut)
+    }
+
+    static func run(_ args: [String], dir: TempDir, timeout: Double = 60, json: Bool = true) throws -> VioRun {
+        try Vio(args, dir: dir, json: json).wait(timeout: timeout)
+    }
+}
+
+extension VioRun: CustomStringConvertible {
+    var description: String { "status \(status)\(timedOut ? " (timed out)" : "")\nstdout: \(stdout.suffix(1500))\nstderr: \(stderr.suffix(1500))" }
+}

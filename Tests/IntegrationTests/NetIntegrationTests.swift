@@ -1,0 +1,148 @@
+import Foundation
+import XCTest
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The virtio-net driver against a real device: DPDK's vhost-user backend in `dpdk-testpmd`,
+/// started and stopped by each test. The driver runs as the `vio` binary (one EAL per process),
+/// so each test can pick its memory mode.
+final class NetIntegrationTests: XCTestCase {
+    let noHuge = ["--memory", "nohuge", "--memory-mb", "128"]
+
+    func assertCleanEcho(_ r: VioRun, count: Int, file: StaticString = #filePath, line: UInt = #line) {
+        XCTAssertEqual(r.status, 0, "\(r)", file: file, line: line)
+        XCTAssertEqual(r.int("sent"), count, "\(r)", file: file, line: line)
+        XCTAssertEqual(r.int("received"), count, "\(r)", file: file, line: line)
+        for key in ["lost", "reordered", "duplicates", "corrupt", "macMismatch", "foreign", "mbufsInUseAfterStop"] {
+            XCTAssertEqual(r.int(key), 0, "\(key): \(r)", file: file, line: line)
+        }
+    }
+
+    /// 100 000 frames of 60…1514 bytes, each numbered and checksummed, come back from a macswap
+    /// peer complete, in order, intact and with swapped MACs; every mbuf is back in the pool.
+    func testEchoOfMixedSizesThroughMacswapPeer() throws {
+        let dir = try TempDir()
+        let peer = try Peer(mode: "macswap", dir: dir)
+        let r = try Vio.run(["pktgen", "--port", "vhost:\(peer.socket)", "--count", "100000", "--size", "mixed",
+                             "--expect-macswap"] + noHuge, dir: dir, timeout: 120)
+        assertCleanEcho(r, count: 100_000)
+        let stats = try peer.stop()
+        XCTAssertEqual(stats.rx, 100_000, peer.tail())
+        XCTAssertEqual(stats.tx, 100_000, peer.tail())
+    }
+
+    // MARK: Index wrap: > 65 536 buffers through a 256-entry ring, in and out of order, both memories
+
+    func wrap(inOrder: Bool, hugepages: Bool) throws {
+        if hugepages && !Tools.hugepagesAvailable { throw XCTSkip("no free hugepages (Scripts/setup.sh reserves them)") }
+        let dir = try TempDir()
+        let peer = try Peer(mode: "macswap", dir: dir)
+        var args = ["pktgen", "--port", "vhost:\(peer.socket)", "--count", "70000", "--size", "64", "--ring-size", "256",
+                    "--expect-macswap"]
+        args += hugepages ? ["--memory", "hugepages", "--memory-mb", "256"] : noHuge
+        if !inOrder { args.append("--no-in-order") }
+        let r = try Vio.run(args, dir: dir, timeout: 120)
+        assertCleanEcho(r, count: 70_000)
+        let features = r.port(0)?["features"] as? String ?? ""
+        XCTAssertEqual(features.contains("IN_ORDER"), inOrder, features)
+        XCTAssertEqual(r.json?["memory"] as? String, hugepages ? "hugepages" : "nohuge")
+        _ = try peer.stop()
+    }
+
+    func testIndexWrapInOrderHugepages() throws { try wrap(inOrder: true, hugepages: true) }
+    func testIndexWrapOutOfOrderHugepages() throws { try wrap(inOrder: false, hugepages: true) }
+    func testIndexWrapInOrderNoHuge() throws { try wrap(inOrder: true, hugepages: false) }
+    func testIndexWrapOutOfOrderNoHuge() throws { try wrap(inOrder: false, hugepages: false) }
+
+    /// A 9000-byte frame goes out as a chained mbuf and comes back through MRG_RXBUF as a chain
+    /// of several mbufs with every byte intact.
+    func testJumboFramesThroughMergeableRxBuffers() throws {
+        let dir = try TempDir()
+        let peer = try Peer(mode: "macswap", dir: dir)
+        let r = try Vio.run(["pktgen", "--port", "vhost:\(peer.socket)", "--count", "500", "--size", "9000",
+                             "--expect-macswap"] + noHuge, dir: dir)
+        assertCleanEcho(r, count: 500)
+        XCTAssertGreaterThanOrEqual(r.int("maxSegments") ?? 0, 5, "\(r)")
+        XCTAssertTrue((r.port(0)?["features"] as? String ?? "").contains("MRG_RXBUF"))
+        _ = try peer.stop()
+    }
+
+    /// `vio fwd --mode io` between two peers: what peer A sends reaches peer B, and peer B's own
+    /// counters confirm it.
+    func testTwoPortIOForwarding() throws {
+        let dir = try TempDir()
+        let source = try Peer(mode: "txonly", dir: dir, name: "source")
+        let sink = try Peer(mode: "rxonly", dir: dir, name: "sink")
+        let r = try Vio.run(["fwd", "--mode", "io", "--port", "vhost:\(source.socket)", "--port", "vhost:\(sink.socket)",
+                             "--duration", "3"] + noHuge, dir: dir, timeout: 60)
+        XCTAssertEqual(r.status, 0, "\(r)")
+        let rx0 = (r.port(0)?["rxPackets"] as? NSNumber)?.uint64Value ?? 0
+        let tx1 = (r.port(1)?["txPackets"] as? NSNumber)?.uint64Value ?? 0
+        let drops1 = (r.port(1)?["txDrops"] as? NSNumber)?.uint64Value ?? 0
+        XCTAssertGreaterThan(rx0, 100_000, "\(r)")
+        XCTAssertEqual(rx0, tx1 + drops1, "every packet received on port 0 is sent or counted as dropped on port 1")
+        XCTAssertEqual(r.int("mbufsInUseAfterStop"), 0)
+        let sinkStats = try sink.stop()
+        _ = try source.stop()
+        // The sink saw what we sent, less at most one ring of packets still queued when we stopped.
+        XCTAssertLessThanOrEqual(sinkStats.rx, tx1)
+        XCTAssertGreaterThanOrEqual(sinkStats.rx + 256, tx1, sink.tail())
+    }
+
+    /// txonly against an rxonly peer: the peer counts what we say we sent.
+    func testTxOnlyCountsMatchPeer() throws {
+        let dir = try TempDir()
+        let peer = try Peer(mode: "rxonly", dir: dir)
+        let r = try Vio.run(["fwd", "--mode", "txonly", "--port", "vhost:\(peer.socket)", "--duration", "2", "--size", "128"]
+                            + noHuge, dir: dir)
+        XCTAssertEqual(r.status, 0, "\(r)")
+        let tx = (r.port(0)?["txPackets"] as? NSNumber)?.uint64Value ?? 0
+        XCTAssertGreaterThan(tx, 100_000)
+        XCTAssertEqual((r.port(0)?["txBytes"] as? NSNumber)?.uint64Value, tx * 128)
+        XCTAssertTrue(r.stdout.contains("Mpps"), "periodic stats lines: \(r.stdout.prefix(500))")
+        XCTAssertEqual(r.int("mbufsInUseAfterStop"), 0)
+        let stats = try peer.stop()
+        XCTAssertLessThanOrEqual(stats.rx, tx)
+        XCTAssertGreaterThanOrEqual(stats.rx + 256, tx, peer.tail())
+    }
+
+    // MARK: Faults
+
+    /// The peer is killed mid-traffic: vio reports the lost link, exits with status 2, does not
+    /// hang, and every mbuf is back in the pool.
+    func testPeerKilledMidTraffic() throws {
+        let dir = try TempDir()
+        let peer = try Peer(mode: "macswap", dir: dir)
+        let vio = try Vio(["fwd", "--mode", "txonly", "--port", "vhost:\(peer.socket)"] + noHuge, dir: dir)
+        let deadline = Date().addingTimeInterval(30)
+        while !vio.stdoutSoFar.contains("Mpps") && Date() < deadline { usleep(100_000) }
+        XCTAssertTrue(vio.stdoutSoFar.contains("Mpps"), "vio never reported traffic")
+        peer.kill()
+        let killed = Date()
+        let r = vio.wait(timeout: 10)
+        XCTAssertFalse(r.timedOut, "vio hung after the backend died: \(r)")
+        XCTAssertLessThan(Date().timeIntervalSince(killed), 5)
+        XCTAssertEqual(r.status, 2, "\(r)")
+        XCTAssertTrue(r.stderr.contains("hung up"), r.stderr)
+        XCTAssertNotNil(r.json?["error"] as? String)
+        XCTAssertEqual(r.int("mbufsInUseAfterStop"), 0, "\(r)")
+        XCTAssertGreaterThan((r.port(0)?["rxPackets"] as? NSNumber)?.intValue ?? 0, 0, "echoed traffic was received before the kill")
+    }
+
+    /// SIGINT stops the loop cleanly with final totals and JSON.
+    func testSigintPrintsTotalsAndExitsCleanly() throws {
+        let dir = try TempDir()
+        let peer = try Peer(mode: "macswap", dir: dir)
+        let vio = try Vio(["fwd", "--mode", "txonly", "--port", "vhost:\(peer.socket)"] + noHuge, dir: dir)
+        let deadline = Date().addingTimeInterval(30)
+        while !vio.stdoutSoFar.contains("Mpps") && Date() < deadline { usleep(100_000) }
+        vio.signal(SIGINT)
+        let r = vio.wait(timeout: 10)
+        XCTAssertEqual(r.status, 0, "\(r)")
+        XCTAssertTrue(r.stdout.contains("port 0 totals"), r.stdout)
+        XCTAssertEqual(r.int("mbufsInUseAfterStop"), 0)
+        XCTAssertNil(r.json?["error"] as? String)
+        _ = try peer.stop()
+    }
+}
