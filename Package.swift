@@ -40,6 +40,7 @@ let package = Package(
         ]),
         .testTarget(name: "VirtioCoreTests", dependencies: ["VirtioCore", "VirtioTestSupport"]),
         .testTarget(name: "VhostUserTests", dependencies: ["VhostUser", "VirtioCore", "CVioLinux"]),
+        .testTarget(name: "DPDKTests", dependencies: ["DPDK"]),
         .testTarget(name: "IntegrationTests", dependencies: ["vio"]),
     ],
     swiftLanguageModes: [.v5]

@@ -47,6 +47,8 @@ struct DataplaneOptions: ParsableArguments {
     var memory: MemoryMode = .auto
     @Option(help: "MiB of DPDK memory.")
     var memoryMb = 256
+    @Option(help: "EAL preset file (e.g. Configs/eal/hugepages.conf) instead of the built-in one for --memory.")
+    var ealConfig: String?
     @Option(help: "Mbufs in the pool.")
     var mbufs = 16384
     @Flag(help: "Do not negotiate VIRTIO_F_IN_ORDER (use the out-of-order ring path).")
@@ -87,8 +89,15 @@ struct Dataplane {
             return h
         }
         logger = Logger(label: "vio")
+        var preset: EALPreset?
+        if let path = o.ealConfig {
+            guard let text = try? String(contentsOfFile: path, encoding: .utf8) else {
+                throw VioFailure(description: "cannot read EAL preset \(path)")
+            }
+            preset = EALPreset(fileContents: text)
+        }
         do {
-            eal = try EAL.initialize(mode: o.memory, memoryMB: o.memoryMb)
+            eal = try EAL.initialize(mode: o.memory, memoryMB: o.memoryMb, preset: preset)
             pool = try PacketPool(name: "vio_pool", count: o.mbufs, dataRoom: dataRoom)
         } catch let e as DPDKError {
             throw VioFailure(description: e.description)
