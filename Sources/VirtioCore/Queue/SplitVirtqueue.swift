@@ -34,7 +34,8 @@ import Synchronization
 ///   ring order, so there is no free list; completion only moves counters. The device may write a
 ///   single used element for a batch (its id is the head of the batch's last buffer, placed at the
 ///   batch's first used slot); every buffer before it counts as fully written.
-/// - **out of order**: a free list threaded through `next`, as the spec's example driver does.
+/// - **out of order**: a free list of descriptors, kept in private memory (the `next` links the
+///   device sees are written from it, never read back).
 ///
 /// Everything the device writes is checked before use; the first bad value stops the queue
 /// (`failure`) without touching anything outside our buffers, and `reclaimAll` still returns
@@ -52,6 +53,11 @@ public struct SplitVirtqueue: ~Copyable {
     @usableFromInline let usedRing: UnsafeMutablePointer<VirtqUsedElem>
     @usableFromInline let availEvent: UnsafeMutablePointer<Atomic<UInt16>>
     @usableFromInline let slots: UnsafeMutablePointer<SlotInfo>
+    /// Out of order: our private copy of the chain links / free list. The device can write the
+    /// descriptor table; we never read a link back from it.
+    @usableFromInline let links: UnsafeMutablePointer<UInt16>
+    /// Out of order: true while a head has been published to the device and not yet used.
+    @usableFromInline let published: UnsafeMutablePointer<Bool>
     public let memory: UnsafeMutableRawPointer
     public let layout: SplitRingLayout
 
@@ -94,11 +100,17 @@ public struct SplitVirtqueue: ~Copyable {
         usedRing = (used + 4).bindMemory(to: VirtqUsedElem.self, capacity: layout.size)
         availEvent = (used + 4 + 8 * layout.size).assumingMemoryBound(to: Atomic<UInt16>.self)
         slots = .allocate(capacity: layout.size)
+        links = .allocate(capacity: layout.size)
+        published = .allocate(capacity: layout.size)
         freeDescs = layout.size
         resetRing()
     }
 
-    deinit { slots.deallocate() }
+    deinit {
+        slots.deallocate()
+        links.deallocate()
+        published.deallocate()
+    }
 
     /// Zeroes the rings and forgets every buffer (after `reclaimAll`, before a device restart).
     public mutating func resetRing() {
@@ -107,7 +119,11 @@ public struct SplitVirtqueue: ~Copyable {
         (memory + layout.availOffset).storeBytes(of: virtqAvailFlagNoInterrupt, as: UInt16.self)
         // Chain links: in order, descriptor i continues in i+1 and is never relinked; out of order
         // the same links form the initial free list.
-        for i in 0..<size { desc[i].next = UInt16(truncatingIfNeeded: (i + 1) & Int(mask)) }
+        for i in 0..<size {
+            links[i] = UInt16(truncatingIfNeeded: (i + 1) & Int(mask))
+            desc[i].next = links[i]
+        }
+        published.initialize(repeating: false, count: size)
         slots.initialize(repeating: SlotInfo(cookie: nil, writable: 0, ndesc: 0, last: 0), count: size)
         nextAvail = 0; publishedAvail = 0; lastUsed = 0; descHead = 0; oldestDesc = 0
         freeDescs = size; outstanding = 0; inBatch = false; failure = nil
@@ -150,7 +166,7 @@ public struct SplitVirtqueue: ~Copyable {
         precondition(freeDescs > 0 && failure == nil)
         let head = descHead
         let d = desc + Int(head)
-        descHead = d.pointee.next
+        descHead = links[Int(head)]
         d.pointee.addr = addr
         d.pointee.len = len
         d.pointee.flags = deviceWritable ? VirtqDesc.flagWrite : 0
@@ -179,9 +195,13 @@ public struct SplitVirtqueue: ~Copyable {
             if i < count - 1 { flags |= VirtqDesc.flagNext }
             p.pointee.flags = flags
             if s.deviceWritable { writable &+= s.len }
-            if i < count - 1 { d = p.pointee.next }
+            if i < count - 1 {
+                let next = inOrder ? (d &+ 1) & mask : links[Int(d)]
+                p.pointee.next = next
+                d = next
+            }
         }
-        if inOrder { descHead &+= UInt16(truncatingIfNeeded: count) } else { descHead = desc[Int(d)].next }
+        if inOrder { descHead &+= UInt16(truncatingIfNeeded: count) } else { descHead = links[Int(d)] }
         slots[Int(head)] = SlotInfo(cookie: cookie, writable: writable, ndesc: UInt16(truncatingIfNeeded: count), last: d)
         availRing[Int(nextAvail & mask)] = head
         nextAvail &+= 1
@@ -196,6 +216,10 @@ public struct SplitVirtqueue: ~Copyable {
     public mutating func publish() -> Bool {
         let new = nextAvail, old = publishedAvail
         guard new != old else { return false }
+        if !inOrder {
+            var i = old
+            while i != new { published[Int(availRing[Int(i & mask)])] = true; i &+= 1 }
+        }
         // Release: the descriptors and avail entries written above are visible before the index.
         availIdx.pointee.store(new, ordering: .releasing)
         publishedAvail = new
@@ -231,12 +255,13 @@ public struct SplitVirtqueue: ~Copyable {
     /// error (see `failure`) stops it.
     @inlinable
     public mutating func harvest(max: Int, _ body: (UnsafeMutableRawPointer?, UInt32) -> Void) -> Int {
-        let n = Swift.min(completedCount(), max)
-        return inOrder ? harvestInOrder(n, body) : harvestOutOfOrder(n, body)
+        let ready = completedCount()
+        let n = Swift.min(ready, max)
+        return inOrder ? harvestInOrder(n, ready: ready, body) : harvestOutOfOrder(n, body)
     }
 
     @inlinable
-    mutating func harvestInOrder(_ n: Int, _ body: (UnsafeMutableRawPointer?, UInt32) -> Void) -> Int {
+    mutating func harvestInOrder(_ n: Int, ready: Int, _ body: (UnsafeMutableRawPointer?, UInt32) -> Void) -> Int {
         var i = 0
         while i < n {
             let head = oldestDesc & mask
@@ -252,9 +277,10 @@ public struct SplitVirtqueue: ~Copyable {
                     }
                     len = e.len
                 } else {
-                    // One element for several buffers: it must name a later buffer completed in
-                    // this same call, and then every buffer up to it is fully written.
-                    guard startBatch(e, head: head, completed: n - i) else { break }
+                    // One element for several buffers: it must name a later buffer among those the
+                    // device has completed (possibly beyond this call's `max`); every buffer up to
+                    // it is fully written.
+                    guard startBatch(e, head: head, completed: ready - i) else { break }
                     len = batchEnd == head ? batchLen : slot.writable
                     if batchEnd == head { inBatch = false }
                 }
@@ -297,15 +323,16 @@ public struct SplitVirtqueue: ~Copyable {
             guard e.id < UInt32(size) else { fail(.usedIDOutOfRange(id: e.id, size: size)); break }
             let id = Int(e.id)
             let slot = slots[id]
-            guard slot.ndesc != 0 else { fail(.usedIDNotInFlight(id: e.id)); break }
+            guard slot.ndesc != 0, published[id] else { fail(.usedIDNotInFlight(id: e.id)); break }
             guard e.len <= slot.writable else {
                 fail(.usedLengthTooLarge(id: e.id, length: e.len, posted: slot.writable)); break
             }
             // Splice the chain back onto the front of the free list.
-            desc[Int(slot.last)].next = descHead
+            links[Int(slot.last)] = descHead
             descHead = UInt16(truncatingIfNeeded: id)
             freeDescs &+= Int(slot.ndesc)
             slots[id].ndesc = 0
+            published[id] = false
             lastUsed &+= 1
             outstanding &-= 1
             i &+= 1

@@ -52,7 +52,8 @@ public let virtqAvailFlagNoInterrupt: UInt16 = 1
 /// VRING_USED_F_NO_NOTIFY (§2.7.8): the device does not want available-buffer notifications.
 public let virtqUsedFlagNoNotify: UInt16 = 1
 
-/// `vring_need_event` (§2.7.10): with EVENT_IDX, notify iff `event` lies in (old, new].
+/// `vring_need_event` (§2.7.10): with EVENT_IDX, notify iff the device's `event` index lies in
+/// [old, new), i.e. it asked to be woken at an entry this publish made available.
 @inlinable public func virtqNeedEvent(event: UInt16, new: UInt16, old: UInt16) -> Bool {
     (new &- event &- 1) < (new &- old)
 }
