@@ -134,11 +134,11 @@ public struct VhostUserMessage: Equatable, Sendable {
 
     /// Little-endian u32/u64 read from the payload; nil when it is too short.
     public func u32(at offset: Int) -> UInt32? {
-        guard offset >= 0, offset + 4 <= payload.count else { return nil }
+        guard offset >= 0, offset <= payload.count - 4 else { return nil }
         return (0..<4).reduce(UInt32(0)) { $0 | UInt32(payload[offset + $1]) << (8 * UInt32($1)) }
     }
     public func u64(at offset: Int) -> UInt64? {
-        guard offset >= 0, offset + 8 <= payload.count else { return nil }
+        guard offset >= 0, offset <= payload.count - 8 else { return nil }
         return (0..<8).reduce(UInt64(0)) { $0 | UInt64(payload[offset + $1]) << (8 * UInt64($1)) }
     }
 

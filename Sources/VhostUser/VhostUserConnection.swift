@@ -92,10 +92,9 @@ public final class VhostUserConnection: VirtioTransport, @unchecked Sendable {
         setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
         fd = s
         wakeFD = cvio_eventfd()
-        do { try handshake() } catch {
-            close(fd); close(wakeFD)
-            throw error
-        }
+        // On a throw from here on, every stored property is set, so deinit runs and closes the
+        // socket and the eventfd (closing them here too would close them twice).
+        try handshake()
         startMonitor()
     }
 
@@ -115,19 +114,19 @@ public final class VhostUserConnection: VirtioTransport, @unchecked Sendable {
     }
 
     private func handshake() throws {
-        try send(.u64(.setOwner, 0), ack: false)
-        let offered = try request(.u64(.getFeatures, 0)).u64(at: 0)
+        try send(VhostUserMessage(.setOwner), ack: false)
+        let offered = try request(VhostUserMessage(.getFeatures)).u64(at: 0)
         guard let offered else { throw VhostUserError.badReply(request: "GET_FEATURES", detail: "payload shorter than 8 bytes") }
         let all = VirtioFeatures(rawValue: offered)
         if all.contains(vhostUserProtocolFeaturesBit) {
-            guard let p = try request(.u64(.getProtocolFeatures, 0)).u64(at: 0) else {
+            guard let p = try request(VhostUserMessage(.getProtocolFeatures)).u64(at: 0) else {
                 throw VhostUserError.badReply(request: "GET_PROTOCOL_FEATURES", detail: "payload shorter than 8 bytes")
             }
             let chosen = VhostUserProtocolFeatures(rawValue: p).intersection(Self.wantedProtocolFeatures)
             try send(.u64(.setProtocolFeatures, chosen.rawValue), ack: false)
             protocolFeatures = chosen
             if chosen.contains(.mq) {
-                guard let q = try request(.u64(.getQueueNum, 0)).u64(at: 0) else {
+                guard let q = try request(VhostUserMessage(.getQueueNum)).u64(at: 0) else {
                     throw VhostUserError.badReply(request: "GET_QUEUE_NUM", detail: "payload shorter than 8 bytes")
                 }
                 maxQueues = Int(q)
@@ -158,6 +157,9 @@ public final class VhostUserConnection: VirtioTransport, @unchecked Sendable {
 
     public func negotiate(_ features: VirtioFeatures, queueCount: Int) throws {
         precondition(deviceFeatures.isSuperset(of: features), "negotiating features the device does not offer")
+        if let max = maxQueues, queueCount > max {
+            throw VhostUserError.incompatibleFeatures(missing: "\(queueCount) queues (the backend supports \(max))")
+        }
         self.queueCount = queueCount
         // Call descriptors first (as DPDK's virtio_user does): the device may signal on them, we
         // never read them in poll mode.

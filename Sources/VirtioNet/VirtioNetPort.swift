@@ -93,12 +93,12 @@ public struct VirtioNetPort: ~Copyable {
         if options.allowMergeableRxBuffers { wanted.insert(.netMergeableRxBuffers) }
         if t.protocolFeatures.contains(.config) { wanted.formUnion([.netMAC, .netMTU]) }
         let chosen = offered.intersection(wanted)
-        try t.negotiate(chosen, queueCount: 2)
-
+        // Config space before the rings (DESIGN.md order: GET_CONFIG, then SET_VRING_CALL).
         var mac = options.mac ?? EthernetAddress.local(seed: UInt32(truncatingIfNeeded: getpidValue() << 8) | UInt32(options.portID))
-        if options.mac == nil, chosen.contains(.netMAC), let bytes = try? t.readConfig(offset: 0, count: 6) {
-            mac = EthernetAddress(bytes)
+        if options.mac == nil, chosen.contains(.netMAC) {
+            mac = EthernetAddress(try t.readConfig(offset: 0, count: 6))
         }
+        try t.negotiate(chosen, queueCount: 2)
         let layout = try SplitRingLayout(size: options.ringSize)
         let rxMem = try DMAMemory(size: layout.totalBytes)
         let txMem = try DMAMemory(size: layout.totalBytes)
