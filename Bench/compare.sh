@@ -75,7 +75,8 @@ for sc in $SCENARIOS; do
   table+="$row\n"
 done
 {
-  echo; echo "### $(date -u +%Y-%m-%dT%H:%MZ) — $(nproc) vCPU $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+  rev=$(git rev-parse --short HEAD 2>/dev/null || echo unknown); git diff --quiet HEAD -- Sources 2>/dev/null || rev="$rev+local changes"
+  echo; echo "### $(date -u +%Y-%m-%dT%H:%MZ) — $(nproc) vCPU $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs) — commit $rev"
   echo; echo "\`ROUNDS=$ROUNDS SECONDS_PER_RUN=$SECS MEMORY=$MEMORY SIZE=$SIZE INORDER=$INORDER SCENARIOS=\"$SCENARIOS\" Bench/compare.sh\`"
   echo; printf "%b" "$table"
 } >>Bench/RESULTS.md
