@@ -1,44 +1,52 @@
 import DPDK
 import VirtioNet
 
-/// Builds the UDP/IPv4 frames `vio fwd --mode txonly` and `vio pktgen` send.
-/// Layout: Ethernet (14) · IPv4 (20) · UDP (8) · payload. pktgen's payload starts with a probe:
-/// sequence number (u64 @42), checksum (u32 @50) of bytes [58, size), frame length (u16 @54),
-/// magic 0x7669 (u16 @56), then a pattern that depends on the sequence number.
+/// The UDP/IPv4 frames `vio fwd --mode txonly` and `vio pktgen` send.
+///
+///     0  Ethernet: dst 02:00:00:00:00:01, src = port MAC, type IPv4
+///     14 IPv4 198.18.0.1 → 198.18.0.2, UDP
+///     34 UDP: source port 1024 + flow, destination port 30313 (marks a pktgen probe)
+///     42 sequence number (u64)          — pktgen only
+///     50 transmit TSC (u64)             — pktgen only
+///     58 check (u16): with --verify, a hash of sequence, size and bytes 60…; otherwise 0
+///     60 payload: with --verify, a pattern derived from the sequence number; otherwise zeros
+///
+/// So the smallest frame (60 bytes) still carries a sequence number and a timestamp.
 enum Frames {
     static let peerMAC: [UInt8] = [0x02, 0, 0, 0, 0, 0x01]
-    static let probeOffset = 42
-    static let dataOffset = 58
-    static let magic: UInt16 = 0x7669
+    static let probePort: UInt16 = 30313
+    static let seqOffset = 42
+    static let tscOffset = 50
+    static let checkOffset = 58
+    static let payloadOffset = 60
     static let minSize = 60
     static let maxSize = 9018
 
-    /// Ethernet + IPv4 + UDP headers for a frame of `size` bytes (without FCS).
-    static func headers(src: EthernetAddress, size: Int, flow: Int = 0) -> [UInt8] {
-        var f = [UInt8](repeating: 0, count: 42)
+    /// A whole frame of `size` bytes: headers for that size, zero payload.
+    static func template(src: EthernetAddress, size: Int) -> [UInt8] {
+        var f = [UInt8](repeating: 0, count: max(size, 42))
         f.replaceSubrange(0..<6, with: peerMAC)
         f.replaceSubrange(6..<12, with: src.array)
         f[12] = 0x08; f[13] = 0x00
-        let ipLen = size - 14
-        f[14] = 0x45; f[16] = UInt8(ipLen >> 8 & 0xff); f[17] = UInt8(ipLen & 0xff)
-        f[22] = 64; f[23] = 17                         // TTL, UDP
+        f[14] = 0x45; f[22] = 64; f[23] = 17
         f.replaceSubrange(26..<30, with: [198, 18, 0, 1])
         f.replaceSubrange(30..<34, with: [198, 18, 0, 2])
-        var sum: UInt32 = 0
-        for i in stride(from: 14, to: 34, by: 2) { sum += UInt32(f[i]) << 8 | UInt32(f[i + 1]) }
-        while sum > 0xffff { sum = (sum & 0xffff) + (sum >> 16) }
-        let ck = ~UInt16(sum)
-        f[24] = UInt8(ck >> 8); f[25] = UInt8(ck & 0xff)
-        let sport = 1024 + flow
-        f[34] = UInt8(sport >> 8 & 0xff); f[35] = UInt8(sport & 0xff); f[36] = 0x04; f[37] = 0x00
-        let udpLen = size - 34
-        f[38] = UInt8(udpLen >> 8 & 0xff); f[39] = UInt8(udpLen & 0xff)
+        f[34] = 0x04; f[35] = 0x00                       // source port 1024
+        f[36] = UInt8(probePort >> 8); f[37] = UInt8(probePort & 0xff)
+        f.withUnsafeMutableBytes { setLengths($0.baseAddress!, size: size) }
         return f
     }
 
-    /// A whole frame (headers + zero padding) for txonly.
-    static func template(src: EthernetAddress, size: Int) -> [UInt8] {
-        headers(src: src, size: size) + [UInt8](repeating: 0, count: size - 42)
+    /// IPv4 total length and header checksum, UDP length, for a frame of `size` bytes.
+    @inline(__always)
+    static func setLengths(_ p: UnsafeMutableRawPointer, size: Int) {
+        p.storeBytes(of: UInt16(size - 14).bigEndian, toByteOffset: 16, as: UInt16.self)
+        p.storeBytes(of: UInt16(size - 34).bigEndian, toByteOffset: 38, as: UInt16.self)
+        p.storeBytes(of: 0, toByteOffset: 24, as: UInt16.self)
+        var sum: UInt32 = 0
+        for i in stride(from: 14, to: 34, by: 2) { sum &+= UInt32(UInt16(bigEndian: p.loadUnaligned(fromByteOffset: i, as: UInt16.self))) }
+        while sum > 0xffff { sum = (sum & 0xffff) &+ (sum >> 16) }
+        p.storeBytes(of: (~UInt16(truncatingIfNeeded: sum)).bigEndian, toByteOffset: 24, as: UInt16.self)
     }
 
     /// Deterministic frame size for sequence number `seq` in `mixed` mode: 60...1514.
@@ -48,10 +56,16 @@ enum Frames {
         return 60 + Int(x % 1455)
     }
 
-    /// FNV-1a over 8-byte words (and the tail bytes): cheap enough for debug builds, and any
-    /// changed, moved or missing byte changes it.
-    static func checksum(_ p: UnsafeRawPointer, _ count: Int) -> UInt32 {
+    /// Simple IMIX, 7:4:1 of 64, 594 and 1518 bytes.
+    static func imixSize(_ seq: UInt64) -> Int {
+        switch seq % 12 { case 0..<7: 64; case 7..<11: 594; default: 1518 }
+    }
+
+    /// FNV-1a over 8-byte words and the tail, folded to 16 bits, seeded with sequence and size.
+    static func check(_ p: UnsafeRawPointer, count: Int, seq: UInt64, size: Int) -> UInt16 {
         var h: UInt64 = 0xcbf2_9ce4_8422_2325
+        h = (h ^ seq) &* 0x0000_0100_0000_01b3
+        h = (h ^ UInt64(size)) &* 0x0000_0100_0000_01b3
         var i = 0
         while i + 8 <= count {
             h = (h ^ p.loadUnaligned(fromByteOffset: i, as: UInt64.self)) &* 0x0000_0100_0000_01b3
@@ -61,23 +75,14 @@ enum Frames {
             h = (h ^ UInt64(p.load(fromByteOffset: i, as: UInt8.self))) &* 0x0000_0100_0000_01b3
             i += 1
         }
-        return UInt32(truncatingIfNeeded: h ^ (h >> 32))
+        let f = UInt32(truncatingIfNeeded: h ^ (h >> 32))
+        return UInt16(truncatingIfNeeded: f ^ (f >> 16))
     }
 
-    /// Writes the probe frame for `seq` into `buf` (capacity ≥ size).
-    static func fillProbe(_ buf: UnsafeMutableRawPointer, headers: [UInt8], seq: UInt64, size: Int) {
-        headers.withUnsafeBytes { buf.copyMemory(from: $0.baseAddress!, byteCount: 42) }
-        // Per-frame lengths in the IPv4 and UDP headers (the template was built for one size).
-        let ipLen = UInt16(size - 14), udpLen = UInt16(size - 34)
-        buf.storeBytes(of: ipLen.bigEndian, toByteOffset: 16, as: UInt16.self)
-        buf.storeBytes(of: 0, toByteOffset: 24, as: UInt16.self)  // IPv4 checksum left to the receiver
-        buf.storeBytes(of: udpLen.bigEndian, toByteOffset: 38, as: UInt16.self)
-        buf.storeBytes(of: seq, toByteOffset: 42, as: UInt64.self)
-        buf.storeBytes(of: UInt16(size), toByteOffset: 54, as: UInt16.self)
-        buf.storeBytes(of: magic, toByteOffset: 56, as: UInt16.self)
-        for k in dataOffset..<size {
-            buf.storeBytes(of: UInt8(truncatingIfNeeded: seq &* 31 &+ UInt64(k)), toByteOffset: k, as: UInt8.self)
-        }
-        buf.storeBytes(of: checksum(buf + dataOffset, size - dataOffset), toByteOffset: 50, as: UInt32.self)
+    /// The --verify payload pattern.
+    static func fillPattern(_ p: UnsafeMutableRawPointer, seq: UInt64, size: Int) {
+        var k = payloadOffset
+        let base = UInt8(truncatingIfNeeded: seq &* 31)
+        while k < size { p.storeBytes(of: base &+ UInt8(truncatingIfNeeded: k), toByteOffset: k, as: UInt8.self); k += 1 }
     }
 }

@@ -21,7 +21,24 @@ struct FwdReport: Codable {
     var ports: [PortReport]
     var mbufCapacity: Int
     var mbufsInUseAfterStop: Int
+    var cycles: CycleReport?
     var error: String?
+}
+
+/// TSC cycles on the forwarding core, as `dpdk-testpmd --record-core-cycles` counts them: busy
+/// cycles are those of loop iterations that moved at least one packet.
+struct CycleReport: Codable {
+    var busyCycles: UInt64
+    var totalCycles: UInt64
+    var packets: UInt64
+    var busyCyclesPerPacket: Double
+    var totalCyclesPerPacket: Double
+}
+
+struct CycleMeter {
+    var busy: UInt64 = 0
+    var packets: UInt64 = 0
+    var total: UInt64 = 0
 }
 
 /// `vio fwd`: testpmd-style forwarding over one or two virtio-net ports on one lcore.
@@ -38,6 +55,10 @@ struct Fwd: ParsableCommand {
     var size = 64
     @Option(help: "Inject this many bursts of generated frames on every port before forwarding (testpmd's tx_first).")
     var txFirst = 0
+    @Option(help: "Stop after this many packets forwarded (received; sent for txonly), summed over ports.")
+    var count: UInt64?
+    @Flag(help: "Count TSC cycles per packet on the forwarding core (testpmd's --record-core-cycles).")
+    var recordCycles = false
 
     func validate() throws {
         try dataplane.validate(portCount: 1...2)
@@ -60,22 +81,27 @@ struct Fwd: ParsableCommand {
         let bufs = UnsafeMutablePointer<Mbuf>.allocate(capacity: burst)
         defer { bufs.deallocate() }
         var p0 = try dp.openPort(o.ports[0], id: 0, o)
-        let template0 = Frames.template(src: p0.mac, size: size)
+        let t0 = Frames.template(src: p0.mac, size: size)
+        let template0 = UnsafeMutableRawBufferPointer.allocate(byteCount: size, alignment: 64)
+        defer { template0.deallocate() }
+        template0.copyMemory(from: UnsafeRawBufferPointer(start: t0, count: size))
         let hz = Double(TSC.hz)
-        let start = TSC.now()
-        let end = duration.map { start + UInt64($0 * hz) } ?? UInt64.max
-        let period = o.statsPeriod > 0 ? UInt64(o.statsPeriod * hz) : UInt64.max
         var failure: String?
+        var meter = CycleMeter()
 
         if o.ports.count == 1 {
-            for _ in 0..<txFirst { _ = sendGenerated(&p0, bufs, burst, template0) }
-            var clock = Clock(start: start, end: end, period: period)
+            for _ in 0..<txFirst { _ = sendGenerated(&p0, bufs, burst, UnsafeRawBufferPointer(template0)) }
+            let start = TSC.now()
+            var clock = Clock(start: start, end: duration.map { start + UInt64($0 * hz) } ?? .max,
+                              period: o.statsPeriod > 0 ? UInt64(o.statsPeriod * hz) : .max)
             var before = p0.counters
             while true {
-                switch mode {
-                case .io, .macswap: echoBurst(&p0, bufs, burst, macswap: mode == .macswap)
-                case .rxonly: drain(&p0, bufs, burst)
-                case .txonly: drain(&p0, bufs, burst); _ = sendGenerated(&p0, bufs, burst, template0)
+                if recordCycles {
+                    let c0 = TSC.now()
+                    let n = step(&p0, mode, bufs, burst, UnsafeRawBufferPointer(template0))
+                    if n > 0 { meter.busy &+= TSC.now() &- c0; meter.packets &+= UInt64(n) }
+                } else {
+                    _ = step(&p0, mode, bufs, burst, UnsafeRawBufferPointer(template0))
                 }
                 guard let tick = clock.tick() else { continue }
                 if !p0.isLinkUp { failure = "port 0 (\(o.ports[0])): \(p0.linkError ?? "link down")"; break }
@@ -83,30 +109,33 @@ struct Fwd: ParsableCommand {
                     print(RateLine.format(port: 0, now: p0.counters, before: before, seconds: tick.seconds))
                     before = p0.counters
                 }
-                if tick.done { break }
+                if tick.done || count.map({ forwarded(p0.counters) >= $0 }) == true { break }
             }
-            let seconds = Double(TSC.now() - start) / hz
+            meter.total = TSC.now() - start
             let reports = [PortReport(p0, path: o.ports[0].path)]
             _ = p0.close()
-            try finish(dp, reports, seconds: seconds, failure: failure)
+            try finish(dp, reports, seconds: Double(meter.total) / hz, meter: meter, failure: failure)
         } else {
             var p1 = try dp.openPort(o.ports[1], id: 1, o)
-            let template1 = Frames.template(src: p1.mac, size: size)
+            let t1 = Frames.template(src: p1.mac, size: size)
+            let template1 = UnsafeMutableRawBufferPointer.allocate(byteCount: size, alignment: 64)
+            defer { template1.deallocate() }
+            template1.copyMemory(from: UnsafeRawBufferPointer(start: t1, count: size))
             for _ in 0..<txFirst {
-                _ = sendGenerated(&p0, bufs, burst, template0)
-                _ = sendGenerated(&p1, bufs, burst, template1)
+                _ = sendGenerated(&p0, bufs, burst, UnsafeRawBufferPointer(template0))
+                _ = sendGenerated(&p1, bufs, burst, UnsafeRawBufferPointer(template1))
             }
-            var clock = Clock(start: start, end: end, period: period)
+            let start = TSC.now()
+            var clock = Clock(start: start, end: duration.map { start + UInt64($0 * hz) } ?? .max,
+                              period: o.statsPeriod > 0 ? UInt64(o.statsPeriod * hz) : .max)
             var before = (p0.counters, p1.counters)
             while true {
-                switch mode {
-                case .io, .macswap:
-                    forwardBurst(from: &p0, to: &p1, bufs, burst, macswap: mode == .macswap)
-                    forwardBurst(from: &p1, to: &p0, bufs, burst, macswap: mode == .macswap)
-                case .rxonly: drain(&p0, bufs, burst); drain(&p1, bufs, burst)
-                case .txonly:
-                    drain(&p0, bufs, burst); _ = sendGenerated(&p0, bufs, burst, template0)
-                    drain(&p1, bufs, burst); _ = sendGenerated(&p1, bufs, burst, template1)
+                if recordCycles {
+                    let c0 = TSC.now()
+                    let n = step(&p0, &p1, mode, bufs, burst, UnsafeRawBufferPointer(template0), UnsafeRawBufferPointer(template1))
+                    if n > 0 { meter.busy &+= TSC.now() &- c0; meter.packets &+= UInt64(n) }
+                } else {
+                    _ = step(&p0, &p1, mode, bufs, burst, UnsafeRawBufferPointer(template0), UnsafeRawBufferPointer(template1))
                 }
                 guard let tick = clock.tick() else { continue }
                 if !p0.isLinkUp { failure = "port 0 (\(o.ports[0])): \(p0.linkError ?? "link down")"; break }
@@ -116,25 +145,36 @@ struct Fwd: ParsableCommand {
                     print(RateLine.format(port: 1, now: p1.counters, before: before.1, seconds: tick.seconds))
                     before = (p0.counters, p1.counters)
                 }
-                if tick.done { break }
+                if tick.done || count.map({ forwarded(p0.counters) + forwarded(p1.counters) >= $0 }) == true { break }
             }
-            let seconds = Double(TSC.now() - start) / hz
+            meter.total = TSC.now() - start
             let reports = [PortReport(p0, path: o.ports[0].path), PortReport(p1, path: o.ports[1].path)]
             _ = p0.close()
             _ = p1.close()
-            try finish(dp, reports, seconds: seconds, failure: failure)
+            try finish(dp, reports, seconds: Double(meter.total) / hz, meter: meter, failure: failure)
         }
     }
 
-    func finish(_ dp: Dataplane, _ reports: [PortReport], seconds: Double, failure: String?) throws {
+    func forwarded(_ c: NetCounters) -> UInt64 { mode == .txonly ? c.txPackets : c.rxPackets }
+
+    func finish(_ dp: Dataplane, _ reports: [PortReport], seconds: Double, meter: CycleMeter, failure: String?) throws {
         let inUse = dp.pool.inUseCount
         for r in reports {
             print("port \(r.port) totals: rx \(r.rxPackets) packets \(r.rxBytes) bytes, tx \(r.txPackets) packets \(r.txBytes) bytes, "
                   + "drops \(r.txDrops), errors \(r.rxErrors + r.txErrors), rx-nombuf \(r.rxNoMbuf)")
         }
         print(String(format: "%.2f s; mbufs in use after stop: %d of %d", seconds, inUse, dp.pool.capacity))
+        var cycles: CycleReport?
+        if recordCycles, meter.packets > 0 {
+            let forwarded = reports.reduce(UInt64(0)) { $0 + (mode == .txonly ? $1.txPackets : $1.rxPackets) }
+            cycles = CycleReport(busyCycles: meter.busy, totalCycles: meter.total, packets: meter.packets,
+                                 busyCyclesPerPacket: Double(meter.busy) / Double(meter.packets),
+                                 totalCyclesPerPacket: forwarded > 0 ? Double(meter.total) / Double(forwarded) : 0)
+            print(String(format: "CPU cycles/packet: %.1f busy (%llu busy cycles / %llu packets), %.1f overall", cycles!.busyCyclesPerPacket,
+                         meter.busy, meter.packets, cycles!.totalCyclesPerPacket))
+        }
         let report = FwdReport(mode: mode, seconds: seconds, memory: dp.eal.mode.rawValue, ports: reports,
-                               mbufCapacity: dp.pool.capacity, mbufsInUseAfterStop: inUse, error: failure)
+                               mbufCapacity: dp.pool.capacity, mbufsInUseAfterStop: inUse, cycles: cycles, error: failure)
         try writeJSON(report, to: dataplane.json)
         EAL.cleanup()
         if let failure { throw VioFailure(description: failure, exitCode: 2) }
@@ -171,6 +211,34 @@ struct Clock {
 
 // MARK: Per-burst work (no allocation, no locks, no syscalls)
 
+/// One iteration of the one-port loop; returns the packets it forwarded (received, or sent for
+/// txonly). Not inlined, so its code can be checked for ARC and allocation calls.
+@inline(never)
+func step(_ p: inout VirtioNetPort, _ mode: FwdMode, _ bufs: UnsafeMutablePointer<Mbuf>, _ burst: Int,
+          _ template: UnsafeRawBufferPointer) -> Int {
+    switch mode {
+    case .io: return echoBurst(&p, bufs, burst, macswap: false)
+    case .macswap: return echoBurst(&p, bufs, burst, macswap: true)
+    case .rxonly: return drain(&p, bufs, burst)
+    case .txonly: _ = drain(&p, bufs, burst); return sendGenerated(&p, bufs, burst, template)
+    }
+}
+
+/// One iteration of the two-port loop.
+@inline(never)
+func step(_ p0: inout VirtioNetPort, _ p1: inout VirtioNetPort, _ mode: FwdMode, _ bufs: UnsafeMutablePointer<Mbuf>,
+          _ burst: Int, _ template0: UnsafeRawBufferPointer, _ template1: UnsafeRawBufferPointer) -> Int {
+    switch mode {
+    case .io, .macswap:
+        return forwardBurst(from: &p0, to: &p1, bufs, burst, macswap: mode == .macswap)
+            + forwardBurst(from: &p1, to: &p0, bufs, burst, macswap: mode == .macswap)
+    case .rxonly: return drain(&p0, bufs, burst) + drain(&p1, bufs, burst)
+    case .txonly:
+        _ = drain(&p0, bufs, burst); _ = drain(&p1, bufs, burst)
+        return sendGenerated(&p0, bufs, burst, template0) + sendGenerated(&p1, bufs, burst, template1)
+    }
+}
+
 @inline(__always)
 func swapMACs(_ bufs: UnsafeMutablePointer<Mbuf>, _ n: Int) {
     for i in 0..<n {
@@ -194,41 +262,43 @@ func sendOrDrop(_ port: inout VirtioNetPort, _ bufs: UnsafeMutablePointer<Mbuf>,
 
 /// One port: receive a burst and send it back out of the same port.
 @inline(__always)
-func echoBurst(_ port: inout VirtioNetPort, _ bufs: UnsafeMutablePointer<Mbuf>, _ burst: Int, macswap: Bool) {
+func echoBurst(_ port: inout VirtioNetPort, _ bufs: UnsafeMutablePointer<Mbuf>, _ burst: Int, macswap: Bool) -> Int {
     let n = port.rxBurst(bufs, max: burst)
-    guard n > 0 else { return }
+    guard n > 0 else { return 0 }
     if macswap { swapMACs(bufs, n) }
     sendOrDrop(&port, bufs, n)
+    return n
 }
 
 /// Two ports: receive a burst on `rx` and send it out of `tx`.
 @inline(__always)
-func forwardBurst(from rx: inout VirtioNetPort, to tx: inout VirtioNetPort, _ bufs: UnsafeMutablePointer<Mbuf>, _ burst: Int, macswap: Bool) {
+func forwardBurst(from rx: inout VirtioNetPort, to tx: inout VirtioNetPort, _ bufs: UnsafeMutablePointer<Mbuf>, _ burst: Int, macswap: Bool) -> Int {
     let n = rx.rxBurst(bufs, max: burst)
-    guard n > 0 else { return }
+    guard n > 0 else { return 0 }
     if macswap { swapMACs(bufs, n) }
     sendOrDrop(&tx, bufs, n)
+    return n
 }
 
 /// Receives and frees (rxonly; and txonly, so echoed traffic is counted and never backs up).
 @inline(__always)
-func drain(_ port: inout VirtioNetPort, _ bufs: UnsafeMutablePointer<Mbuf>, _ burst: Int) {
+func drain(_ port: inout VirtioNetPort, _ bufs: UnsafeMutablePointer<Mbuf>, _ burst: Int) -> Int {
     let n = port.rxBurst(bufs, max: burst)
     if n > 0 { freeBulk(bufs, count: n) }
+    return n
 }
 
 /// Allocates a burst, copies the template frame into each mbuf and sends it.
 @inline(__always)
-func sendGenerated(_ port: inout VirtioNetPort, _ bufs: UnsafeMutablePointer<Mbuf>, _ burst: Int, _ template: [UInt8]) -> Int {
+func sendGenerated(_ port: inout VirtioNetPort, _ bufs: UnsafeMutablePointer<Mbuf>, _ burst: Int, _ template: UnsafeRawBufferPointer) -> Int {
     guard port.pool.allocate(bufs, count: burst) else { return 0 }
     let size = template.count
-    template.withUnsafeBytes { t in
-        for i in 0..<burst {
-            let m = bufs[i]
-            m.data.copyMemory(from: t.baseAddress.unsafelyUnwrapped, byteCount: size)
-            m.dataLength = UInt16(truncatingIfNeeded: size)
-            m.packetLength = UInt32(truncatingIfNeeded: size)
-        }
+    let t = template.baseAddress.unsafelyUnwrapped
+    for i in 0..<burst {
+        let m = bufs[i]
+        m.data.copyMemory(from: t, byteCount: size)
+        m.dataLength = UInt16(truncatingIfNeeded: size)
+        m.packetLength = UInt32(truncatingIfNeeded: size)
     }
     let sent = port.txBurst(bufs, count: burst)
     if sent < burst { freeBulk(bufs + sent, count: burst - sent); port.counters.txDrops &+= UInt64(burst - sent) }
