@@ -208,18 +208,10 @@ public struct VirtioNetPort: ~Copyable {
         guard free > 0, rx.failure == nil else { return }
         guard pool.allocate(staging, count: free) else { counters.rxNoMbuf &+= 1; return }
         let back = UInt64(Mbuf.headroom) &- UInt64(VirtioNetHeader.size)
-        if rx.inOrder {
-            for k in 0..<free {
-                let m = staging[k]
-                rx.addInOrder(addr: UInt64(UInt(bitPattern: m.bufferAddress)) &+ back,
-                              len: UInt32(m.bufferLength) &- UInt32(back), deviceWritable: true, cookie: m.cookie)
-            }
-        } else {
-            for k in 0..<free {
-                let m = staging[k]
-                rx.add(addr: UInt64(UInt(bitPattern: m.bufferAddress)) &+ back,
-                       len: UInt32(m.bufferLength) &- UInt32(back), deviceWritable: true, cookie: m.cookie)
-            }
+        let staging = self.staging
+        rx.addBurst(count: free, deviceWritable: true) { k in
+            let m = staging[k]
+            return (UInt64(UInt(bitPattern: m.bufferAddress)) &+ back, UInt32(m.bufferLength) &- UInt32(back), m.cookie)
         }
         if rx.publish() { transport.notify(queue: 0) }
     }
@@ -245,34 +237,44 @@ public struct VirtioNetPort: ~Copyable {
         let hdr = UInt16(VirtioNetHeader.size)
         var sent = 0
         var bytes: UInt64 = 0
-        while sent < count {
-            let m = pkts[sent]
-            let segs = Int(m.segmentCount)
-            guard tx.freeCount >= segs else { break }
-            guard m.dataOffset >= hdr, segs <= ringSize else {
-                // Cannot describe it; drop it rather than stall the queue.
-                counters.txErrors &+= 1; m.free(); sent &+= 1; continue
+        // Fast path, chosen once per burst: every packet is one segment with room for the header
+        // in front of its data, so each is exactly one descriptor.
+        let n = Swift.min(count, tx.freeCount)
+        var simple = true
+        for i in 0..<n where pkts[i].segmentCount != 1 || pkts[i].dataOffset < hdr { simple = false; break }
+        if simple {
+            tx.addBurst(count: n, deviceWritable: false) { i in
+                let m = pkts[i]
+                let h = m.data - Int(hdr)
+                h.storeBytes(of: UInt64(0), as: UInt64.self)
+                h.storeBytes(of: UInt32(0), toByteOffset: 8, as: UInt32.self)
+                let len = m.dataLength
+                bytes &+= UInt64(len)
+                return (UInt64(UInt(bitPattern: h)), UInt32(len &+ hdr), m.cookie)
             }
-            let h = m.data - Int(hdr)
-            h.storeBytes(of: UInt64(0), as: UInt64.self)
-            h.storeBytes(of: UInt32(0), toByteOffset: 8, as: UInt32.self)
-            let addr = UInt64(UInt(bitPattern: h))
-            if segs == 1 {
-                if tx.inOrder {
-                    tx.addInOrder(addr: addr, len: UInt32(m.dataLength &+ hdr), deviceWritable: false, cookie: m.cookie)
-                } else {
-                    tx.add(addr: addr, len: UInt32(m.dataLength &+ hdr), deviceWritable: false, cookie: m.cookie)
+            sent = n
+        } else {
+            while sent < count {
+                let m = pkts[sent]
+                let segs = Int(m.segmentCount)
+                guard tx.freeCount >= segs else { break }
+                guard m.dataOffset >= hdr, segs <= ringSize else {
+                    // Cannot describe it; drop it rather than stall the queue.
+                    counters.txErrors &+= 1; m.free(); sent &+= 1; continue
                 }
-            } else {
+                let h = m.data - Int(hdr)
+                h.storeBytes(of: UInt64(0), as: UInt64.self)
+                h.storeBytes(of: UInt32(0), toByteOffset: 8, as: UInt32.self)
+                let addr = UInt64(UInt(bitPattern: h))
                 var seg = m
                 _ = tx.addChain(count: segs, cookie: m.cookie) { k in
                     if k == 0 { return VirtqSegment(addr: addr, len: UInt32(m.dataLength &+ hdr), deviceWritable: false) }
                     seg = seg.next.unsafelyUnwrapped
                     return VirtqSegment(addr: UInt64(UInt(bitPattern: seg.data)), len: UInt32(seg.dataLength), deviceWritable: false)
                 }
+                bytes &+= UInt64(m.packetLength)
+                sent &+= 1
             }
-            bytes &+= UInt64(m.packetLength)
-            sent &+= 1
         }
         if tx.publish() { transport.notify(queue: 1) }
         counters.txPackets &+= UInt64(sent)

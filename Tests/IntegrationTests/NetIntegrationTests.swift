@@ -25,7 +25,7 @@ final class NetIntegrationTests: XCTestCase {
         let dir = try TempDir()
         let peer = try Peer(mode: "macswap", dir: dir)
         let r = try Vio.run(["pktgen", "--port", "vhost:\(peer.socket)", "--count", "100000", "--size", "mixed",
-                             "--expect-macswap"] + noHuge, dir: dir, timeout: 120)
+                             "--verify", "--window", "auto", "--expect-macswap"] + noHuge, dir: dir, timeout: 120)
         assertCleanEcho(r, count: 100_000)
         let stats = try peer.stop()
         XCTAssertEqual(stats.rx, 100_000, peer.tail())
@@ -39,7 +39,7 @@ final class NetIntegrationTests: XCTestCase {
         let dir = try TempDir()
         let peer = try Peer(mode: "macswap", dir: dir)
         var args = ["pktgen", "--port", "vhost:\(peer.socket)", "--count", "70000", "--size", "64", "--ring-size", "256",
-                    "--expect-macswap"]
+                    "--window", "auto", "--expect-macswap"]
         args += hugepages ? ["--memory", "hugepages", "--memory-mb", "256"] : noHuge
         if !inOrder { args.append("--no-in-order") }
         let r = try Vio.run(args, dir: dir, timeout: 120)
@@ -61,7 +61,7 @@ final class NetIntegrationTests: XCTestCase {
         let dir = try TempDir()
         let peer = try Peer(mode: "macswap", dir: dir)
         let r = try Vio.run(["pktgen", "--port", "vhost:\(peer.socket)", "--count", "500", "--size", "9000",
-                             "--expect-macswap"] + noHuge, dir: dir)
+                             "--verify", "--window", "auto", "--expect-macswap"] + noHuge, dir: dir)
         assertCleanEcho(r, count: 500)
         XCTAssertGreaterThanOrEqual(r.int("maxSegments") ?? 0, 5, "\(r)")
         XCTAssertTrue((r.port(0)?["features"] as? String ?? "").contains("MRG_RXBUF"))
@@ -143,6 +143,51 @@ final class NetIntegrationTests: XCTestCase {
         XCTAssertTrue(r.stdout.contains("port 0 totals"), r.stdout)
         XCTAssertEqual(r.int("mbufsInUseAfterStop"), 0)
         XCTAssertNil(r.json?["error"] as? String)
+        _ = try peer.stop()
+    }
+
+    // MARK: pktgen (counts only; timings live in Bench/)
+
+    /// A rate-limited run of N frames against a macswap peer: N sent, N received, none lost, and a
+    /// latency sample for every frame.
+    func testPktgenRateLimitedCountIsExact() throws {
+        let dir = try TempDir()
+        let peer = try Peer(mode: "macswap", dir: dir)
+        let r = try Vio.run(["pktgen", "--port", "vhost:\(peer.socket)", "--count", "50000", "--rate", "200kpps",
+                             "--size", "imix", "--flows", "8", "--expect-macswap"] + noHuge, dir: dir)
+        assertCleanEcho(r, count: 50_000)
+        let latency = r.json?["latency"] as? [String: Any]
+        XCTAssertEqual((latency?["samples"] as? NSNumber)?.intValue, 50_000, "\(r)")
+        XCTAssertGreaterThan((latency?["p99Ns"] as? NSNumber)?.intValue ?? 0, 0)
+        // 50 000 frames at 200 kpps take about 0.25 s; a rate limiter that does nothing takes far less.
+        let txMpps = (r.json?["txMpps"] as? NSNumber)?.doubleValue ?? 0
+        XCTAssertLessThan(txMpps, 0.3, "the rate limit was not applied: \(r)")
+        _ = try peer.stop()
+    }
+
+    /// `--rx-only` counts what a txonly peer sends.
+    func testPktgenRxOnlyCountsPeerTraffic() throws {
+        let dir = try TempDir()
+        let peer = try Peer(mode: "txonly", dir: dir)
+        let r = try Vio.run(["pktgen", "--port", "vhost:\(peer.socket)", "--rx-only", "--duration", "2"] + noHuge, dir: dir)
+        XCTAssertEqual(r.status, 0, "\(r)")
+        XCTAssertEqual(r.int("sent"), 0)
+        XCTAssertGreaterThan(r.int("received") ?? 0, 10_000, "\(r)")
+        XCTAssertEqual(r.int("mbufsInUseAfterStop"), 0)
+        let stats = try peer.stop()
+        XCTAssertGreaterThanOrEqual(stats.tx, UInt64(r.int("received") ?? 0))
+    }
+
+    /// testpmd's `start tx_first`: both sides forward, traffic injected once keeps circulating.
+    func testTxFirstLoopback() throws {
+        let dir = try TempDir()
+        let peer = try Peer(mode: "io", dir: dir)
+        let r = try Vio.run(["fwd", "--mode", "io", "--tx-first", "4", "--port", "vhost:\(peer.socket)", "--duration", "2"]
+                            + noHuge, dir: dir)
+        XCTAssertEqual(r.status, 0, "\(r)")
+        let rx = (r.port(0)?["rxPackets"] as? NSNumber)?.intValue ?? 0
+        XCTAssertGreaterThan(rx, 100_000, "the injected bursts kept circulating: \(r)")
+        XCTAssertEqual(r.int("mbufsInUseAfterStop"), 0)
         _ = try peer.stop()
     }
 }

@@ -177,6 +177,51 @@ public struct SplitVirtqueue: ~Copyable {
         outstanding &+= 1
     }
 
+    /// `count` single-descriptor buffers at once; `buffer(i)` gives the i-th (address, length,
+    /// cookie). The caller has checked `freeCount >= count`. The queue's counters live in
+    /// registers for the whole burst and are written back once: stores through the ring
+    /// pointers could alias `self`, so a per-buffer `add` must reload and re-store them.
+    @inlinable @inline(__always)
+    public mutating func addBurst(count: Int, deviceWritable: Bool,
+                                  _ buffer: (Int) -> (addr: UInt64, len: UInt32, cookie: UnsafeMutableRawPointer?)) {
+        precondition(count <= freeDescs && failure == nil)
+        let desc = self.desc, slots = self.slots, ring = self.availRing, links = self.links, mask = self.mask
+        let flags: UInt16 = deviceWritable ? VirtqDesc.flagWrite : 0
+        var head = descHead
+        var avail = nextAvail
+        if inOrder {
+            for i in 0..<count {
+                let b = buffer(i)
+                let d = head & mask
+                let p = desc + Int(d)
+                p.pointee.addr = b.addr
+                p.pointee.len = b.len
+                p.pointee.flags = flags
+                slots[Int(d)] = SlotInfo(cookie: b.cookie, writable: deviceWritable ? b.len : 0, ndesc: 1, last: d)
+                ring[Int(avail & mask)] = d
+                head &+= 1
+                avail &+= 1
+            }
+        } else {
+            for i in 0..<count {
+                let b = buffer(i)
+                let d = head
+                let p = desc + Int(d)
+                head = links[Int(d)]
+                p.pointee.addr = b.addr
+                p.pointee.len = b.len
+                p.pointee.flags = flags
+                slots[Int(d)] = SlotInfo(cookie: b.cookie, writable: deviceWritable ? b.len : 0, ndesc: 1, last: d)
+                ring[Int(avail & mask)] = d
+                avail &+= 1
+            }
+        }
+        descHead = head
+        nextAvail = avail
+        freeDescs &-= count
+        outstanding &+= count
+    }
+
     /// A chain of `count` descriptors (e.g. a block request: header, data, status). Returns false,
     /// adding nothing, when fewer than `count` descriptors are free.
     @inlinable
@@ -262,16 +307,20 @@ public struct SplitVirtqueue: ~Copyable {
 
     @inlinable
     mutating func harvestInOrder(_ n: Int, ready: Int, _ body: (UnsafeMutableRawPointer?, UInt32) -> Void) -> Int {
+        // Counters in locals for the loop (see `addBurst`); written back once at the end.
+        let slots = self.slots, usedRing = self.usedRing, mask = self.mask
+        var oldest = oldestDesc, used = lastUsed
+        var freed = 0
         var i = 0
         while i < n {
-            let head = oldestDesc & mask
+            let head = oldest & mask
             let slot = slots[Int(head)]
             let len: UInt32
-            if inBatch {
+            if _slowPath(inBatch) {
                 if head == batchEnd { len = batchLen; inBatch = false } else { len = slot.writable }
             } else {
-                let e = usedRing[Int(lastUsed & mask)]
-                if e.id == UInt32(head) {
+                let e = usedRing[Int(used & mask)]
+                if _fastPath(e.id == UInt32(head)) {
                     guard e.len <= slot.writable else {
                         fail(.usedLengthTooLarge(id: e.id, length: e.len, posted: slot.writable)); break
                     }
@@ -285,13 +334,16 @@ public struct SplitVirtqueue: ~Copyable {
                     if batchEnd == head { inBatch = false }
                 }
             }
-            oldestDesc &+= slot.ndesc
-            freeDescs &+= Int(slot.ndesc)
-            lastUsed &+= 1
-            outstanding &-= 1
+            oldest &+= slot.ndesc
+            freed &+= Int(slot.ndesc)
+            used &+= 1
             i &+= 1
             body(slot.cookie, len)
         }
+        oldestDesc = oldest
+        lastUsed = used
+        freeDescs &+= freed
+        outstanding &-= i
         return i
     }
 
@@ -317,10 +369,14 @@ public struct SplitVirtqueue: ~Copyable {
 
     @inlinable
     mutating func harvestOutOfOrder(_ n: Int, _ body: (UnsafeMutableRawPointer?, UInt32) -> Void) -> Int {
+        let slots = self.slots, usedRing = self.usedRing, links = self.links, published = self.published
+        let mask = self.mask, size = UInt32(self.size)
+        var used = lastUsed, freeHead = descHead
+        var freed = 0
         var i = 0
         while i < n {
-            let e = usedRing[Int(lastUsed & mask)]
-            guard e.id < UInt32(size) else { fail(.usedIDOutOfRange(id: e.id, size: size)); break }
+            let e = usedRing[Int(used & mask)]
+            guard e.id < size else { fail(.usedIDOutOfRange(id: e.id, size: Int(size))); break }
             let id = Int(e.id)
             let slot = slots[id]
             guard slot.ndesc != 0, published[id] else { fail(.usedIDNotInFlight(id: e.id)); break }
@@ -328,16 +384,19 @@ public struct SplitVirtqueue: ~Copyable {
                 fail(.usedLengthTooLarge(id: e.id, length: e.len, posted: slot.writable)); break
             }
             // Splice the chain back onto the front of the free list.
-            links[Int(slot.last)] = descHead
-            descHead = UInt16(truncatingIfNeeded: id)
-            freeDescs &+= Int(slot.ndesc)
+            links[Int(slot.last)] = freeHead
+            freeHead = UInt16(truncatingIfNeeded: id)
+            freed &+= Int(slot.ndesc)
             slots[id].ndesc = 0
             published[id] = false
-            lastUsed &+= 1
-            outstanding &-= 1
+            used &+= 1
             i &+= 1
             body(slot.cookie, e.len)
         }
+        lastUsed = used
+        descHead = freeHead
+        freeDescs &+= freed
+        outstanding &-= i
         return i
     }
 
