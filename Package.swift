@@ -11,6 +11,7 @@ let package = Package(
     products: [
         .library(name: "VirtioCore", targets: ["VirtioCore"]),
         .library(name: "VirtioNet", targets: ["VirtioNet"]),
+        .library(name: "VirtioBlk", targets: ["VirtioBlk"]),
         .library(name: "VhostUser", targets: ["VhostUser"]),
         .library(name: "DPDK", targets: ["DPDK"]),
         .library(name: "VirtioTestSupport", targets: ["VirtioTestSupport"]),
@@ -33,9 +34,12 @@ let package = Package(
         .target(name: "VirtioNet", dependencies: [
             "VirtioCore", "VhostUser", "DPDK", .product(name: "Logging", package: "swift-log"),
         ]),
+        .target(name: "VirtioBlk", dependencies: [
+            "VirtioCore", "VhostUser", "DPDK", .product(name: "Logging", package: "swift-log"),
+        ]),
         .target(name: "VirtioTestSupport", dependencies: ["VirtioCore"]),
         .executableTarget(name: "vio", dependencies: [
-            "VirtioNet", "DPDK", "VhostUser", "CVioLinux",
+            "VirtioNet", "VirtioBlk", "DPDK", "VhostUser", "CVioLinux",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
             .product(name: "Histogram", package: "hdrhistogram-swift"),

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Installs what swift-virtio needs on Debian 12 (run as root), idempotently:
-#   - DPDK 22.11 (libdpdk-dev; dpdk-dev ships dpdk-testpmd, the vhost-user peer), libnuma-dev, pkg-config
+#   - DPDK 22.11 (libdpdk-dev; dpdk-dev ships dpdk-testpmd, the vhost-user net peer), libnuma-dev, pkg-config
+#   - qemu-system-common (qemu-storage-daemon, the vhost-user-blk peer)
 #   - Configs/pkgconfig/vio-dpdk.pc into /usr/local/lib/pkgconfig (SwiftPM cannot read Debian's libdpdk.pc)
 #   - 2 MiB hugepages (VIO_HUGEPAGES, default 1024) and a hugetlbfs mount at /dev/hugepages;
 #     when that is not possible, says so: everything then runs on DPDK's --no-huge memfd memory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-packages=(libdpdk-dev dpdk-dev libnuma-dev pkg-config)
+packages=(libdpdk-dev dpdk-dev libnuma-dev pkg-config qemu-system-common)
 missing=()
 for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -150,9 +150,15 @@ public enum EAL {
         return r
     }
 
-    /// Releases EAL resources (hugepage files). Call once at exit.
+    nonisolated(unsafe) public private(set) static var isCleanedUp = false
+
+    /// Releases EAL resources (hugepage files). Call once at exit; DPDK memory must not be
+    /// freed afterwards (DMAMemory objects still alive then just let go of their pointer).
     public static func cleanup() {
-        if report != nil { _ = rte_eal_cleanup() }
+        if report != nil && !isCleanedUp {
+            isCleanedUp = true
+            _ = rte_eal_cleanup()
+        }
     }
 }
 

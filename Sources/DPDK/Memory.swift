@@ -10,7 +10,7 @@ public final class DMAMemory: @unchecked Sendable {
         pointer = p
         self.size = size
     }
-    deinit { rte_free(pointer) }
+    deinit { if !EAL.isCleanedUp { rte_free(pointer) } }
 }
 
 public enum DPDKMemory {

@@ -48,6 +48,9 @@ public final class SplitDeviceModel {
 
     public let memory: UnsafeMutableRawPointer
     public let layout: SplitRingLayout
+    /// Whether VIRTIO_F_INDIRECT_DESC is assumed (the model then follows indirect tables, whose
+    /// addresses must be real pointers in this process).
+    public var indirectNegotiated = false
     /// Whether VIRTIO_F_IN_ORDER is assumed: then the driver must use descriptors in ring order (§2.7.9).
     public let inOrder: Bool
     public var size: Int { layout.size }
@@ -149,7 +152,29 @@ public final class SplitDeviceModel {
                 violation("chain from \(head) is longer than the table of \(size) (a loop?)"); return nil
             }
             let d = memory.load(fromByteOffset: layout.descOffset + 16 * Int(index), as: VirtqDesc.self)
-            if d.flags & VirtqDesc.flagIndirect != 0 { violation("descriptor \(index) is indirect (not negotiated)") }
+            if d.flags & VirtqDesc.flagIndirect != 0 {
+                guard indirectNegotiated else { violation("descriptor \(index) is indirect (not negotiated)"); return nil }
+                // §2.7.5.3: an indirect descriptor is alone in its chain; its table holds the chain.
+                if d.flags & VirtqDesc.flagNext != 0 { violation("indirect descriptor \(index) also has NEXT") }
+                if descriptorInUse[Int(index)] { violation("descriptor \(index) made available while still in use") }
+                guard d.len % 16 == 0, d.len >= 16, let table = UnsafeRawPointer(bitPattern: UInt(d.addr)) else {
+                    violation("indirect descriptor \(index) has table length \(d.len)"); return nil
+                }
+                let entries = Int(d.len / 16)
+                var k = 0
+                while true {
+                    let e = table.load(fromByteOffset: 16 * k, as: VirtqDesc.self)
+                    let w = e.flags & VirtqDesc.flagWrite != 0
+                    if e.flags & VirtqDesc.flagIndirect != 0 { violation("nested indirect descriptor in table of \(index)") }
+                    if !w, chain.segments.last?.writable == true { violation("indirect table of \(index): readable after writable") }
+                    chain.segments.append(Segment(addr: e.addr, len: e.len, writable: w))
+                    guard e.flags & VirtqDesc.flagNext != 0 else { break }
+                    k = Int(e.next)
+                    guard k < entries, chain.segments.count < entries else { violation("indirect table of \(index) overruns"); return nil }
+                }
+                chain.descriptors.append(index)
+                break
+            }
             if descriptorInUse[Int(index)] { violation("descriptor \(index) made available while still in use") }
             let writable = d.flags & VirtqDesc.flagWrite != 0
             // §2.7.4.2: device-writable descriptors come after every device-readable one.

@@ -10,6 +10,21 @@ import Synchronization
     }
 }
 
+/// Indirect descriptor tables (VIRTIO_F_INDIRECT_DESC, §2.7.5.3): one table of
+/// `entriesPerTable` descriptors per ring descriptor, in memory the device can read. A chain in
+/// an indirect table takes one ring descriptor whatever its length.
+@frozen public struct IndirectTables: @unchecked Sendable {
+    public let base: UnsafeMutablePointer<VirtqDesc>
+    /// Address of `base` as the device sees it.
+    public let baseAddress: UInt64
+    public let entriesPerTable: Int
+    public init(base: UnsafeMutablePointer<VirtqDesc>, baseAddress: UInt64, entriesPerTable: Int) {
+        self.base = base; self.baseAddress = baseAddress; self.entriesPerTable = entriesPerTable
+    }
+    /// Bytes needed for a queue of `queueSize`.
+    public static func bytes(queueSize: Int, entriesPerTable: Int) -> Int { queueSize * entriesPerTable * 16 }
+}
+
 /// What the driver remembers about a buffer in flight, indexed by its head descriptor.
 @usableFromInline @frozen struct SlotInfo {
     @usableFromInline var cookie: UnsafeMutableRawPointer?
@@ -80,6 +95,20 @@ public struct SplitVirtqueue: ~Copyable {
     @usableFromInline var outstanding: Int = 0
     /// The first device error seen; once set, the queue hands out and takes back nothing more.
     public private(set) var failure: VirtqueueError?
+    /// Set when indirect descriptors were negotiated: chains longer than one go into a table.
+    public private(set) var indirect: IndirectTables?
+
+    /// Uses `tables` for every chain of two or more descriptors (after VIRTIO_F_INDIRECT_DESC).
+    public mutating func useIndirect(_ tables: IndirectTables) {
+        precondition(tables.entriesPerTable >= 2)
+        indirect = tables
+    }
+
+    /// Ring descriptors a chain of `count` segments takes.
+    @inlinable public func descriptorsNeeded(forSegments count: Int) -> Int {
+        if let t = indirect, count > 1, count <= t.entriesPerTable { return 1 }
+        return count
+    }
 
     /// Lays a fresh queue over `memory` (at least `layout.totalBytes`, 4 KiB aligned), zeroing it.
     public init(memory: UnsafeMutableRawPointer, layout: SplitRingLayout, inOrder: Bool, eventIndex: Bool = false) {
@@ -227,6 +256,9 @@ public struct SplitVirtqueue: ~Copyable {
     @inlinable
     public mutating func addChain(count: Int, cookie: UnsafeMutableRawPointer?, _ segment: (Int) -> VirtqSegment) -> Bool {
         precondition(count >= 1 && failure == nil)
+        if let t = indirect, count > 1, count <= t.entriesPerTable {
+            return addIndirect(t, count: count, cookie: cookie, segment)
+        }
         guard count <= freeDescs else { return false }
         let head: UInt16 = inOrder ? descHead & mask : descHead
         var d = head
@@ -251,6 +283,34 @@ public struct SplitVirtqueue: ~Copyable {
         availRing[Int(nextAvail & mask)] = head
         nextAvail &+= 1
         freeDescs &-= count
+        outstanding &+= 1
+        return true
+    }
+
+    /// A chain written into the head descriptor's indirect table; one ring descriptor points at it.
+    @inlinable
+    mutating func addIndirect(_ t: IndirectTables, count: Int, cookie: UnsafeMutableRawPointer?,
+                              _ segment: (Int) -> VirtqSegment) -> Bool {
+        guard freeDescs >= 1 else { return false }
+        let head: UInt16 = inOrder ? descHead & mask : descHead
+        let table = t.base + Int(head) * t.entriesPerTable
+        var writable: UInt32 = 0
+        for i in 0..<count {
+            let s = segment(i)
+            var flags: UInt16 = s.deviceWritable ? VirtqDesc.flagWrite : 0
+            if i < count - 1 { flags |= VirtqDesc.flagNext }
+            table[i] = VirtqDesc(addr: s.addr, len: s.len, flags: flags, next: UInt16(truncatingIfNeeded: i + 1))
+            if s.deviceWritable { writable &+= s.len }
+        }
+        let p = desc + Int(head)
+        p.pointee.addr = t.baseAddress &+ UInt64(Int(head) * t.entriesPerTable * 16)
+        p.pointee.len = UInt32(count * 16)
+        p.pointee.flags = VirtqDesc.flagIndirect
+        if inOrder { descHead &+= 1 } else { descHead = links[Int(head)] }
+        slots[Int(head)] = SlotInfo(cookie: cookie, writable: writable, ndesc: 1, last: head)
+        availRing[Int(nextAvail & mask)] = head
+        nextAvail &+= 1
+        freeDescs &-= 1
         outstanding &+= 1
         return true
     }

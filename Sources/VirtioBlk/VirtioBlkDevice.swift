@@ -1,0 +1,116 @@
+import DPDK
+import Logging
+import VhostUser
+import VirtioCore
+
+public enum VirtioBlkError: Error, CustomStringConvertible {
+    case missingFeatures(VirtioFeatures)
+    case noConfigSpace
+    case invalidQueueSize(Int)
+
+    public var description: String {
+        switch self {
+        case .missingFeatures(let f): return "the virtio-blk device lacks required features: \(f)"
+        case .noConfigSpace: return "the vhost-user backend does not offer config space (VHOST_USER_PROTOCOL_F_CONFIG); capacity unknown"
+        case .invalidQueueSize(let s): return "queue size \(s) must be a power of two from 4 to 4096"
+        }
+    }
+}
+
+public struct VirtioBlkOptions: Sendable {
+    /// Queues to use (capped by what the device offers).
+    public var queues = 1
+    public var queueSize = 256
+    public var allowInOrder = true
+    public var allowIndirect = true
+    public init() {}
+}
+
+/// A virtio-blk device over vhost-user: negotiation, config space, and the memory of its queues.
+/// Each queue is handed out once (`makeQueue`) and then polled by one lcore, like a DPDK queue.
+public final class VirtioBlkDevice {
+    public let transport: VhostUserConnection
+    public let features: VirtioFeatures
+    public let config: BlkConfig
+    public let queueCount: Int
+    public let queueSize: Int
+    /// Data segments per request the device accepts (seg_max, or what fits the ring).
+    public let maxSegments: Int
+    /// Bytes per data segment, or nil for no limit (size_max 0 is "no limit", as SPDK treats it).
+    public let maxSegmentBytes: Int?
+    public var readOnly: Bool { features.contains(.blkReadOnly) }
+    let rings: [DMAMemory]
+    let slabs: [DMAMemory]
+    let tables: [DMAMemory?]
+    private var taken: [Bool]
+    let logger: Logger
+
+    public init(vhostUserPath path: String, options: VirtioBlkOptions = VirtioBlkOptions(),
+                logger: Logger = Logger(label: "virtio-blk")) throws {
+        VirtioFeatures.registerBlkNames()
+        guard options.queueSize >= 4, options.queueSize <= 4096, options.queueSize & (options.queueSize - 1) == 0 else {
+            throw VirtioBlkError.invalidQueueSize(options.queueSize)
+        }
+        let t = try VhostUserConnection(path: path, logger: logger)
+        let offered = t.deviceFeatures
+        guard offered.contains(.version1) else { throw VirtioBlkError.missingFeatures(.version1) }
+        var wanted: VirtioFeatures = [.version1, .blkSizeMax, .blkSegMax, .blkBlockSize, .blkFlush, .blkDiscard,
+                                      .blkWriteZeroes, .blkReadOnly, .blkMultiQueue, .blkTopology]
+        if options.allowInOrder { wanted.insert(.inOrder) }
+        if options.allowIndirect { wanted.insert(.indirectDescriptors) }
+        let chosen = offered.intersection(wanted)
+        guard t.protocolFeatures.contains(.config) else { throw VirtioBlkError.noConfigSpace }
+        // No more than struct virtio_blk_config: qemu-storage-daemon refuses larger reads.
+        let cfg = BlkConfig(bytes: try t.readConfig(offset: 0, count: BlkConfig.size))
+        var queues = max(1, options.queues)
+        if chosen.contains(.blkMultiQueue) { queues = min(queues, max(1, Int(cfg.numQueues))) } else { queues = 1 }
+        if let m = t.maxQueues { queues = min(queues, m) }
+        try t.negotiate(chosen, queueCount: queues)
+
+        let layout = try SplitRingLayout(size: options.queueSize)
+        let segMax = chosen.contains(.blkSegMax) && cfg.segMax > 0 ? Int(cfg.segMax) : options.queueSize - 2
+        let indirect = chosen.contains(.indirectDescriptors)
+        // Without indirect descriptors a request's chain must fit the ring.
+        maxSegments = indirect ? segMax : min(segMax, options.queueSize - 2)
+        maxSegmentBytes = chosen.contains(.blkSizeMax) && cfg.sizeMax > 0 ? Int(cfg.sizeMax) : nil
+        var rings: [DMAMemory] = [], slabs: [DMAMemory] = [], tables: [DMAMemory?] = []
+        for _ in 0..<queues {
+            rings.append(try DMAMemory(size: layout.totalBytes))
+            slabs.append(try DMAMemory(size: options.queueSize * VirtioBlkQueue.slotBytes))
+            tables.append(indirect ? try DMAMemory(size: IndirectTables.bytes(queueSize: options.queueSize,
+                                                                              entriesPerTable: maxSegments + 2)) : nil)
+        }
+        try t.setMemory(try DPDKMemory.regions())
+        for q in 0..<queues {
+            let base = UInt64(UInt(bitPattern: rings[q].pointer))
+            try t.setupQueue(q, addresses: QueueAddresses(size: layout.size, desc: base + UInt64(layout.descOffset),
+                                                          avail: base + UInt64(layout.availOffset), used: base + UInt64(layout.usedOffset)))
+        }
+        try t.start()
+        transport = t
+        features = chosen
+        config = cfg
+        queueCount = queues
+        queueSize = options.queueSize
+        self.rings = rings; self.slabs = slabs; self.tables = tables
+        taken = Array(repeating: false, count: queues)
+        self.logger = logger
+        logger.info("virtio-blk \(path): \(cfg.capacity) sectors (\(cfg.capacity * 512 / 1_048_576) MiB), block \(cfg.blockSize), seg_max \(cfg.segMax), size_max \(cfg.sizeMax), \(queues) queue(s) of \(layout.size), features \(chosen)")
+    }
+
+    /// Queue `index`, once. The device must outlive it.
+    public func makeQueue(_ index: Int) -> VirtioBlkQueue {
+        precondition(index < queueCount && !taken[index], "queue \(index) does not exist or was already taken")
+        taken[index] = true
+        let layout = try! SplitRingLayout(size: queueSize)
+        var vq = SplitVirtqueue(memory: rings[index].pointer, layout: layout, inOrder: features.contains(.inOrder))
+        if let t = tables[index] {
+            vq.useIndirect(IndirectTables(base: t.pointer.bindMemory(to: VirtqDesc.self, capacity: queueSize * (maxSegments + 2)),
+                                          baseAddress: UInt64(UInt(bitPattern: t.pointer)), entriesPerTable: maxSegments + 2))
+        }
+        return VirtioBlkQueue(index: index, queue: vq, slab: slabs[index].pointer, device: self)
+    }
+
+    /// Stops every queue at the device; afterwards the device touches none of our memory.
+    public func stop() { try? transport.stop() }
+}

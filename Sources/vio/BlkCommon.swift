@@ -1,0 +1,96 @@
+import ArgumentParser
+import DPDK
+import Foundation
+import Logging
+import VirtioBlk
+
+/// `--dev vhost-user-blk:PATH`.
+struct BlkDeviceURI: ExpressibleByArgument, CustomStringConvertible {
+    var path: String
+    init?(argument: String) {
+        guard argument.hasPrefix("vhost-user-blk:"), argument.count > 15 else { return nil }
+        path = String(argument.dropFirst(15))
+    }
+    var description: String { "vhost-user-blk:\(path)" }
+    static var defaultValueDescription: String { "vhost-user-blk:/path/to.sock" }
+}
+
+/// Options every block command shares.
+struct BlkOptions: ParsableArguments {
+    @Option(help: "A virtio-blk device: vhost-user-blk:PATH (a vhost-user socket).")
+    var dev: BlkDeviceURI?
+    @Option(help: "Descriptors per queue (power of two, 4...4096).")
+    var queueSize = 256
+    @Option(help: "Memory: auto (hugepages if free, else --no-huge), hugepages or nohuge.")
+    var memory: MemoryMode = .auto
+    @Option(help: "MiB of DPDK memory.")
+    var memoryMb = 256
+    @Flag(help: "Do not negotiate VIRTIO_F_INDIRECT_DESC.")
+    var noIndirect = false
+    @Flag(help: "Do not negotiate VIRTIO_F_IN_ORDER.")
+    var noInOrder = false
+    @Flag(help: "Log negotiation details.")
+    var verbose = false
+}
+
+/// EAL and the device.
+struct BlkSetup {
+    let eal: EALReport
+    let device: VirtioBlkDevice
+    let logger: Logger
+
+    init(_ o: BlkOptions, queues: Int) throws {
+        LoggingSystem.bootstrap { label in
+            var h = StreamLogHandler.standardError(label: label)
+            h.logLevel = o.verbose ? .debug : .info
+            return h
+        }
+        logger = Logger(label: "vio")
+        guard let dev = o.dev else { throw VioFailure(description: "give --dev vhost-user-blk:PATH") }
+        do { eal = try EAL.initialize(mode: o.memory, memoryMB: o.memoryMb) } catch let e as DPDKError {
+            throw VioFailure(description: e.description)
+        }
+        logger.info("\(eal.summary)")
+        var opts = VirtioBlkOptions()
+        opts.queues = queues
+        opts.queueSize = o.queueSize
+        opts.allowIndirect = !o.noIndirect
+        opts.allowInOrder = !o.noInOrder
+        do { device = try VirtioBlkDevice(vhostUserPath: dev.path, options: opts, logger: logger) } catch {
+            throw VioFailure(description: "\(dev): \(error)")
+        }
+    }
+}
+
+/// Size with an optional k/m/g suffix (powers of 1024): 4k, 128k, 1m, 64m.
+struct ByteSize: ExpressibleByArgument, CustomStringConvertible {
+    var bytes: Int
+    init(bytes: Int) { self.bytes = bytes }
+    init?(argument: String) {
+        let a = argument.lowercased()
+        let scale: Int
+        var digits = Substring(a)
+        switch a.last {
+        case "k": scale = 1 << 10; digits = a.dropLast()
+        case "m": scale = 1 << 20; digits = a.dropLast()
+        case "g": scale = 1 << 30; digits = a.dropLast()
+        default: scale = 1
+        }
+        guard let v = Int(digits), v > 0 else { return nil }
+        bytes = v * scale
+    }
+    var description: String { "\(bytes)" }
+}
+
+/// Seconds with an optional s/ms suffix: 10s, 500ms, 2.
+struct Seconds: ExpressibleByArgument {
+    var value: Double
+    init(_ v: Double) { value = v }
+    init?(argument: String) {
+        let a = argument.lowercased()
+        if a.hasSuffix("ms"), let v = Double(a.dropLast(2)) { value = v / 1000; return }
+        if a.hasSuffix("s"), let v = Double(a.dropLast()) { value = v; return }
+        guard let v = Double(a) else { return nil }
+        value = v
+    }
+}
