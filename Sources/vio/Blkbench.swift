@@ -126,17 +126,23 @@ struct Blkbench: ParsableCommand {
         let boxes = (0..<queuesUsed).map { QueueBox(dev.makeQueue($0)) }
         let completions = UnsafeMutablePointer<BlkCompletion>.allocate(capacity: 64)
         defer { completions.deallocate() }
-        var segs = [BlkBuffer](repeating: BlkBuffer(data.pointer, length: 0), count: segsPerIO)
+        // Per-request state in raw buffers allocated once: the loop takes no copy-on-write
+        // checks or reference counts per I/O.
+        let segs = UnsafeMutablePointer<BlkBuffer>.allocate(capacity: segsPerIO)
+        segs.initialize(repeating: BlkBuffer(data.pointer, length: 0), count: segsPerIO)
+        defer { segs.deallocate() }
 
         // Per slot: what is in flight.
-        var slotBlock = [Int](repeating: -1, count: slots)
-        var slotWrite = [Bool](repeating: false, count: slots)
-        var slotStart = [UInt64](repeating: 0, count: slots)
-        var slotVerifyPass = [Bool](repeating: false, count: slots)
-        var slotCounted = [Bool](repeating: false, count: slots)
+        let slotBlock = UnsafeMutableBufferPointer<Int>.allocate(capacity: slots); slotBlock.initialize(repeating: -1)
+        let slotWrite = UnsafeMutableBufferPointer<Bool>.allocate(capacity: slots); slotWrite.initialize(repeating: false)
+        let slotStart = UnsafeMutableBufferPointer<UInt64>.allocate(capacity: slots); slotStart.initialize(repeating: 0)
+        let slotVerifyPass = UnsafeMutableBufferPointer<Bool>.allocate(capacity: slots); slotVerifyPass.initialize(repeating: false)
+        let slotCounted = UnsafeMutableBufferPointer<Bool>.allocate(capacity: slots); slotCounted.initialize(repeating: false)
+        defer { slotBlock.deallocate(); slotWrite.deallocate(); slotStart.deallocate(); slotVerifyPass.deallocate(); slotCounted.deallocate() }
         // --verify: generation last written per block (0: never), and blocks with a request out.
-        var generation = verify ? [UInt32](repeating: 0, count: blocks) : []
-        var busy = verify ? [Bool](repeating: false, count: blocks) : []
+        let generation = UnsafeMutableBufferPointer<UInt32>.allocate(capacity: verify ? blocks : 0); generation.initialize(repeating: 0)
+        let busy = UnsafeMutableBufferPointer<Bool>.allocate(capacity: verify ? blocks : 0); busy.initialize(repeating: false)
+        defer { generation.deallocate(); busy.deallocate() }
         var nextGeneration: UInt32 = 1
         var rng = seed | 1
         var cursor = 0
@@ -186,7 +192,7 @@ struct Blkbench: ParsableCommand {
             }
             return nil
         }
-        func submit(_ box: QueueBox, _ slot: Int, block: Int, write: Bool) throws -> Bool {
+        func submit(_ q: inout VirtioBlkQueue, _ slot: Int, block: Int, write: Bool) throws -> Bool {
             let p = buffer(slot)
             if write && verify {
                 stamp(p, block: block, gen: nextGeneration)
@@ -194,10 +200,9 @@ struct Blkbench: ParsableCommand {
             for k in 0..<segsPerIO { segs[k] = BlkBuffer(p + k * segBytes, length: min(segBytes, bs - k * segBytes)) }
             let sector = UInt64(block * (bs / blkSectorSize))
             do {
-                try segs.withUnsafeBufferPointer { (b) throws(BlkRequestError) in
-                    if write { try box.queue.write(sector: sector, from: b, tag: UInt64(slot)) }
-                    else { try box.queue.read(sector: sector, into: b, tag: UInt64(slot)) }
-                }
+                let b = UnsafeBufferPointer(start: segs, count: segsPerIO)
+                if write { try q.write(sector: sector, from: b, tag: UInt64(slot)) }
+                else { try q.read(sector: sector, into: b, tag: UInt64(slot)) }
             } catch .queueFull {
                 return false
             } catch {
@@ -228,49 +233,52 @@ struct Blkbench: ParsableCommand {
         for (qi, box) in boxes.enumerated() {
             for d in 0..<iodepth {
                 let slot = qi * iodepth + d
-                if let p = plan(slot, verifyPass: false), try submit(box, slot, block: p.block, write: p.write) {} else { idleSlots.append(slot) }
+                if let p = plan(slot, verifyPass: false), try submit(&box.queue, slot, block: p.block, write: p.write) {} else { idleSlots.append(slot) }
             }
             box.queue.commit()
         }
 
-        mainLoop: while true {
-            for (qi, box) in boxes.enumerated() {
-                let n = box.queue.poll(into: completions, max: 64)
-                if n == 0 { continue }
-                let now = TSC.now()
-                for i in 0..<n {
-                    let c = completions[i]
-                    let slot = Int(c.tag)
-                    outstanding -= 1
-                    let block = slotBlock[slot]
-                    if c.status == .deviceGone { r.failedInFlight += 1; continue }
-                    if verify { busy[block] = false }
-                    if c.status != .ok { r.errors += 1 } else {
-                        if slotVerifyPass[slot] || (verify && !slotWrite[slot] && generation[block] != 0) {
-                            stamp(scratch, block: block, gen: generation[block])
-                            r.verified += 1
-                            if memcmp(scratch, buffer(slot), bs) != 0 { r.verifyErrors += 1 }
-                        }
-                        if slotCounted[slot] && !slotVerifyPass[slot] {
-                            if slotWrite[slot] { r.writes += 1 } else { r.reads += 1 }
-                            bytesDone &+= UInt64(bs)
-                            _ = latency.record(UInt64(Double(now &- slotStart[slot]) * nsPerCycle))
-                        }
+        /// Completions of one queue, and the next request on every slot that freed up; one
+        /// exclusive access to the queue for the whole batch.
+        func service(_ q: inout VirtioBlkQueue) throws {
+            let n = q.poll(into: completions, max: 64)
+            if n == 0 { return }
+            let now = TSC.now()
+            for i in 0..<n {
+                let c = completions[i]
+                let slot = Int(c.tag)
+                outstanding -= 1
+                let block = slotBlock[slot]
+                if c.status == .deviceGone { r.failedInFlight += 1; continue }
+                if verify { busy[block] = false }
+                if c.status != .ok { r.errors += 1 } else {
+                    if slotVerifyPass[slot] || (verify && !slotWrite[slot] && generation[block] != 0) {
+                        stamp(scratch, block: block, gen: generation[block])
+                        r.verified += 1
+                        if memcmp(scratch, buffer(slot), bs) != 0 { r.verifyErrors += 1 }
                     }
-                    slotVerifyPass[slot] = false
-                    if issuing, let p = plan(slot, verifyPass: false), try submit(box, slot, block: p.block, write: p.write) {
-                    } else if verifyPass, verifyCursor < blocks {
-                        while verifyCursor < blocks && generation[verifyCursor] == 0 { verifyCursor += 1 }
-                        if verifyCursor < blocks, try submit(box, slot, block: verifyCursor, write: false) {
-                            slotVerifyPass[slot] = true; verifyCursor += 1
-                        } else { idleSlots.append(slot) }
-                    } else {
-                        idleSlots.append(slot)
+                    if slotCounted[slot] && !slotVerifyPass[slot] {
+                        if slotWrite[slot] { r.writes += 1 } else { r.reads += 1 }
+                        bytesDone &+= UInt64(bs)
+                        _ = latency.record(UInt64(Double(now &- slotStart[slot]) * nsPerCycle))
                     }
                 }
-                _ = qi
-                box.queue.commit()
+                slotVerifyPass[slot] = false
+                if issuing, let p = plan(slot, verifyPass: false), try submit(&q, slot, block: p.block, write: p.write) {
+                } else if verifyPass, verifyCursor < blocks {
+                    while verifyCursor < blocks && generation[verifyCursor] == 0 { verifyCursor += 1 }
+                    if verifyCursor < blocks, try submit(&q, slot, block: verifyCursor, write: false) {
+                        slotVerifyPass[slot] = true; verifyCursor += 1
+                    } else { idleSlots.append(slot) }
+                } else {
+                    idleSlots.append(slot)
+                }
             }
+            q.commit()
+        }
+
+        mainLoop: while true {
+            for box in boxes { try service(&box.queue) }
             guard let tick = clock.tick() else { continue }
             let now = TSC.now()
             if !measuring && now >= rampEnd {
@@ -296,7 +304,7 @@ struct Blkbench: ParsableCommand {
                         while verifyCursor < blocks && generation[verifyCursor] == 0 { verifyCursor += 1 }
                         guard verifyCursor < blocks else { idleSlots.append(slot); continue }
                         let box = boxes[slot / iodepth]
-                        if try submit(box, slot, block: verifyCursor, write: false) { slotVerifyPass[slot] = true; verifyCursor += 1 } else { idleSlots.append(slot) }
+                        if try submit(&box.queue, slot, block: verifyCursor, write: false) { slotVerifyPass[slot] = true; verifyCursor += 1 } else { idleSlots.append(slot) }
                     }
                     for box in boxes { box.queue.commit() }
                 }
