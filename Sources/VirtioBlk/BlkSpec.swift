@@ -137,6 +137,8 @@ public enum BlkRequestError: Error, Equatable, Sendable, CustomStringConvertible
     case tooManySegments(Int, max: Int)
     case segmentTooLarge(Int, max: Int)
     case misaligned(String)
+    /// More sectors than the device's max_discard_sectors / max_write_zeroes_sectors.
+    case rangeTooLarge(BlkOperation, sectors: UInt32, max: UInt32)
     /// The device went away or broke the ring; the queue takes no more requests.
     case queueStopped(String)
 
@@ -149,6 +151,7 @@ public enum BlkRequestError: Error, Equatable, Sendable, CustomStringConvertible
         case let .tooManySegments(n, m): "\(n) data segments exceed the device's seg_max of \(m)"
         case let .segmentTooLarge(n, m): "a segment of \(n) bytes exceeds the device's size_max of \(m)"
         case .misaligned(let m): m
+        case let .rangeTooLarge(op, n, m): "\(op) of \(n) sectors exceeds the device's limit of \(m)"
         case .queueStopped(let m): "queue stopped: \(m)"
         }
     }

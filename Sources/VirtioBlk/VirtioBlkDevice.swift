@@ -23,6 +23,7 @@ public struct VirtioBlkOptions: Sendable {
     public var queueSize = 256
     public var allowInOrder = true
     public var allowIndirect = true
+    public var allowEventIndex = true
     public init() {}
 }
 
@@ -58,6 +59,9 @@ public final class VirtioBlkDevice {
                                       .blkWriteZeroes, .blkReadOnly, .blkMultiQueue, .blkTopology]
         if options.allowInOrder { wanted.insert(.inOrder) }
         if options.allowIndirect { wanted.insert(.indirectDescriptors) }
+        // EVENT_IDX (§2.7.10): the device says at which avail index it wants the next kick, so a
+        // kick is skipped while it is still working through what we published before.
+        if options.allowEventIndex { wanted.insert(.eventIndex) }
         let chosen = offered.intersection(wanted)
         guard t.protocolFeatures.contains(.config) else { throw VirtioBlkError.noConfigSpace }
         // No more than struct virtio_blk_config: qemu-storage-daemon refuses larger reads.
@@ -103,7 +107,8 @@ public final class VirtioBlkDevice {
         precondition(index < queueCount && !taken[index], "queue \(index) does not exist or was already taken")
         taken[index] = true
         let layout = try! SplitRingLayout(size: queueSize)
-        var vq = SplitVirtqueue(memory: rings[index].pointer, layout: layout, inOrder: features.contains(.inOrder))
+        var vq = SplitVirtqueue(memory: rings[index].pointer, layout: layout, inOrder: features.contains(.inOrder),
+                                eventIndex: features.contains(.eventIndex))
         if let t = tables[index] {
             vq.useIndirect(IndirectTables(base: t.pointer.bindMemory(to: VirtqDesc.self, capacity: queueSize * (maxSegments + 2)),
                                           baseAddress: UInt64(UInt(bitPattern: t.pointer)), entriesPerTable: maxSegments + 2))

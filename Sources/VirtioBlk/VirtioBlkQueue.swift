@@ -39,6 +39,8 @@ public struct VirtioBlkQueue: ~Copyable {
     let features: VirtioFeatures
     let maxSegments: Int
     let maxSegmentBytes: Int
+    let maxDiscardSectors: UInt32
+    let maxWriteZeroesSectors: UInt32
 
     init(index: Int, queue: consuming SplitVirtqueue, slab: UnsafeMutableRawPointer, device: VirtioBlkDevice) {
         self.index = index
@@ -57,6 +59,8 @@ public struct VirtioBlkQueue: ~Copyable {
         features = device.features
         maxSegments = device.maxSegments
         maxSegmentBytes = device.maxSegmentBytes ?? Int.max
+        maxDiscardSectors = device.config.maxDiscardSectors
+        maxWriteZeroesSectors = device.config.maxWriteZeroesSectors
     }
 
     deinit {
@@ -120,6 +124,8 @@ public struct VirtioBlkQueue: ~Copyable {
         }
         if op == .discard || op == .writeZeroes {
             guard rangeSectors > 0 else { throw .misaligned("\(op) of 0 sectors") }
+            let limit = op == .discard ? maxDiscardSectors : maxWriteZeroesSectors
+            if limit > 0 && rangeSectors > limit { throw .rangeTooLarge(op, sectors: rangeSectors, max: limit) }
             guard sector <= capacity, UInt64(rangeSectors) <= capacity - sector else {
                 throw .outOfRange(sector: sector, sectors: UInt64(rangeSectors), capacity: capacity)
             }
