@@ -14,7 +14,7 @@ symbols=$(grep -oE '^[0-9a-f]+ <[^>]+>:$' "$asm" | sed 's/^[0-9a-f]* <//; s/>:$/
 [ -n "$symbols" ] || { echo "check-hot-path: no hot-path symbols found in $bin"; exit 1; }
 bad=0
 for sym in $symbols; do
-  calls=$(awk -v f="<$sym>:" '$2==f {p=1; next} p && /^$/ {exit} p' "$asm" | grep -oE '(call|jmp) +[0-9a-f]+ <[^>]+>' | sed 's/.*<//; s/>//' | sort -u)
+  calls=$(awk -v f="<$sym>:" '$2==f {p=1; next} p && /^$/ {exit} p' "$asm" | grep -oE '(call|jmp) +[0-9a-f]+ <[^>]+>' | sed 's/.*<//; s/>//' | sort -u || true)
   hits=$(printf '%s\n' "$calls" | grep -E 'swift_retain|swift_release|swift_allocObject|swift_beginAccess|swift_bridgeObject|^malloc|swift_slowAlloc' || true)
   if [ -n "$hits" ]; then echo "FAIL $sym calls: $(echo $hits)"; bad=1; else echo "ok   $sym"; fi
 done
