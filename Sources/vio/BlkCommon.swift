@@ -40,12 +40,7 @@ struct BlkSetup {
     let logger: Logger
 
     init(_ o: BlkOptions, queues: Int) throws {
-        LoggingSystem.bootstrap { label in
-            var h = StreamLogHandler.standardError(label: label)
-            h.logLevel = o.verbose ? .debug : .info
-            return h
-        }
-        logger = Logger(label: "vio")
+        logger = bootstrapLogging(verbose: o.verbose)
         guard let dev = o.dev else { throw VioFailure(description: "give --dev vhost-user-blk:PATH") }
         do { eal = try EAL.initialize(mode: o.memory, memoryMB: o.memoryMb) } catch let e as DPDKError {
             throw VioFailure(description: e.description)

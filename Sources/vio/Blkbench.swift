@@ -83,12 +83,7 @@ struct Blkbench: ParsableCommand {
         if blk.dev == nil { throw ValidationError("give --dev vhost-user-blk:PATH") }
     }
 
-    func run() throws {
-        do { try bench() } catch let f as VioFailure {
-            FileHandle.standardError.write(Data("vio: error: \(f.description)\n".utf8))
-            throw ExitCode(f.exitCode)
-        }
-    }
+    func run() throws { try reportingFailures { try bench() } }
 
     func bench() throws {
         installStopHandler()

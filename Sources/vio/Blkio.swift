@@ -40,12 +40,7 @@ struct Blkio: ParsableCommand {
         if commands.isEmpty { throw ValidationError("give at least one --cmd") }
     }
 
-    func run() throws {
-        do { try execute() } catch let f as VioFailure {
-            FileHandle.standardError.write(Data("vio: error: \(f.description)\n".utf8))
-            throw ExitCode(f.exitCode)
-        }
-    }
+    func run() throws { try reportingFailures { try execute() } }
 
     func execute() throws {
         let setup = try BlkSetup(blk, queues: 1)

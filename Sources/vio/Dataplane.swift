@@ -22,6 +22,24 @@ struct VioFailure: Error, CustomStringConvertible {
     var exitCode: Int32 = 1
 }
 
+/// Runs a command body; a `VioFailure` becomes `vio: error: …` on stderr and its exit status.
+func reportingFailures(_ body: () throws -> Void) throws {
+    do { try body() } catch let f as VioFailure {
+        FileHandle.standardError.write(Data("vio: error: \(f.description)\n".utf8))
+        throw ExitCode(f.exitCode)
+    }
+}
+
+/// Logs to stderr, at debug level with --verbose.
+func bootstrapLogging(verbose: Bool) -> Logger {
+    LoggingSystem.bootstrap { label in
+        var h = StreamLogHandler.standardError(label: label)
+        h.logLevel = verbose ? .debug : .info
+        return h
+    }
+    return Logger(label: "vio")
+}
+
 /// `--port vhost:PATH`.
 struct PortURI: ExpressibleByArgument, CustomStringConvertible {
     var path: String
@@ -83,12 +101,7 @@ struct Dataplane {
     let logger: Logger
 
     init(_ o: DataplaneOptions, dataRoom: Int = 2048 + 128) throws {
-        LoggingSystem.bootstrap { label in
-            var h = StreamLogHandler.standardError(label: label)
-            h.logLevel = o.verbose ? .debug : .info
-            return h
-        }
-        logger = Logger(label: "vio")
+        logger = bootstrapLogging(verbose: o.verbose)
         var preset: EALPreset?
         if let path = o.ealConfig {
             guard let text = try? String(contentsOfFile: path, encoding: .utf8) else {

@@ -66,12 +66,7 @@ struct Fwd: ParsableCommand {
         if let d = duration, d <= 0 { throw ValidationError("--duration must be positive") }
     }
 
-    func run() throws {
-        do { try forward() } catch let f as VioFailure {
-            FileHandle.standardError.write(Data("vio: error: \(f.description)\n".utf8))
-            throw ExitCode(f.exitCode)
-        }
-    }
+    func run() throws { try reportingFailures { try forward() } }
 
     func forward() throws {
         installStopHandler()

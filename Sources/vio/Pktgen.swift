@@ -100,12 +100,7 @@ struct Pktgen: ParsableCommand {
         guard (1...60000).contains(flows) else { throw ValidationError("--flows must be 1...60000") }
     }
 
-    func run() throws {
-        do { try generate() } catch let f as VioFailure {
-            FileHandle.standardError.write(Data("vio: error: \(f.description)\n".utf8))
-            throw ExitCode(f.exitCode)
-        }
-    }
+    func run() throws { try reportingFailures { try generate() } }
 
     func generate() throws {
         installStopHandler()

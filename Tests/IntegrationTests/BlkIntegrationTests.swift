@@ -7,48 +7,26 @@ import Glibc
 /// A `qemu-storage-daemon` vhost-user-blk export, started and stopped by the test, on CPU 0.
 final class StorageDaemon {
     enum Backend { case null(megabytes: Int), file(String) }
-    let socket: String
-    let log: String
-    let process = Process()
-    private var stopped = false
+    let server: SocketServerProcess
+    var socket: String { server.socket }
 
     init(_ backend: Backend, dir: TempDir, name: String = "blk", writable: Bool = true, queues: Int = 1) throws {
         let qsd = "/usr/bin/qemu-storage-daemon"
         guard FileManager.default.isExecutableFile(atPath: qsd) else { throw XCTSkip("qemu-storage-daemon is not installed (run Scripts/setup.sh)") }
-        socket = dir.path("\(name).sock")
-        log = dir.path("\(name).log")
-        FileManager.default.createFile(atPath: log, contents: nil)
+        let socket = dir.path("\(name).sock")
         let blockdev: String
         switch backend {
         case .null(let mb): blockdev = "driver=null-co,node-name=disk0,size=\(mb << 20),read-zeroes=on"
         case .file(let path): blockdev = "driver=file,node-name=disk0,filename=\(path),discard=unmap"
         }
-        process.executableURL = URL(fileURLWithPath: "/usr/bin/taskset")
-        process.arguments = ["-c", "0", qsd, "--blockdev", blockdev,
-                             "--export", "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path=\(socket),writable=\(writable ? "on" : "off"),num-queues=\(queues)"]
-        let h = FileHandle(forWritingAtPath: log)!
-        process.standardOutput = h
-        process.standardError = h
-        process.standardInput = FileHandle.nullDevice
-        try process.run()
-        let deadline = Date().addingTimeInterval(15)
-        while !FileManager.default.fileExists(atPath: socket) {
-            guard process.isRunning, Date() < deadline else {
-                kill()
-                throw TestFailure("qemu-storage-daemon did not create \(socket): \((try? String(contentsOfFile: log, encoding: .utf8)) ?? "")")
-            }
-            usleep(20_000)
-        }
+        server = try SocketServerProcess(
+            socket: socket, log: dir.path("\(name).log"),
+            command: [qsd, "--blockdev", blockdev, "--export",
+                      "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path=\(socket),writable=\(writable ? "on" : "off"),num-queues=\(queues)"],
+            name: "qemu-storage-daemon")
     }
 
-    func kill() {
-        guard !stopped else { return }
-        stopped = true
-        Glibc.kill(process.processIdentifier, SIGKILL)
-        process.waitUntilExit()
-    }
-
-    deinit { kill() }
+    func kill() { server.kill() }
 }
 
 /// The virtio-blk driver against qemu-storage-daemon (split ring, out of order: the daemon does
@@ -193,9 +171,7 @@ final class BlkIntegrationTests: XCTestCase {
         let dev = try StorageDaemon(.null(megabytes: 1024), dir: dir)
         let vio = try Vio(["blkbench", "--dev", "vhost-user-blk:\(dev.socket)", "--rw", "randread", "--bs", "4k", "--iodepth", "32",
                            "--runtime", "60s"] + noHuge, dir: dir)
-        let deadline = Date().addingTimeInterval(30)
-        while !vio.stdoutSoFar.contains("IOPS") && Date() < deadline { usleep(100_000) }
-        XCTAssertTrue(vio.stdoutSoFar.contains("IOPS"), "blkbench never reported progress")
+        XCTAssertTrue(vio.waitForOutput("IOPS"), "blkbench never reported progress")
         dev.kill()
         let killed = Date()
         let r = vio.wait(timeout: 15)

@@ -40,27 +40,20 @@ enum Tools {
 
 nonisolated(unsafe) private var peerCounter = 0
 
-/// A `dpdk-testpmd` vhost-user device (net_vhost), started and stopped by the test, pinned to CPU 0.
-final class Peer {
+/// A device process (pinned to CPU 0) that serves a vhost-user socket; waited for until the
+/// socket exists, killed by PID at teardown.
+final class SocketServerProcess {
     let socket: String
     let log: String
     let process = Process()
-    private var stopped = false
+    private(set) var stopped = false
 
-    init(mode: String, dir: TempDir, name: String = "peer", extra: [String] = []) throws {
-        guard FileManager.default.isExecutableFile(atPath: Tools.testpmd) else {
-            throw XCTSkip("dpdk-testpmd is not installed (run Scripts/setup.sh)")
-        }
-        peerCounter += 1
-        socket = dir.path("\(name).sock")
-        log = dir.path("\(name).log")
+    init(socket: String, log: String, command: [String], name: String) throws {
+        self.socket = socket
+        self.log = log
         FileManager.default.createFile(atPath: log, contents: nil)
         process.executableURL = URL(fileURLWithPath: "/usr/bin/taskset")
-        process.arguments = ["-c", "0", Tools.testpmd, "--lcores", "0@0,1@0", "--no-pci", "--no-huge", "-m", "256",
-                             "--file-prefix", "viotest-\(getpid())-\(peerCounter)", "--no-telemetry",
-                             "--vdev", "net_vhost0,iface=\(socket)", "--",
-                             "--forward-mode=\(mode)", "--stats-period", "1", "--auto-start",
-                             "--total-num-mbufs", "16384"] + extra
+        process.arguments = ["-c", "0"] + command
         let h = FileHandle(forWritingAtPath: log)!
         process.standardOutput = h
         process.standardError = h
@@ -70,28 +63,68 @@ final class Peer {
         while !FileManager.default.fileExists(atPath: socket) {
             guard process.isRunning, Date() < deadline else {
                 kill()
-                throw TestFailure("testpmd peer did not create \(socket): \(tail())")
+                throw TestFailure("\(name) did not create \(socket): \(tail())")
             }
-            usleep(50_000)
+            usleep(20_000)
         }
     }
 
     func tail(_ n: Int = 2000) -> String {
-        let s = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
-        return String(s.suffix(n))
+        String(((try? String(contentsOfFile: log, encoding: .utf8)) ?? "").suffix(n))
     }
+
+    /// SIGINT, then SIGKILL if it does not exit within `timeout`.
+    func interrupt(timeout: Double = 15) {
+        guard !stopped else { return }
+        stopped = true
+        Glibc.kill(process.processIdentifier, SIGINT)
+        let deadline = Date().addingTimeInterval(timeout)
+        while process.isRunning && Date() < deadline { usleep(50_000) }
+        if process.isRunning { Glibc.kill(process.processIdentifier, SIGKILL) }
+        process.waitUntilExit()
+    }
+
+    /// Kills it at once (the "device disappears" case).
+    func kill() {
+        guard !stopped else { return }
+        stopped = true
+        Glibc.kill(process.processIdentifier, SIGKILL)
+        process.waitUntilExit()
+    }
+
+    deinit { kill() }
+}
+
+/// A `dpdk-testpmd` vhost-user device (net_vhost), started and stopped by the test.
+final class Peer {
+    let server: SocketServerProcess
+    var socket: String { server.socket }
+
+    init(mode: String, dir: TempDir, name: String = "peer", extra: [String] = []) throws {
+        guard FileManager.default.isExecutableFile(atPath: Tools.testpmd) else {
+            throw XCTSkip("dpdk-testpmd is not installed (run Scripts/setup.sh)")
+        }
+        peerCounter += 1
+        let socket = dir.path("\(name).sock")
+        server = try SocketServerProcess(
+            socket: socket, log: dir.path("\(name).log"),
+            command: [Tools.testpmd, "--lcores", "0@0,1@0", "--no-pci", "--no-huge", "-m", "256",
+                      "--file-prefix", "viotest-\(getpid())-\(peerCounter)", "--no-telemetry",
+                      "--vdev", "net_vhost0,iface=\(socket)", "--",
+                      "--forward-mode=\(mode)", "--stats-period", "1", "--auto-start",
+                      "--total-num-mbufs", "16384"] + extra,
+            name: "testpmd peer")
+    }
+
+    func tail(_ n: Int = 2000) -> String { server.tail(n) }
 
     /// The peer's own final counters (testpmd's "Forward statistics for port 0" at SIGINT).
     struct Stats { var rx: UInt64; var tx: UInt64 }
 
     func stop() throws -> Stats {
-        guard !stopped else { throw TestFailure("peer already stopped") }
-        stopped = true
-        Glibc.kill(process.processIdentifier, SIGINT)
-        let deadline = Date().addingTimeInterval(15)
-        while process.isRunning && Date() < deadline { usleep(50_000) }
-        if process.isRunning { Glibc.kill(process.processIdentifier, SIGKILL); process.waitUntilExit() }
-        let text = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
+        guard !server.stopped else { throw TestFailure("peer already stopped") }
+        server.interrupt()
+        let text = (try? String(contentsOfFile: server.log, encoding: .utf8)) ?? ""
         guard let r = text.range(of: "Forward statistics for port 0", options: .backwards) else {
             throw TestFailure("no final statistics in the peer's log: \(tail())")
         }
@@ -106,15 +139,7 @@ final class Peer {
         return Stats(rx: rx, tx: tx)
     }
 
-    /// Kills the peer at once (the "backend disappears" case).
-    func kill() {
-        guard !stopped else { return }
-        stopped = true
-        Glibc.kill(process.processIdentifier, SIGKILL)
-        process.waitUntilExit()
-    }
-
-    deinit { kill() }
+    func kill() { server.kill() }
 }
 
 struct TestFailure: Error, CustomStringConvertible {
@@ -157,6 +182,16 @@ final class Vio {
     }
 
     var stdoutSoFar: String { (try? String(contentsOfFile: out, encoding: .utf8)) ?? "" }
+
+    /// Waits until stdout contains `text` (e.g. the first stats line); false after `timeout`.
+    func waitForOutput(_ text: String, timeout: Double = 30) -> Bool {
+        let deadline = Date().addingTimeInterval(timeout)
+        while !stdoutSoFar.contains(text) {
+            guard Date() < deadline, process.isRunning else { return stdoutSoFar.contains(text) }
+            usleep(100_000)
+        }
+        return true
+    }
 
     func signal(_ s: Int32) { Glibc.kill(process.processIdentifier, s) }
 

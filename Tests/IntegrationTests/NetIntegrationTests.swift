@@ -115,9 +115,7 @@ final class NetIntegrationTests: XCTestCase {
         let dir = try TempDir()
         let peer = try Peer(mode: "macswap", dir: dir)
         let vio = try Vio(["fwd", "--mode", "txonly", "--port", "vhost:\(peer.socket)"] + noHuge, dir: dir)
-        let deadline = Date().addingTimeInterval(30)
-        while !vio.stdoutSoFar.contains("Mpps") && Date() < deadline { usleep(100_000) }
-        XCTAssertTrue(vio.stdoutSoFar.contains("Mpps"), "vio never reported traffic")
+        XCTAssertTrue(vio.waitForOutput("Mpps"), "vio never reported traffic")
         peer.kill()
         let killed = Date()
         let r = vio.wait(timeout: 10)
@@ -135,8 +133,7 @@ final class NetIntegrationTests: XCTestCase {
         let dir = try TempDir()
         let peer = try Peer(mode: "macswap", dir: dir)
         let vio = try Vio(["fwd", "--mode", "txonly", "--port", "vhost:\(peer.socket)"] + noHuge, dir: dir)
-        let deadline = Date().addingTimeInterval(30)
-        while !vio.stdoutSoFar.contains("Mpps") && Date() < deadline { usleep(100_000) }
+        XCTAssertTrue(vio.waitForOutput("Mpps"), "vio never reported traffic")
         vio.signal(SIGINT)
         let r = vio.wait(timeout: 10)
         XCTAssertEqual(r.status, 0, "\(r)")

@@ -170,40 +170,18 @@ public struct SplitVirtqueue: ~Copyable {
 
     // MARK: Posting
 
-    /// In-order fast path: one single-descriptor buffer into the next slot. The caller has checked
-    /// `freeCount`. Writes address, length and flags of one descriptor and one avail entry.
+    /// One single-descriptor buffer (in order: into the next slot). The caller has checked
+    /// `freeCount`. For more than one, `addBurst` keeps the counters in registers.
     @inlinable @inline(__always)
-    public mutating func addInOrder(addr: UInt64, len: UInt32, deviceWritable: Bool, cookie: UnsafeMutableRawPointer?) {
-        precondition(freeDescs > 0 && failure == nil)
-        let head = descHead & mask
-        descHead &+= 1
-        let d = desc + Int(head)
-        d.pointee.addr = addr
-        d.pointee.len = len
-        d.pointee.flags = deviceWritable ? VirtqDesc.flagWrite : 0
-        slots[Int(head)] = SlotInfo(cookie: cookie, writable: deviceWritable ? len : 0, ndesc: 1, last: head)
-        availRing[Int(nextAvail & mask)] = head
-        nextAvail &+= 1
-        freeDescs &-= 1
-        outstanding &+= 1
+    public mutating func add(addr: UInt64, len: UInt32, deviceWritable: Bool, cookie: UnsafeMutableRawPointer?) {
+        addBurst(count: 1, deviceWritable: deviceWritable) { _ in (addr, len, cookie) }
     }
 
-    /// One single-descriptor buffer, in either mode.
-    @inlinable
-    public mutating func add(addr: UInt64, len: UInt32, deviceWritable: Bool, cookie: UnsafeMutableRawPointer?) {
-        if inOrder { addInOrder(addr: addr, len: len, deviceWritable: deviceWritable, cookie: cookie); return }
-        precondition(freeDescs > 0 && failure == nil)
-        let head = descHead
-        let d = desc + Int(head)
-        descHead = links[Int(head)]
-        d.pointee.addr = addr
-        d.pointee.len = len
-        d.pointee.flags = deviceWritable ? VirtqDesc.flagWrite : 0
-        slots[Int(head)] = SlotInfo(cookie: cookie, writable: deviceWritable ? len : 0, ndesc: 1, last: head)
-        availRing[Int(nextAvail & mask)] = head
-        nextAvail &+= 1
-        freeDescs &-= 1
-        outstanding &+= 1
+    /// `add` for a queue known to be in order (kept for callers that state it).
+    @inlinable @inline(__always)
+    public mutating func addInOrder(addr: UInt64, len: UInt32, deviceWritable: Bool, cookie: UnsafeMutableRawPointer?) {
+        precondition(inOrder)
+        add(addr: addr, len: len, deviceWritable: deviceWritable, cookie: cookie)
     }
 
     /// `count` single-descriptor buffers at once; `buffer(i)` gives the i-th (address, length,
