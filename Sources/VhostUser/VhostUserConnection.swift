@@ -57,6 +57,7 @@ public final class VhostUserConnection: VirtioTransport, @unchecked Sendable {
     private var started = false
     private let alive = Atomic<Bool>(true)
     private let reasonLock = Mutex<String?>(nil)
+    private let stopLock = Mutex<Void>(())
     private let wakeFD: Int32
     private var monitor: pthread_t?
     /// Protocol features we use when the backend offers them.
@@ -201,7 +202,13 @@ public final class VhostUserConnection: VirtioTransport, @unchecked Sendable {
         started = true
     }
 
+    /// Safe to call from several threads (a failing blk queue on any lcore stops the device):
+    /// the first caller does the work, the others return when it is done.
     public func stop() throws {
+        try stopLock.withLock { _ throws in try stopLocked() }
+    }
+
+    private func stopLocked() throws {
         guard started else { return }
         started = false
         guard isConnected else { return }
