@@ -13,6 +13,8 @@ public enum VirtqueueError: Error, Equatable, Sendable, CustomStringConvertible 
     case usedIDOutOfOrder(id: UInt32, expected: UInt16)
     /// The device claims to have written more bytes than the buffer's device-writable part.
     case usedLengthTooLarge(id: UInt32, length: UInt32, posted: UInt32)
+    /// Packed ring: a descriptor marked used with the wrap counter of another lap.
+    case usedWrapMismatch(position: UInt16, expectedWrap: Bool)
 
     public var description: String {
         switch self {
@@ -25,6 +27,8 @@ public enum VirtqueueError: Error, Equatable, Sendable, CustomStringConvertible 
             return "in-order device returned id \(id) where the next buffer starts at \(e)"
         case let .usedLengthTooLarge(id, len, posted):
             return "device wrote \(len) bytes into buffer \(id) of \(posted) writable bytes"
+        case let .usedWrapMismatch(pos, wrap):
+            return "device marked descriptor \(pos) used with wrap counter \(wrap ? 0 : 1) where \(wrap ? 1 : 0) was due"
         }
     }
 }

@@ -1,0 +1,325 @@
+import Synchronization
+
+/// The driver side of a packed virtqueue (VIRTIO 1.2 §2.8), with the same shape as
+/// `SplitVirtqueue`: add buffers (`addBurst`, `addChain`), `publish`, `harvest` completions with
+/// their cookies, `reclaimAll` after a stop.
+///
+/// Descriptors are made available in ring order with AVAIL = the driver's wrap counter and
+/// USED = its inverse; the device marks a buffer used by writing one descriptor with both bits
+/// equal to its own wrap counter, carrying the buffer ID. Out of order, IDs come from a free stack;
+/// in order (§2.8.11) they are handed out in sequence, and a device may write one used descriptor
+/// for a batch (the batch's last ID, at the batch's first position): every earlier buffer then
+/// counts as fully written.
+///
+/// Everything the device writes is checked: ID in range and in flight (and, in order, not
+/// before the next expected one), length within the buffer's writable bytes, and wrap bits that
+/// match a used descriptor of the current lap. The first bad value stops the queue (`failure`).
+public struct PackedVirtqueue: ~Copyable {
+    public let size: Int
+    public let inOrder: Bool
+    public let eventIndex: Bool
+    public let memory: UnsafeMutableRawPointer
+    public let layout: PackedRingLayout
+    @usableFromInline let desc: UnsafeMutablePointer<PackedDesc>
+    @usableFromInline let deviceEvent: UnsafeMutableRawPointer
+    @usableFromInline let slots: UnsafeMutablePointer<SlotInfo>
+    /// Out of order: free buffer IDs (a stack).
+    @usableFromInline let freeIDs: UnsafeMutablePointer<UInt16>
+    @usableFromInline var freeIDCount: Int = 0
+
+    /// Next ring position to fill, and the wrap counter that goes with it.
+    @usableFromInline var nextAvail: UInt16 = 0
+    @usableFromInline var availWrap = true
+    /// Position and wrap at the last `publish`.
+    @usableFromInline var publishedAvail: UInt16 = 0
+    @usableFromInline var publishedWrap = true
+    /// Next ring position to look at for a used descriptor, and its wrap counter.
+    @usableFromInline var nextUsed: UInt16 = 0
+    @usableFromInline var usedWrap = true
+    @usableFromInline var freeDescs: Int
+    @usableFromInline var outstanding = 0
+    /// Descriptors added since the last `publish` (they are visible already; `publish` only
+    /// decides whether to notify).
+    @usableFromInline var addedSincePublish = 0
+    /// In order: next ID to hand out and the ID of the oldest buffer in flight.
+    @usableFromInline var nextID: UInt16 = 0
+    @usableFromInline var oldestID: UInt16 = 0
+    /// In order: a used descriptor covers buffers up to `batchEnd`, which gets `batchLen`.
+    @usableFromInline var inBatch = false
+    @usableFromInline var batchEnd: UInt16 = 0
+    @usableFromInline var batchLen: UInt32 = 0
+    public private(set) var failure: VirtqueueError?
+
+    public init(memory: UnsafeMutableRawPointer, layout: PackedRingLayout, inOrder: Bool, eventIndex: Bool = false) {
+        precondition(Int(bitPattern: memory) & 4095 == 0, "ring memory must be 4 KiB aligned")
+        self.memory = memory
+        self.layout = layout
+        size = layout.size
+        self.inOrder = inOrder
+        self.eventIndex = eventIndex
+        desc = memory.bindMemory(to: PackedDesc.self, capacity: layout.size)
+        deviceEvent = memory + layout.deviceEventOffset
+        slots = .allocate(capacity: layout.size)
+        freeIDs = .allocate(capacity: layout.size)
+        freeDescs = layout.size
+        resetRing()
+    }
+
+    deinit {
+        slots.deallocate()
+        freeIDs.deallocate()
+    }
+
+    /// Zeroes the ring and forgets every buffer; wrap counters start at 1 (§2.8.1).
+    public mutating func resetRing() {
+        memory.initializeMemory(as: UInt8.self, repeating: 0, count: layout.totalBytes)
+        // Poll mode: no used-buffer notifications (driver event suppression: disable).
+        (memory + layout.driverEventOffset + 2).storeBytes(of: PackedEventFlags.disable, as: UInt16.self)
+        slots.initialize(repeating: SlotInfo(cookie: nil, writable: 0, ndesc: 0, last: 0), count: size)
+        for i in 0..<size { freeIDs[i] = UInt16(size - 1 - i) }
+        freeIDCount = size
+        nextAvail = 0; availWrap = true; publishedAvail = 0; publishedWrap = true
+        nextUsed = 0; usedWrap = true; freeDescs = size; outstanding = 0; addedSincePublish = 0
+        nextID = 0; oldestID = 0; inBatch = false; failure = nil
+    }
+
+    // MARK: Addresses and state for the transport
+    public var descAddress: UInt64 { UInt64(UInt(bitPattern: memory)) }
+    public var driverEventAddress: UInt64 { UInt64(UInt(bitPattern: memory + layout.driverEventOffset)) }
+    public var deviceEventAddress: UInt64 { UInt64(UInt(bitPattern: deviceEvent)) }
+    /// SET_VRING_BASE value for a packed ring: the position and wrap counter the device starts
+    /// from (bit 15). Meaningful when nothing is in flight, as at setup before buffers are added.
+    public var vhostBase: UInt32 { UInt32(nextAvail) | (availWrap ? 1 << 15 : 0) }
+
+    @inlinable public var freeCount: Int { freeDescs }
+    @inlinable public var inFlight: Int { outstanding }
+
+    // MARK: Posting
+
+    @inlinable @inline(__always)
+    func flags(writable: Bool, next: Bool, wrap: Bool) -> UInt16 {
+        var f: UInt16 = writable ? VirtqDesc.flagWrite : 0
+        if next { f |= VirtqDesc.flagNext }
+        return f | (wrap ? PackedDesc.flagAvail : PackedDesc.flagUsed)
+    }
+
+    @inlinable @inline(__always)
+    mutating func takeID() -> UInt16 {
+        if inOrder {
+            let id = nextID
+            nextID = nextID &+ 1 == UInt16(size) ? 0 : nextID &+ 1
+            return id
+        }
+        freeIDCount &-= 1
+        return freeIDs[freeIDCount]
+    }
+
+    @inlinable @inline(__always)
+    mutating func advanceAvail() {
+        nextAvail &+= 1
+        if nextAvail == UInt16(size) { nextAvail = 0; availWrap.toggle() }
+    }
+
+    /// `count` single-descriptor buffers; the caller has checked `freeCount >= count`. The
+    /// descriptors become visible as their flags are stored (release); nothing waits for `publish`
+    /// except the notification decision.
+    @inlinable
+    public mutating func addBurst(count: Int, deviceWritable: Bool,
+                                  _ buffer: (Int) -> (addr: UInt64, len: UInt32, cookie: UnsafeMutableRawPointer?)) {
+        precondition(count <= freeDescs && failure == nil)
+        for i in 0..<count {
+            let b = buffer(i)
+            let id = takeID()
+            let pos = Int(nextAvail)
+            desc[pos].addr = b.addr
+            desc[pos].len = b.len
+            desc[pos].id = id
+            slots[Int(id)] = SlotInfo(cookie: b.cookie, writable: deviceWritable ? b.len : 0, ndesc: 1, last: UInt16(pos))
+            // Release: address, length and ID are visible before the device sees the flags.
+            UnsafeMutableRawPointer(desc + pos).advanced(by: 14).assumingMemoryBound(to: Atomic<UInt16>.self)
+                .pointee.store(flags(writable: deviceWritable, next: false, wrap: availWrap), ordering: .releasing)
+            advanceAvail()
+        }
+        freeDescs &-= count
+        outstanding &+= count
+        addedSincePublish &+= count
+    }
+
+    /// One buffer of `count` descriptors in consecutive ring positions; false (adding nothing)
+    /// when there is no room. The head's flags are stored last, so the device sees the chain whole.
+    @inlinable
+    public mutating func addChain(count: Int, cookie: UnsafeMutableRawPointer?, _ segment: (Int) -> VirtqSegment) -> Bool {
+        precondition(count >= 1 && failure == nil)
+        guard count <= freeDescs, inOrder || freeIDCount > 0 else { return false }
+        let id = takeID()
+        let head = Int(nextAvail)
+        var headFlags: UInt16 = 0
+        var writable: UInt32 = 0
+        for i in 0..<count {
+            let s = segment(i)
+            let pos = Int(nextAvail)
+            desc[pos].addr = s.addr
+            desc[pos].len = s.len
+            desc[pos].id = id
+            if s.deviceWritable { writable &+= s.len }
+            let f = flags(writable: s.deviceWritable, next: i < count - 1, wrap: availWrap)
+            if i == 0 { headFlags = f } else {
+                UnsafeMutableRawPointer(desc + pos).advanced(by: 14).assumingMemoryBound(to: Atomic<UInt16>.self)
+                    .pointee.store(f, ordering: .releasing)
+            }
+            advanceAvail()
+        }
+        slots[Int(id)] = SlotInfo(cookie: cookie, writable: writable, ndesc: UInt16(count), last: UInt16(head))
+        UnsafeMutableRawPointer(desc + head).advanced(by: 14).assumingMemoryBound(to: Atomic<UInt16>.self)
+            .pointee.store(headFlags, ordering: .releasing)
+        freeDescs &-= count
+        outstanding &+= 1
+        addedSincePublish &+= count
+        return true
+    }
+
+    /// Says whether the device wants a notification for what was added since the last call
+    /// (§2.8.21.3). The descriptors themselves were already visible.
+    @inlinable
+    public mutating func publish() -> Bool {
+        let old = publishedAvail, new = nextAvail, oldWrap = publishedWrap
+        guard addedSincePublish > 0 else { return false }
+        addedSincePublish = 0
+        publishedAvail = new
+        publishedWrap = availWrap
+        // The flag stores must be visible before we read the device's suppression area.
+        atomicMemoryFence(ordering: .sequentiallyConsistent)
+        let flags = (deviceEvent + 2).assumingMemoryBound(to: Atomic<UInt16>.self).pointee.load(ordering: .relaxed)
+        switch flags {
+        case PackedEventFlags.disable: return false
+        case PackedEventFlags.desc where eventIndex:
+            // Measure from the current lap (as Linux does): an event or an old position from
+            // the previous lap sits `size` positions back.
+            let offWrap = deviceEvent.assumingMemoryBound(to: Atomic<UInt16>.self).pointee.load(ordering: .relaxed)
+            var event = offWrap & 0x7fff
+            if (offWrap >> 15 != 0) != availWrap { event &-= UInt16(size) }
+            let oldIndex = oldWrap != availWrap ? old &- UInt16(size) : old
+            return virtqNeedEvent(event: event, new: new, old: oldIndex)
+        default: return true
+        }
+    }
+
+    // MARK: Completions
+
+    /// Hands up to `max` used buffers to `body` (cookie, bytes written). Stops at the first
+    /// descriptor the device has not marked used, or at a device error (see `failure`).
+    @inlinable
+    public mutating func harvest(max: Int, _ body: (UnsafeMutableRawPointer?, UInt32) -> Void) -> Int {
+        guard failure == nil else { return 0 }
+        var n = 0
+        while n < max && outstanding > 0 {
+            let id: UInt16
+            let len: UInt32
+            if inBatch {
+                id = oldestID
+                let slot = slots[Int(id)]
+                len = id == batchEnd ? batchLen : slot.writable
+                if id == batchEnd { inBatch = false }
+            } else {
+                let pos = Int(nextUsed)
+                // Acquire: the used descriptor's ID and length are read after its flags.
+                let f = UnsafeMutableRawPointer(desc + pos).advanced(by: 14).assumingMemoryBound(to: Atomic<UInt16>.self)
+                    .pointee.load(ordering: .acquiring)
+                let avail = f & PackedDesc.flagAvail != 0, used = f & PackedDesc.flagUsed != 0
+                guard avail == used else { break }              // still available: not used yet
+                guard used == usedWrap else {                     // "used" for the wrong lap
+                    fail(.usedWrapMismatch(position: UInt16(pos), expectedWrap: usedWrap)); break
+                }
+                let d = desc[pos]
+                guard Int(d.id) < size else { fail(.usedIDOutOfRange(id: UInt32(d.id), size: size)); break }
+                // §2.8.4: the length is meaningful only with VIRTQ_DESC_F_WRITE set; otherwise 0.
+                let written = f & VirtqDesc.flagWrite != 0 ? d.len : 0
+                // In order, a buffer is in flight exactly when its ID is between the oldest and
+                // the newest, so the order check decides (and names the expected ID).
+                if inOrder && d.id != oldestID {
+                    guard startBatch(id: d.id, len: written) else { break }
+                    id = oldestID
+                    len = slots[Int(id)].writable
+                } else {
+                    let slot = slots[Int(d.id)]
+                    guard slot.ndesc != 0 else { fail(.usedIDNotInFlight(id: UInt32(d.id))); break }
+                    guard written <= slot.writable else {
+                        fail(.usedLengthTooLarge(id: UInt32(d.id), length: written, posted: slot.writable)); break
+                    }
+                    id = d.id
+                    len = written
+                }
+            }
+            let slot = slots[Int(id)]
+            // The buffer's descriptors are free again; the next used descriptor follows them.
+            for _ in 0..<slot.ndesc {
+                nextUsed &+= 1
+                if nextUsed == UInt16(size) { nextUsed = 0; usedWrap.toggle() }
+            }
+            freeDescs &+= Int(slot.ndesc)
+            slots[Int(id)].ndesc = 0
+            if inOrder { oldestID = oldestID &+ 1 == UInt16(size) ? 0 : oldestID &+ 1 } else {
+                freeIDs[freeIDCount] = id; freeIDCount &+= 1
+            }
+            outstanding &-= 1
+            n &+= 1
+            body(slot.cookie, len)
+        }
+        return n
+    }
+
+    /// In order, a used descriptor naming a later buffer: it must be one of the buffers in
+    /// flight; all buffers up to it are used.
+    @usableFromInline
+    mutating func startBatch(id: UInt16, len: UInt32) -> Bool {
+        var k = 0, candidate = oldestID
+        while k < outstanding {
+            if candidate == id {
+                let posted = slots[Int(id)].writable
+                guard len <= posted else { fail(.usedLengthTooLarge(id: UInt32(id), length: len, posted: posted)); return false }
+                inBatch = true; batchEnd = id; batchLen = len
+                return true
+            }
+            candidate = candidate &+ 1 == UInt16(size) ? 0 : candidate &+ 1
+            k += 1
+        }
+        fail(.usedIDOutOfOrder(id: UInt32(id), expected: oldestID))
+        return false
+    }
+
+    @usableFromInline
+    mutating func fail(_ e: VirtqueueError) { if failure == nil { failure = e } }
+
+    /// `harvest` into arrays.
+    @inlinable
+    public mutating func harvest(into cookies: UnsafeMutablePointer<UnsafeMutableRawPointer?>,
+                                 lengths: UnsafeMutablePointer<UInt32>, max: Int) -> Int {
+        var k = 0
+        return harvest(max: max) { c, l in cookies[k] = c; lengths[k] = l; k &+= 1 }
+    }
+
+    /// Visits the cookie of every buffer in flight without changing anything. Returns how many.
+    @discardableResult
+    public func forEachInFlight(_ body: (UnsafeMutableRawPointer?) -> Void) -> Int {
+        var count = 0
+        if inOrder {
+            var id = oldestID
+            while count < outstanding {
+                body(slots[Int(id)].cookie)
+                id = id &+ 1 == UInt16(size) ? 0 : id &+ 1
+                count += 1
+            }
+        } else {
+            for i in 0..<size where slots[i].ndesc != 0 { body(slots[i].cookie); count += 1 }
+        }
+        return count
+    }
+
+    /// After the device has stopped: every buffer in flight to `body`, then a fresh ring.
+    @discardableResult
+    public mutating func reclaimAll(_ body: (UnsafeMutableRawPointer?) -> Void) -> Int {
+        let n = forEachInFlight(body)
+        resetRing()
+        return n
+    }
+}
