@@ -204,6 +204,8 @@ def main():
     ap.add_argument("--no-callgrind", action="store_true")
     ap.add_argument("--callgrind-seconds", type=int, default=20)
     ap.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
+    ap.add_argument("--only", action="append", default=[], metavar="SCENARIO:SIZE:IN_ORDER:MEMORY",
+                    help="run just these rows, e.g. txonly:1518:1:hugepages (repeatable)")
     args = ap.parse_args()
 
     if not os.path.exists(VIO):
@@ -220,6 +222,13 @@ def main():
         matrix += [(sc, 64, 0, huge) for sc in ("txonly", "rxonly", "echo")]
         if huge == "hugepages":
             matrix += [(sc, 64, 1, "nohuge") for sc in ("txonly", "rxonly")]
+    if args.only:
+        matrix = []
+        for spec in args.only:
+            sc, sz, io, mem = spec.split(":")
+            if sc not in SCENARIOS or mem not in ("hugepages", "nohuge"):
+                sys.exit(f"bench: bad --only {spec}")
+            matrix.append((sc, int(sz), int(io), mem))
     workdir = tempfile.mkdtemp(prefix="vio-bench.")
     results = []
     for (sc, size, in_order, memory) in matrix:
