@@ -144,9 +144,6 @@ public struct VirtioNetPort: ~Copyable {
         return nil
     }
 
-    /// Buffers (mbufs) held by the rings now.
-    public var mbufsInRings: Int { rx.inFlight + tx.inFlight + (partialHead == nil ? 0 : 1) }
-
     // MARK: Receive
 
     /// Receives up to `max` packets into `out`; a frame spread over several buffers (MRG_RXBUF)

@@ -26,16 +26,8 @@ import Darwin
 /// that is not available with the head's wrap counter, a readable descriptor after a writable one,
 /// a buffer ID reused while in flight — each is recorded in `violations` rather than trapping.
 public final class PackedDeviceModel {
-    /// One descriptor of a buffer as the device read it (§2.8.4).
-    public struct Segment: Equatable, Sendable {
-        public var addr: UInt64
-        public var len: UInt32
-        /// VIRTQ_DESC_F_WRITE: the device may write this element.
-        public var writable: Bool
-        public init(addr: UInt64, len: UInt32, writable: Bool) {
-            self.addr = addr; self.len = len; self.writable = writable
-        }
-    }
+    /// One descriptor of a buffer as the device read it (§2.8.4): the same as the split model's.
+    public typealias Segment = SplitDeviceModel.Segment
 
     /// One available buffer: its buffer ID (from the chain's last descriptor, §2.8.6), where it
     /// starts in the ring and its descriptors in order.
