@@ -39,7 +39,7 @@ let package = Package(
         ]),
         .target(name: "VirtioTestSupport", dependencies: ["VirtioCore"]),
         .executableTarget(name: "vio", dependencies: [
-            "VirtioNet", "VirtioBlk", "DPDK", "VhostUser", "CVioLinux",
+            "VirtioNet", "VirtioBlk", "VirtioCore", "DPDK", "VhostUser", "CVioLinux",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
             .product(name: "Histogram", package: "hdrhistogram-swift"),

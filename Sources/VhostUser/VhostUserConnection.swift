@@ -53,6 +53,8 @@ public final class VhostUserConnection: VirtioTransport, @unchecked Sendable {
     let fd: Int32
     private var kickFDs: [Int32] = []
     private var callFDs: [Int32] = []
+    /// What GET_VRING_BASE returned for each ring at the last stop.
+    public private(set) var stoppedBases: [UInt32]?
     private var queueCount = 0
     private var started = false
     private let alive = Atomic<Bool>(true)
@@ -186,8 +188,10 @@ public final class VhostUserConnection: VirtioTransport, @unchecked Sendable {
     }
 
     public func setupQueue(_ index: Int, addresses: QueueAddresses) throws {
+        // GET_VRING_BASE made the backend drop the ring's call descriptor; a restart sends it again.
+        if stoppedBases != nil { try send(.u64(.setVringCall, UInt64(index), fds: [callFDs[index]])) }
         try send(.vringState(.setVringNum, index: index, num: UInt32(addresses.size)))
-        try send(.vringState(.setVringBase, index: index, num: 0))
+        try send(.vringState(.setVringBase, index: index, num: addresses.base))
         try send(.vringAddress(index: index, addresses))
         // KICK last: backends take it as "this ring is ready".
         try send(.u64(.setVringKick, UInt64(index), fds: [kickFDs[index]]))
@@ -216,12 +220,15 @@ public final class VhostUserConnection: VirtioTransport, @unchecked Sendable {
             for i in 0..<queueCount { try send(.vringState(.setVringEnable, index: i, num: 0)) }
         }
         // GET_VRING_BASE stops each ring; after the last reply the backend touches none of our memory.
+        var bases: [UInt32] = []
         for i in 0..<queueCount {
             let r = try request(.vringState(.getVringBase, index: i, num: 0))
-            guard r.u32(at: 0) == UInt32(i) else {
+            guard r.u32(at: 0) == UInt32(i), let base = r.u32(at: 4) else {
                 throw VhostUserError.badReply(request: "GET_VRING_BASE", detail: "reply names ring \(r.u32(at: 0).map(String.init) ?? "?")")
             }
+            bases.append(base)
         }
+        stoppedBases = bases
     }
 
     @inline(never)

@@ -25,6 +25,9 @@ public enum VirtioNetError: Error, CustomStringConvertible {
     case invalidRingSize(Int)
     case queueFailed(queue: String, VirtqueueError)
     case poolTooSmall(need: Int, have: Int)
+    case layoutNotOffered(String)
+    case restartUnsupported
+    case restartInconsistent(queue: String, device: UInt32, driver: UInt32)
 
     public var description: String {
         switch self {
@@ -32,6 +35,10 @@ public enum VirtioNetError: Error, CustomStringConvertible {
         case .invalidRingSize(let s): return "ring size \(s) must be a power of two from 64 to 4096"
         case let .queueFailed(q, e): return "\(q) queue stopped: \(e)"
         case let .poolTooSmall(need, have): return "mbuf pool of \(have) cannot fill the rings (\(need) needed plus bursts in flight)"
+        case .restartUnsupported: return "the transport did not report where the device stopped its rings"
+        case .layoutNotOffered(let l): return "the virtio-net device does not offer \(l) virtqueues"
+        case let .restartInconsistent(q, device, driver):
+            return "\(q) ring: the device stopped at 0x\(String(device, radix: 16)) but every buffer up to 0x\(String(driver, radix: 16)) was completed"
         }
     }
 }
@@ -50,7 +57,9 @@ public struct VirtioNetOptions: Sendable {
 
 /// A virtio-net port with one RX and one TX queue, polled by one lcore. Owns its rings by value
 /// (non-copyable: no reference counting on the data path); pass it `inout` to the loop.
-public struct VirtioNetPort: ~Copyable {
+/// Generic over the ring layout (`SplitVirtqueue` or `PackedVirtqueue`): callers pick it once, at
+/// open, and every burst is specialised for it.
+public struct VirtioNetPort<Ring: Virtqueue & ~Copyable>: ~Copyable {
     public let portID: UInt16
     public let mac: EthernetAddress
     public let features: VirtioFeatures
@@ -59,8 +68,8 @@ public struct VirtioNetPort: ~Copyable {
     public let pool: PacketPool
     public var counters = NetCounters()
 
-    @usableFromInline var rx: SplitVirtqueue
-    @usableFromInline var tx: SplitVirtqueue
+    @usableFromInline var rx: Ring
+    @usableFromInline var tx: Ring
     let rxMemory: DMAMemory
     let txMemory: DMAMemory
     @usableFromInline let mergeable: Bool
@@ -79,16 +88,25 @@ public struct VirtioNetPort: ~Copyable {
     /// the backend gets is DPDK's memory at this moment.
     public init(vhostUserPath path: String, pool: PacketPool, options: VirtioNetOptions = VirtioNetOptions(),
                 logger: Logger = Logger(label: "virtio-net")) throws {
+        try self.init(transport: try VhostUserConnection(path: path, logger: logger), pool: pool, options: options, logger: logger)
+    }
+
+    /// Negotiates with a connected backend (see `VirtioNetDevice.connect` to pick the layout from
+    /// what it offers) and starts the port.
+    public init(transport t: VhostUserConnection, pool: PacketPool, options: VirtioNetOptions = VirtioNetOptions(),
+                logger: Logger = Logger(label: "virtio-net")) throws {
         VirtioFeatures.registerNetNames()
+        let path = t.path
         guard options.ringSize >= 64, options.ringSize <= 4096, options.ringSize & (options.ringSize - 1) == 0 else {
             throw VirtioNetError.invalidRingSize(options.ringSize)
         }
         guard pool.capacity >= options.ringSize * 2 else { throw VirtioNetError.poolTooSmall(need: options.ringSize * 2, have: pool.capacity) }
-        let t = try VhostUserConnection(path: path, logger: logger)
         let offered = t.deviceFeatures
         let required: VirtioFeatures = [.version1]
         guard offered.isSuperset(of: required) else { throw VirtioNetError.missingFeatures(required.subtracting(offered)) }
+        guard offered.isSuperset(of: Ring.layoutFeatures) else { throw VirtioNetError.layoutNotOffered(Ring.layoutName) }
         var wanted: VirtioFeatures = [.version1, .netStatus]
+        wanted.formUnion(Ring.layoutFeatures)
         if options.allowInOrder { wanted.insert(.inOrder) }
         if options.allowMergeableRxBuffers { wanted.insert(.netMergeableRxBuffers) }
         if t.protocolFeatures.contains(.config) { wanted.formUnion([.netMAC, .netMTU]) }
@@ -99,16 +117,16 @@ public struct VirtioNetPort: ~Copyable {
             mac = EthernetAddress(try t.readConfig(offset: 0, count: 6))
         }
         try t.negotiate(chosen, queueCount: 2)
-        let layout = try SplitRingLayout(size: options.ringSize)
-        let rxMem = try DMAMemory(size: layout.totalBytes)
-        let txMem = try DMAMemory(size: layout.totalBytes)
+        let ringBytes = try Ring.ringBytes(size: options.ringSize)
+        let rxMem = try DMAMemory(size: ringBytes)
+        let txMem = try DMAMemory(size: ringBytes)
         let inOrder = chosen.contains(.inOrder)
-        let rxq = SplitVirtqueue(memory: rxMem.pointer, layout: layout, inOrder: inOrder)
-        let txq = SplitVirtqueue(memory: txMem.pointer, layout: layout, inOrder: inOrder)
+        let rxq = try Ring(memory: rxMem.pointer, size: options.ringSize, inOrder: inOrder, eventIndex: false)
+        let txq = try Ring(memory: txMem.pointer, size: options.ringSize, inOrder: inOrder, eventIndex: false)
         // Every pool and ring exists now, so the memory table covers all the device will see.
         try t.setMemory(try DPDKMemory.regions())
-        try t.setupQueue(0, addresses: QueueAddresses(size: layout.size, desc: rxq.descAddress, avail: rxq.availAddress, used: rxq.usedAddress))
-        try t.setupQueue(1, addresses: QueueAddresses(size: layout.size, desc: txq.descAddress, avail: txq.availAddress, used: txq.usedAddress))
+        try t.setupQueue(0, addresses: rxq.addresses)
+        try t.setupQueue(1, addresses: txq.addresses)
         try t.start()
         rx = rxq
         tx = txq
@@ -125,7 +143,7 @@ public struct VirtioNetPort: ~Copyable {
         lengths = .allocate(capacity: options.ringSize)
         staging = .allocate(capacity: options.ringSize)
         refill()
-        logger.info("port \(portID): \(path) mac \(mac), ring \(layout.size), features \(chosen)\(inOrder ? "" : " (out-of-order path)")")
+        logger.info("port \(portID): \(path) mac \(mac), \(Ring.layoutName) ring \(options.ringSize), features \(chosen)\(inOrder ? "" : " (out-of-order path)")")
     }
 
     deinit {
@@ -301,6 +319,38 @@ public struct VirtioNetPort: ~Copyable {
         reclaimed += rx.forEachInFlight(free)
         reclaimed += tx.forEachInFlight(free)
         if let p = partialHead { p.free(); reclaimed += 1 }
+        return reclaimed
+    }
+
+    /// Stops both queues and starts them again on the same connection, each continuing from the
+    /// ring position (and, packed, the wrap counter) the device reported at the stop: what the
+    /// device had not consumed is reclaimed, the RX ring is refilled. Checks that the device's
+    /// TX position is where our completions say it must be. Returns the mbufs reclaimed.
+    @discardableResult
+    public mutating func restart() throws -> Int {
+        reclaimTX()
+        let txIdle = tx.inFlight == 0 && tx.failure == nil
+        let txExpected = tx.addresses.base
+        try transport.stop()
+        guard let bases = transport.stoppedBases, bases.count == 2 else {
+            throw VirtioNetError.restartUnsupported
+        }
+        if txIdle && bases[1] != txExpected {
+            throw VirtioNetError.restartInconsistent(queue: "TX", device: bases[1], driver: txExpected)
+        }
+        var reclaimed = 0
+        let free: (UnsafeMutableRawPointer?) -> Void = { c in
+            if let m = Mbuf(cookie: c) { m.free() }
+        }
+        reclaimed += rx.reclaimAll(free)
+        reclaimed += tx.reclaimAll(free)
+        if let p = partialHead { p.free(); reclaimed += 1; partialHead = nil; partialTail = nil; partialRemaining = 0 }
+        rx.restart(at: bases[0])
+        tx.restart(at: bases[1])
+        try transport.setupQueue(0, addresses: rx.addresses)
+        try transport.setupQueue(1, addresses: tx.addresses)
+        try transport.start()
+        refill()
         return reclaimed
     }
 }

@@ -1,3 +1,4 @@
+import VirtioCore
 import ArgumentParser
 import CVioLinux
 import DPDK
@@ -52,6 +53,7 @@ struct PortURI: ExpressibleByArgument, CustomStringConvertible {
 }
 
 extension MemoryMode: ExpressibleByArgument {}
+extension RingLayoutChoice: ExpressibleByArgument {}
 
 /// Options every dataplane command shares.
 struct DataplaneOptions: ParsableArguments {
@@ -59,6 +61,8 @@ struct DataplaneOptions: ParsableArguments {
     var ports: [PortURI] = []
     @Option(help: "Descriptors per ring (power of two, 64...4096).")
     var ringSize = 256
+    @Option(help: "Virtqueue layout: auto (packed when every port's device offers it), split or packed.")
+    var ring: RingLayoutChoice = .auto
     @Option(help: "Packets per burst.")
     var burst = 32
     @Option(help: "Memory: auto (hugepages if free, else --no-huge), hugepages or nohuge.")
@@ -118,16 +122,50 @@ struct Dataplane {
         logger.info("\(eal.summary)")
     }
 
-    func openPort(_ uri: PortURI, id: UInt16, _ o: DataplaneOptions) throws -> VirtioNetPort {
+    /// Connects to every port's backend (nothing negotiated yet) and picks the ring layout all of
+    /// them will use: a forced layout must be offered by every device.
+    func connect(_ o: DataplaneOptions) throws -> (transports: [VhostUserConnection], layout: RingLayoutChoice) {
+        var transports: [VhostUserConnection] = []
+        var layout = o.ring == .auto ? RingLayoutChoice.packed : o.ring
+        for (id, uri) in o.ports.enumerated() {
+            let t: VhostUserConnection
+            do { t = try VhostUserConnection(path: uri.path, logger: logger) } catch {
+                throw VioFailure(description: "port \(id) (\(uri)): \(error)")
+            }
+            guard let l = o.ring.resolve(offered: t.deviceFeatures) else {
+                throw VioFailure(description: "port \(id) (\(uri)): \(VirtioNetError.layoutNotOffered(o.ring.rawValue))")
+            }
+            if l == .split { layout = .split }
+            transports.append(t)
+        }
+        return (transports, layout)
+    }
+
+    func openPort<Ring: Virtqueue & ~Copyable>(_ transport: VhostUserConnection, _ uri: PortURI, id: UInt16,
+                                               _ o: DataplaneOptions, as _: Ring.Type) throws -> VirtioNetPort<Ring> {
         var opts = VirtioNetOptions()
         opts.ringSize = o.ringSize
         opts.allowInOrder = !o.noInOrder
         opts.allowMergeableRxBuffers = !o.noMrgRxbuf
         opts.portID = id
         do {
-            return try VirtioNetPort(vhostUserPath: uri.path, pool: pool, options: opts, logger: logger)
+            return try VirtioNetPort<Ring>(transport: transport, pool: pool, options: opts, logger: logger)
         } catch {
             throw VioFailure(description: "port \(id) (\(uri)): \(error)")
+        }
+    }
+}
+
+/// Something to run with ports of the layout `Dataplane.connect` picked, specialised for it.
+protocol LayoutGeneric {
+    func run<Ring: Virtqueue & ~Copyable>(_ ring: Ring.Type) throws
+}
+
+extension LayoutGeneric {
+    func run(layout: RingLayoutChoice) throws {
+        switch layout {
+        case .packed: try run(PackedVirtqueue.self)
+        case .split, .auto: try run(SplitVirtqueue.self)
         }
     }
 }
@@ -137,12 +175,13 @@ struct PortReport: Codable {
     var port: Int
     var path: String
     var features: String
+    var ring: String
     var rxPackets: UInt64, rxBytes: UInt64, txPackets: UInt64, txBytes: UInt64
     var txDrops: UInt64, rxErrors: UInt64, txErrors: UInt64, rxNoMbuf: UInt64
     var linkError: String?
 
-    init(_ p: borrowing VirtioNetPort, path: String, extraDrops: UInt64 = 0) {
-        port = Int(p.portID); self.path = path; features = p.features.description
+    init<Ring: Virtqueue & ~Copyable>(_ p: borrowing VirtioNetPort<Ring>, path: String, extraDrops: UInt64 = 0) {
+        port = Int(p.portID); self.path = path; features = p.features.description; ring = Ring.layoutName
         let c = p.counters
         rxPackets = c.rxPackets; rxBytes = c.rxBytes; txPackets = c.txPackets; txBytes = c.txBytes
         txDrops = c.txDrops + extraDrops; rxErrors = c.rxErrors; txErrors = c.txErrors; rxNoMbuf = c.rxNoMbuf

@@ -1,3 +1,5 @@
+import VhostUser
+import VirtioCore
 import ArgumentParser
 import DPDK
 import Foundation
@@ -71,11 +73,16 @@ struct Fwd: ParsableCommand {
     func forward() throws {
         installStopHandler()
         let dp = try Dataplane(dataplane)
+        let (transports, layout) = try dp.connect(dataplane)
+        try FwdRun(fwd: self, dp: dp, transports: transports).run(layout: layout)
+    }
+
+    func forward<R: Virtqueue & ~Copyable>(_ dp: Dataplane, _ transports: [VhostUserConnection], as _: R.Type) throws {
         let o = dataplane
         let burst = o.burst
         let bufs = UnsafeMutablePointer<Mbuf>.allocate(capacity: burst)
         defer { bufs.deallocate() }
-        var p0 = try dp.openPort(o.ports[0], id: 0, o)
+        var p0 = try dp.openPort(transports[0], o.ports[0], id: 0, o, as: R.self)
         let t0 = Frames.template(src: p0.mac, size: size)
         let template0 = UnsafeMutableRawBufferPointer.allocate(byteCount: size, alignment: 64)
         defer { template0.deallocate() }
@@ -111,7 +118,7 @@ struct Fwd: ParsableCommand {
             _ = p0.close()
             try finish(dp, reports, seconds: Double(meter.total) / hz, meter: meter, failure: failure)
         } else {
-            var p1 = try dp.openPort(o.ports[1], id: 1, o)
+            var p1 = try dp.openPort(transports[1], o.ports[1], id: 1, o, as: R.self)
             let t1 = Frames.template(src: p1.mac, size: size)
             let template1 = UnsafeMutableRawBufferPointer.allocate(byteCount: size, alignment: 64)
             defer { template1.deallocate() }
@@ -148,6 +155,11 @@ struct Fwd: ParsableCommand {
             _ = p1.close()
             try finish(dp, reports, seconds: Double(meter.total) / hz, meter: meter, failure: failure)
         }
+    }
+
+    struct FwdRun: LayoutGeneric {
+        let fwd: Fwd, dp: Dataplane, transports: [VhostUserConnection]
+        func run<Ring: Virtqueue & ~Copyable>(_: Ring.Type) throws { try fwd.forward(dp, transports, as: Ring.self) }
     }
 
     func forwarded(_ c: NetCounters) -> UInt64 { mode == .txonly ? c.txPackets : c.rxPackets }
@@ -209,7 +221,7 @@ struct Clock {
 /// One iteration of the one-port loop; returns the packets it forwarded (received, or sent for
 /// txonly). Not inlined, so its code can be checked for ARC and allocation calls.
 @inline(never)
-func step(_ p: inout VirtioNetPort, _ mode: FwdMode, _ bufs: UnsafeMutablePointer<Mbuf>, _ burst: Int,
+func step<R: Virtqueue & ~Copyable>(_ p: inout VirtioNetPort<R>, _ mode: FwdMode, _ bufs: UnsafeMutablePointer<Mbuf>, _ burst: Int,
           _ template: UnsafeRawBufferPointer) -> Int {
     switch mode {
     case .io: return echoBurst(&p, bufs, burst, macswap: false)
@@ -221,7 +233,7 @@ func step(_ p: inout VirtioNetPort, _ mode: FwdMode, _ bufs: UnsafeMutablePointe
 
 /// One iteration of the two-port loop.
 @inline(never)
-func step(_ p0: inout VirtioNetPort, _ p1: inout VirtioNetPort, _ mode: FwdMode, _ bufs: UnsafeMutablePointer<Mbuf>,
+func step<R: Virtqueue & ~Copyable>(_ p0: inout VirtioNetPort<R>, _ p1: inout VirtioNetPort<R>, _ mode: FwdMode, _ bufs: UnsafeMutablePointer<Mbuf>,
           _ burst: Int, _ template0: UnsafeRawBufferPointer, _ template1: UnsafeRawBufferPointer) -> Int {
     switch mode {
     case .io, .macswap:
@@ -247,7 +259,7 @@ func swapMACs(_ bufs: UnsafeMutablePointer<Mbuf>, _ n: Int) {
 
 /// Sends `bufs[0..<n]` on `port`; frees and counts as drops what the ring cannot take.
 @inline(__always)
-func sendOrDrop(_ port: inout VirtioNetPort, _ bufs: UnsafeMutablePointer<Mbuf>, _ n: Int) {
+func sendOrDrop<R: Virtqueue & ~Copyable>(_ port: inout VirtioNetPort<R>, _ bufs: UnsafeMutablePointer<Mbuf>, _ n: Int) {
     let sent = port.txBurst(bufs, count: n)
     if sent < n {
         freeBulk(bufs + sent, count: n - sent)
@@ -257,7 +269,7 @@ func sendOrDrop(_ port: inout VirtioNetPort, _ bufs: UnsafeMutablePointer<Mbuf>,
 
 /// One port: receive a burst and send it back out of the same port.
 @inline(__always)
-func echoBurst(_ port: inout VirtioNetPort, _ bufs: UnsafeMutablePointer<Mbuf>, _ burst: Int, macswap: Bool) -> Int {
+func echoBurst<R: Virtqueue & ~Copyable>(_ port: inout VirtioNetPort<R>, _ bufs: UnsafeMutablePointer<Mbuf>, _ burst: Int, macswap: Bool) -> Int {
     let n = port.rxBurst(bufs, max: burst)
     guard n > 0 else { return 0 }
     if macswap { swapMACs(bufs, n) }
@@ -267,7 +279,7 @@ func echoBurst(_ port: inout VirtioNetPort, _ bufs: UnsafeMutablePointer<Mbuf>, 
 
 /// Two ports: receive a burst on `rx` and send it out of `tx`.
 @inline(__always)
-func forwardBurst(from rx: inout VirtioNetPort, to tx: inout VirtioNetPort, _ bufs: UnsafeMutablePointer<Mbuf>, _ burst: Int, macswap: Bool) -> Int {
+func forwardBurst<R: Virtqueue & ~Copyable>(from rx: inout VirtioNetPort<R>, to tx: inout VirtioNetPort<R>, _ bufs: UnsafeMutablePointer<Mbuf>, _ burst: Int, macswap: Bool) -> Int {
     let n = rx.rxBurst(bufs, max: burst)
     guard n > 0 else { return 0 }
     if macswap { swapMACs(bufs, n) }
@@ -277,7 +289,7 @@ func forwardBurst(from rx: inout VirtioNetPort, to tx: inout VirtioNetPort, _ bu
 
 /// Receives and frees (rxonly; and txonly, so echoed traffic is counted and never backs up).
 @inline(__always)
-func drain(_ port: inout VirtioNetPort, _ bufs: UnsafeMutablePointer<Mbuf>, _ burst: Int) -> Int {
+func drain<R: Virtqueue & ~Copyable>(_ port: inout VirtioNetPort<R>, _ bufs: UnsafeMutablePointer<Mbuf>, _ burst: Int) -> Int {
     let n = port.rxBurst(bufs, max: burst)
     if n > 0 { freeBulk(bufs, count: n) }
     return n
@@ -285,7 +297,7 @@ func drain(_ port: inout VirtioNetPort, _ bufs: UnsafeMutablePointer<Mbuf>, _ bu
 
 /// Allocates a burst, writes the template's headers into each mbuf and sends it.
 @inline(__always)
-func sendGenerated(_ port: inout VirtioNetPort, _ bufs: UnsafeMutablePointer<Mbuf>, _ burst: Int, _ template: UnsafeRawBufferPointer) -> Int {
+func sendGenerated<R: Virtqueue & ~Copyable>(_ port: inout VirtioNetPort<R>, _ bufs: UnsafeMutablePointer<Mbuf>, _ burst: Int, _ template: UnsafeRawBufferPointer) -> Int {
     guard port.pool.allocate(bufs, count: burst) else { return 0 }
     let size = template.count
     // Like testpmd's txonly, write the headers (first cache line) and leave the payload as the

@@ -1,3 +1,5 @@
+import VhostUser
+import VirtioCore
 import ArgumentParser
 import DPDK
 import Foundation
@@ -51,6 +53,9 @@ struct PktgenReport: Codable {
     var bytesSent: UInt64 = 0
     var bytesReceived: UInt64 = 0
     var maxSegments: Int = 0
+    var restarts: Int = 0
+    /// Time spent stopping and restarting the port (all restarts).
+    var restartSeconds: Double = 0
     var seconds: Double = 0
     var txMpps: Double = 0
     var rxMpps: Double = 0
@@ -91,11 +96,14 @@ struct Pktgen: ParsableCommand {
     var rxOnly = false
     @Option(help: "After sending, wait this long for frames still out.")
     var drainTimeout = 1.0
+    @Option(help: "Stop and restart the port (testpmd's port stop/start) each time this many more frames are sent and back.")
+    var restartEvery: UInt64?
 
     func validate() throws {
         try dataplane.validate(portCount: 1...1)
         if count == nil && duration == nil { throw ValidationError("give --count or --duration") }
         if rxOnly && count != nil && duration == nil { throw ValidationError("--rx-only takes --duration") }
+        if let n = restartEvery, n < 1 || rxOnly { throw ValidationError("--restart-every takes a frame count ≥ 1, and not with --rx-only") }
         if let w = window, w != "auto", Int(w) == nil || Int(w)! < 1 { throw ValidationError("--window takes a number ≥ 1 or 'auto'") }
         guard (1...60000).contains(flows) else { throw ValidationError("--flows must be 1...60000") }
     }
@@ -105,8 +113,18 @@ struct Pktgen: ParsableCommand {
     func generate() throws {
         installStopHandler()
         let dp = try Dataplane(dataplane)
+        let (transports, layout) = try dp.connect(dataplane)
+        try Run(pktgen: self, dp: dp, transport: transports[0]).run(layout: layout)
+    }
+
+    struct Run: LayoutGeneric {
+        let pktgen: Pktgen, dp: Dataplane, transport: VhostUserConnection
+        func run<Ring: Virtqueue & ~Copyable>(_: Ring.Type) throws { try pktgen.generate(dp, transport, as: Ring.self) }
+    }
+
+    func generate<R: Virtqueue & ~Copyable>(_ dp: Dataplane, _ transport: VhostUserConnection, as _: R.Type) throws {
         let o = dataplane
-        var port = try dp.openPort(o.ports[0], id: 0, o)
+        var port = try dp.openPort(transport, o.ports[0], id: 0, o, as: R.self)
         let g = Generator(pool: dp.pool, mac: port.mac, size: size, flows: flows, verify: verify,
                           segmentRoom: dp.pool.dataRoom - Int(Mbuf.headroom))
         let burst = o.burst
@@ -136,15 +154,23 @@ struct Pktgen: ParsableCommand {
         var lastRx = start
         var before = port.counters
         var failure: String?
+        var nextRestart = restartEvery ?? .max
 
         while true {
             var now = TSC.now()
+            if r.sent >= nextRestart && (r.received >= r.sent || Double(now &- lastRx) / hz > drainTimeout) {
+                // Everything sent is back: stop both queues and start them from where the device stopped.
+                do { try port.restart() } catch { failure = "port 0 (\(o.ports[0])): restart: \(error)"; break }
+                r.restarts += 1
+                r.restartSeconds += Double(TSC.now() &- now) / hz
+                nextRestart = r.sent + restartEvery!
+            }
             if sending && (r.sent >= total || now >= sendEnd || stopRequested.load(ordering: .relaxed)) {
                 sending = false; sendStopped = now
             }
             if rxOnly && (now >= sendEnd || stopRequested.load(ordering: .relaxed)) { break }
             if sending {
-                var room = min(UInt64(burst), total - r.sent)
+                var room = min(UInt64(burst), total - r.sent, nextRestart - min(nextRestart, r.sent))
                 if let w = limit { room = min(room, w > r.sent - r.received ? w - (r.sent - r.received) : 0) }
                 if let cpp = cyclesPerPacket {
                     let due = Double(now) - nextSend
@@ -224,6 +250,7 @@ struct Pktgen: ParsableCommand {
         r.error = failure
         print("sent \(r.sent) received \(r.received) lost \(r.lost) reordered \(r.reordered) duplicates \(r.duplicates) "
               + "corrupt \(r.corrupt) mac-mismatch \(r.macMismatch) foreign \(r.foreign) max-segments \(r.maxSegments) "
+              + (restartEvery != nil ? String(format: "restarts %d (%.3f s) ", r.restarts, r.restartSeconds) : "")
               + String(format: "in %.2f s (tx %.3f Mpps, rx %.3f Mpps); mbufs in use after stop: %d", r.seconds, r.txMpps, r.rxMpps, r.mbufsInUseAfterStop))
         if let l = r.latency {
             print(String(format: "latency: p50 %.2f µs, p99 %.2f µs, p99.9 %.2f µs, max %.2f µs (%llu samples)",

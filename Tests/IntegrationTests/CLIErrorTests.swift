@@ -59,8 +59,28 @@ final class CLIErrorTests: XCTestCase {
     func testBackendWithIncompatibleFeatures() throws {
         let dir = try TempDir()
         let path = dir.path("legacy.sock")
-        let fd = try boundSocket(path)
+        let fd = try fakeBackend(path, features: 1 << 15)  // MRG_RXBUF only, no VERSION_1
         defer { close(fd) }
+        let r = try Vio.run(["fwd", "--port", "vhost:\(path)", "--duration", "1"] + noHuge, dir: dir, json: false)
+        XCTAssertEqual(r.status, 1, "\(r)")
+        XCTAssertTrue(r.stderr.contains("lacks required features: VERSION_1"), r.stderr)
+    }
+
+    /// `--ring packed` against a backend that offers only split rings is refused, naming the layout.
+    func testForcedPackedLayoutNotOffered() throws {
+        let dir = try TempDir()
+        let path = dir.path("split-only.sock")
+        let fd = try fakeBackend(path, features: 1 << 32 | 1 << 35)  // VERSION_1, IN_ORDER
+        defer { close(fd) }
+        let r = try Vio.run(["pktgen", "--port", "vhost:\(path)", "--ring", "packed", "--count", "10"] + noHuge, dir: dir, json: false)
+        XCTAssertEqual(r.status, 1, "\(r)")
+        XCTAssertTrue(r.stderr.contains("does not offer packed virtqueues"), r.stderr)
+    }
+
+    /// A listening socket whose one connection answers GET_FEATURES with `features` and ignores
+    /// everything else. Close the returned fd when done.
+    func fakeBackend(_ path: String, features: UInt64) throws -> Int32 {
+        let fd = try boundSocket(path)
         XCTAssertEqual(listen(fd, 1), 0)
         let backend = Thread {
             let c = accept(fd, nil, nil)
@@ -72,17 +92,15 @@ final class CLIErrorTests: XCTestCase {
                 let size = Int(header[8]) | Int(header[9]) << 8
                 var payload = [UInt8](repeating: 0, count: size)
                 if size > 0 { _ = recv(c, &payload, size, Int32(MSG_WAITALL)) }
-                if request == 1 {  // GET_FEATURES: MRG_RXBUF only, no VERSION_1
+                if request == 1 {  // GET_FEATURES
                     var reply: [UInt8] = [1, 0, 0, 0, 5, 0, 0, 0, 8, 0, 0, 0]
-                    reply += [0, 0x80, 0, 0, 0, 0, 0, 0]
+                    reply += (0..<8).map { UInt8(truncatingIfNeeded: features >> (8 * UInt64($0))) }
                     _ = send(c, reply, reply.count, 0)
                 }
             }
         }
         backend.start()
-        let r = try Vio.run(["fwd", "--port", "vhost:\(path)", "--duration", "1"] + noHuge, dir: dir, json: false)
-        XCTAssertEqual(r.status, 1, "\(r)")
-        XCTAssertTrue(r.stderr.contains("lacks required features: VERSION_1"), r.stderr)
+        return fd
     }
 
     func boundSocket(_ path: String) throws -> Int32 {

@@ -7,8 +7,9 @@ import Glibc
 /// The virtio-net driver against a real device: DPDK's vhost-user backend in `dpdk-testpmd`,
 /// started and stopped by each test. The driver runs as the `vio` binary (one EAL per process),
 /// so each test can pick its memory mode.
+/// These run the split ring (`--ring split`); PackedNetIntegrationTests runs the packed one.
 final class NetIntegrationTests: XCTestCase {
-    let noHuge = ["--memory", "nohuge", "--memory-mb", "128"]
+    let noHuge = ["--memory", "nohuge", "--memory-mb", "128", "--ring", "split"]
 
     func assertCleanEcho(_ r: VioRun, count: Int, file: StaticString = #filePath, line: UInt = #line) {
         XCTAssertEqual(r.status, 0, "\(r)", file: file, line: line)
@@ -40,12 +41,14 @@ final class NetIntegrationTests: XCTestCase {
         let peer = try Peer(mode: "macswap", dir: dir)
         var args = ["pktgen", "--port", "vhost:\(peer.socket)", "--count", "70000", "--size", "64", "--ring-size", "256",
                     "--window", "auto", "--expect-macswap"]
-        args += hugepages ? ["--memory", "hugepages", "--memory-mb", "256"] : noHuge
+        args += hugepages ? ["--memory", "hugepages", "--memory-mb", "256", "--ring", "split"] : noHuge
         if !inOrder { args.append("--no-in-order") }
         let r = try Vio.run(args, dir: dir, timeout: 120)
         assertCleanEcho(r, count: 70_000)
         let features = r.port(0)?["features"] as? String ?? ""
         XCTAssertEqual(features.contains("IN_ORDER"), inOrder, features)
+        XCTAssertFalse(features.contains("RING_PACKED"), features)
+        XCTAssertEqual(r.port(0)?["ring"] as? String, "split")
         XCTAssertEqual(r.json?["memory"] as? String, hugepages ? "hugepages" : "nohuge")
         _ = try peer.stop()
     }

@@ -122,24 +122,62 @@ public struct PackedVirtqueue: ~Copyable {
 
     /// `count` single-descriptor buffers; the caller has checked `freeCount >= count`. The
     /// descriptors become visible as their flags are stored (release); nothing waits for `publish`
-    /// except the notification decision.
-    @inlinable
+    /// except the notification decision. Counters stay in registers for the burst (stores through
+    /// the ring could alias `self`) and are written back once.
+    @inlinable @inline(__always)
     public mutating func addBurst(count: Int, deviceWritable: Bool,
                                   _ buffer: (Int) -> (addr: UInt64, len: UInt32, cookie: UnsafeMutableRawPointer?)) {
         precondition(count <= freeDescs && failure == nil)
-        for i in 0..<count {
-            let b = buffer(i)
-            let id = takeID()
-            let pos = Int(nextAvail)
-            desc[pos].addr = b.addr
-            desc[pos].len = b.len
-            desc[pos].id = id
-            slots[Int(id)] = SlotInfo(cookie: b.cookie, writable: deviceWritable ? b.len : 0, ndesc: 1, last: UInt16(pos))
-            // Release: address, length and ID are visible before the device sees the flags.
-            UnsafeMutableRawPointer(desc + pos).advanced(by: 14).assumingMemoryBound(to: Atomic<UInt16>.self)
-                .pointee.store(flags(writable: deviceWritable, next: false, wrap: availWrap), ordering: .releasing)
-            advanceAvail()
+        let desc = self.desc, slots = self.slots, size16 = UInt16(truncatingIfNeeded: size)
+        let writeFlag: UInt16 = deviceWritable ? VirtqDesc.flagWrite : 0
+        var pos = nextAvail, wrap = availWrap
+        // AVAIL = wrap, USED = !wrap (§2.8.1); recomputed only when the ring wraps.
+        var flags = writeFlag | (wrap ? PackedDesc.flagAvail : PackedDesc.flagUsed)
+        if inOrder {
+            var id = nextID
+            for i in 0..<count {
+                let b = buffer(i)
+                let p = desc + Int(pos)
+                p.pointee.addr = b.addr
+                p.pointee.len = b.len
+                p.pointee.id = id
+                slots[Int(id)] = SlotInfo(cookie: b.cookie, writable: deviceWritable ? b.len : 0, ndesc: 1, last: pos)
+                // Release: address, length and ID are visible before the device sees the flags.
+                UnsafeMutableRawPointer(p).advanced(by: 14).assumingMemoryBound(to: Atomic<UInt16>.self)
+                    .pointee.store(flags, ordering: .releasing)
+                id &+= 1
+                if id == size16 { id = 0 }
+                pos &+= 1
+                if pos == size16 {
+                    pos = 0; wrap.toggle()
+                    flags = writeFlag | (wrap ? PackedDesc.flagAvail : PackedDesc.flagUsed)
+                }
+            }
+            nextID = id
+        } else {
+            let freeIDs = self.freeIDs
+            var top = freeIDCount
+            for i in 0..<count {
+                let b = buffer(i)
+                top &-= 1
+                let id = freeIDs[top]
+                let p = desc + Int(pos)
+                p.pointee.addr = b.addr
+                p.pointee.len = b.len
+                p.pointee.id = id
+                slots[Int(id)] = SlotInfo(cookie: b.cookie, writable: deviceWritable ? b.len : 0, ndesc: 1, last: pos)
+                UnsafeMutableRawPointer(p).advanced(by: 14).assumingMemoryBound(to: Atomic<UInt16>.self)
+                    .pointee.store(flags, ordering: .releasing)
+                pos &+= 1
+                if pos == size16 {
+                    pos = 0; wrap.toggle()
+                    flags = writeFlag | (wrap ? PackedDesc.flagAvail : PackedDesc.flagUsed)
+                }
+            }
+            freeIDCount = top
         }
+        nextAvail = pos
+        availWrap = wrap
         freeDescs &-= count
         outstanding &+= count
         addedSincePublish &+= count
@@ -211,69 +249,110 @@ public struct PackedVirtqueue: ~Copyable {
     @inlinable
     public mutating func harvest(max: Int, _ body: (UnsafeMutableRawPointer?, UInt32) -> Void) -> Int {
         guard failure == nil else { return 0 }
-        var n = 0
-        while n < max && outstanding > 0 {
-            let id: UInt16
+        return inOrder ? harvestInOrder(max, body) : harvestOutOfOrder(max, body)
+    }
+
+    /// The flags of the descriptor at `pos`, read with acquire: its ID and length are read after.
+    @inlinable @inline(__always)
+    func usedFlags(at pos: UInt16) -> UInt16 {
+        UnsafeMutableRawPointer(desc + Int(pos)).advanced(by: 14).assumingMemoryBound(to: Atomic<UInt16>.self)
+            .pointee.load(ordering: .acquiring)
+    }
+
+    @inlinable
+    mutating func harvestInOrder(_ max: Int, _ body: (UnsafeMutableRawPointer?, UInt32) -> Void) -> Int {
+        // Counters in locals for the loop (see `addBurst`); written back once at the end.
+        let desc = self.desc, slots = self.slots, size16 = UInt16(truncatingIfNeeded: size)
+        var pos = nextUsed, wrap = usedWrap, oldest = oldestID
+        let limit = Swift.min(max, outstanding)
+        var freed = 0
+        var i = 0
+        while i < limit {
+            let slot = slots[Int(oldest)]
             let len: UInt32
-            if inBatch {
-                id = oldestID
-                let slot = slots[Int(id)]
-                len = id == batchEnd ? batchLen : slot.writable
-                if id == batchEnd { inBatch = false }
+            if _slowPath(inBatch) {
+                if oldest == batchEnd { len = batchLen; inBatch = false } else { len = slot.writable }
             } else {
-                let pos = Int(nextUsed)
-                // Acquire: the used descriptor's ID and length are read after its flags.
-                let f = UnsafeMutableRawPointer(desc + pos).advanced(by: 14).assumingMemoryBound(to: Atomic<UInt16>.self)
-                    .pointee.load(ordering: .acquiring)
-                let avail = f & PackedDesc.flagAvail != 0, used = f & PackedDesc.flagUsed != 0
-                guard avail == used else { break }              // still available: not used yet
-                guard used == usedWrap else {                     // "used" for the wrong lap
-                    fail(.usedWrapMismatch(position: UInt16(pos), expectedWrap: usedWrap)); break
-                }
-                let d = desc[pos]
-                guard Int(d.id) < size else { fail(.usedIDOutOfRange(id: UInt32(d.id), size: size)); break }
-                // §2.8.4: the length is meaningful only with VIRTQ_DESC_F_WRITE set; otherwise 0.
+                let f = usedFlags(at: pos)
+                let isAvail = f & PackedDesc.flagAvail != 0, isUsed = f & PackedDesc.flagUsed != 0
+                if isAvail != isUsed { break }                 // still available: not used yet
+                guard isUsed == wrap else { fail(.usedWrapMismatch(position: pos, expectedWrap: wrap)); break }
+                let d = desc[Int(pos)]
+                // §2.8.4: the length means something only with VIRTQ_DESC_F_WRITE; otherwise 0.
                 let written = f & VirtqDesc.flagWrite != 0 ? d.len : 0
-                // In order, a buffer is in flight exactly when its ID is between the oldest and
-                // the newest, so the order check decides (and names the expected ID).
-                if inOrder && d.id != oldestID {
-                    guard startBatch(id: d.id, len: written) else { break }
-                    id = oldestID
-                    len = slots[Int(id)].writable
-                } else {
-                    let slot = slots[Int(d.id)]
-                    guard slot.ndesc != 0 else { fail(.usedIDNotInFlight(id: UInt32(d.id))); break }
+                if _fastPath(d.id == oldest) {
                     guard written <= slot.writable else {
                         fail(.usedLengthTooLarge(id: UInt32(d.id), length: written, posted: slot.writable)); break
                     }
-                    id = d.id
                     len = written
+                } else {
+                    // One used descriptor for a batch: it names a later buffer in flight, and
+                    // every buffer up to it is fully written.
+                    guard startBatch(id: d.id, len: written, oldest: oldest, inFlight: outstanding &- i) else { break }
+                    len = slot.writable
                 }
             }
-            let slot = slots[Int(id)]
             // The buffer's descriptors are free again; the next used descriptor follows them.
-            for _ in 0..<slot.ndesc {
-                nextUsed &+= 1
-                if nextUsed == UInt16(size) { nextUsed = 0; usedWrap.toggle() }
-            }
-            freeDescs &+= Int(slot.ndesc)
-            slots[Int(id)].ndesc = 0
-            if inOrder { oldestID = oldestID &+ 1 == UInt16(size) ? 0 : oldestID &+ 1 } else {
-                freeIDs[freeIDCount] = id; freeIDCount &+= 1
-            }
-            outstanding &-= 1
-            n &+= 1
+            pos &+= slot.ndesc
+            if pos >= size16 { pos &-= size16; wrap.toggle() }
+            freed &+= Int(slot.ndesc)
+            oldest &+= 1
+            if oldest == size16 { oldest = 0 }
+            i &+= 1
             body(slot.cookie, len)
         }
-        return n
+        nextUsed = pos
+        usedWrap = wrap
+        oldestID = oldest
+        freeDescs &+= freed
+        outstanding &-= i
+        return i
+    }
+
+    @inlinable
+    mutating func harvestOutOfOrder(_ max: Int, _ body: (UnsafeMutableRawPointer?, UInt32) -> Void) -> Int {
+        let desc = self.desc, slots = self.slots, freeIDs = self.freeIDs, size16 = UInt16(truncatingIfNeeded: size)
+        var pos = nextUsed, wrap = usedWrap, top = freeIDCount
+        let limit = Swift.min(max, outstanding)
+        var freed = 0
+        var i = 0
+        while i < limit {
+            let f = usedFlags(at: pos)
+            let isAvail = f & PackedDesc.flagAvail != 0, isUsed = f & PackedDesc.flagUsed != 0
+            if isAvail != isUsed { break }
+            guard isUsed == wrap else { fail(.usedWrapMismatch(position: pos, expectedWrap: wrap)); break }
+            let d = desc[Int(pos)]
+            guard d.id < size16 else { fail(.usedIDOutOfRange(id: UInt32(d.id), size: size)); break }
+            let written = f & VirtqDesc.flagWrite != 0 ? d.len : 0
+            let slot = slots[Int(d.id)]
+            guard slot.ndesc != 0 else { fail(.usedIDNotInFlight(id: UInt32(d.id))); break }
+            guard written <= slot.writable else {
+                fail(.usedLengthTooLarge(id: UInt32(d.id), length: written, posted: slot.writable)); break
+            }
+            slots[Int(d.id)].ndesc = 0
+            freeIDs[top] = d.id
+            top &+= 1
+            pos &+= slot.ndesc
+            if pos >= size16 { pos &-= size16; wrap.toggle() }
+            freed &+= Int(slot.ndesc)
+            i &+= 1
+            body(slot.cookie, written)
+        }
+        nextUsed = pos
+        usedWrap = wrap
+        freeIDCount = top
+        freeDescs &+= freed
+        outstanding &-= i
+        return i
     }
 
     /// In order, a used descriptor naming a later buffer: it must be one of the buffers in
     /// flight; all buffers up to it are used.
     @usableFromInline
-    mutating func startBatch(id: UInt16, len: UInt32) -> Bool {
-        var k = 0, candidate = oldestID
-        while k < outstanding {
+    mutating func startBatch(id: UInt16, len: UInt32, oldest: UInt16, inFlight: Int) -> Bool {
+        guard Int(id) < size else { fail(.usedIDOutOfRange(id: UInt32(id), size: size)); return false }
+        var k = 0, candidate = oldest
+        while k < inFlight {
             if candidate == id {
                 let posted = slots[Int(id)].writable
                 guard len <= posted else { fail(.usedLengthTooLarge(id: UInt32(id), length: len, posted: posted)); return false }
@@ -283,7 +362,7 @@ public struct PackedVirtqueue: ~Copyable {
             candidate = candidate &+ 1 == UInt16(size) ? 0 : candidate &+ 1
             k += 1
         }
-        fail(.usedIDOutOfOrder(id: UInt32(id), expected: oldestID))
+        fail(.usedIDOutOfOrder(id: UInt32(id), expected: oldest))
         return false
     }
 
@@ -321,5 +400,30 @@ public struct PackedVirtqueue: ~Copyable {
         let n = forEachInFlight(body)
         resetRing()
         return n
+    }
+}
+
+extension PackedVirtqueue: Virtqueue {
+    public static var layoutName: String { "packed" }
+    public static var layoutFeatures: VirtioFeatures { .ringPacked }
+    public static func ringBytes(size: Int) throws(VirtqueueError) -> Int { try PackedRingLayout(size: size).totalBytes }
+
+    public init(memory: UnsafeMutableRawPointer, size: Int, inOrder: Bool, eventIndex: Bool) throws(VirtqueueError) {
+        self.init(memory: memory, layout: try PackedRingLayout(size: size), inOrder: inOrder, eventIndex: eventIndex)
+    }
+
+    public var addresses: QueueAddresses {
+        QueueAddresses(size: size, desc: descAddress, avail: driverEventAddress, used: deviceEventAddress, base: vhostBase)
+    }
+
+    /// Continues at the device's position and wrap counter. The ring was zeroed by `reclaimAll`:
+    /// flags 0 (AVAIL = USED) read as "not available" on either lap, so nothing stale is offered.
+    public mutating func restart(at base: UInt32) {
+        precondition(outstanding == 0, "restart(at:) follows reclaimAll")
+        let pos = UInt16(truncatingIfNeeded: base & 0x7fff) % UInt16(size)
+        let wrap = base & 0x8000 != 0
+        nextAvail = pos; publishedAvail = pos; nextUsed = pos
+        availWrap = wrap; publishedWrap = wrap; usedWrap = wrap
+        nextID = pos; oldestID = pos
     }
 }

@@ -475,6 +475,31 @@ public struct SplitVirtqueue: ~Copyable {
     }
 }
 
+extension SplitVirtqueue: Virtqueue {
+    public static var layoutName: String { "split" }
+    public static var layoutFeatures: VirtioFeatures { [] }
+    public static func ringBytes(size: Int) throws(VirtqueueError) -> Int { try SplitRingLayout(size: size).totalBytes }
+
+    public init(memory: UnsafeMutableRawPointer, size: Int, inOrder: Bool, eventIndex: Bool) throws(VirtqueueError) {
+        self.init(memory: memory, layout: try SplitRingLayout(size: size), inOrder: inOrder, eventIndex: eventIndex)
+    }
+
+    public var addresses: QueueAddresses {
+        QueueAddresses(size: size, desc: descAddress, avail: availAddress, used: usedAddress, base: UInt32(nextAvail))
+    }
+
+    /// Both indexes (ours and the ring's, which the device reads) continue from `base`; so does
+    /// the in-order descriptor sequence, keeping descriptor = avail position as after a reset.
+    public mutating func restart(at base: UInt32) {
+        precondition(outstanding == 0, "restart(at:) follows reclaimAll")
+        let b = UInt16(truncatingIfNeeded: base)
+        nextAvail = b; publishedAvail = b; lastUsed = b
+        if inOrder { descHead = b; oldestDesc = b }
+        availIdx.pointee.store(b, ordering: .relaxed)
+        usedIdx.pointee.store(b, ordering: .relaxed)
+    }
+}
+
 extension SplitVirtqueue {
     /// `harvest` into two arrays (cookies, lengths) for callers that keep their own state.
     @inlinable

@@ -10,14 +10,19 @@ public struct MemoryRegion: Sendable, Equatable {
     }
 }
 
-/// Where a queue's rings are, as the transport must tell the device.
+/// Where a queue's rings are, as the transport must tell the device. For a packed ring `avail`
+/// is the driver event suppression area and `used` the device's (vhost-user and virtio-pci put
+/// them in the same fields).
 public struct QueueAddresses: Sendable, Equatable {
     public var size: Int
     public var desc: UInt64
     public var avail: UInt64
     public var used: UInt64
-    public init(size: Int, desc: UInt64, avail: UInt64, used: UInt64) {
-        self.size = size; self.desc = desc; self.avail = avail; self.used = used
+    /// Where the device starts (vhost-user SET_VRING_BASE): split, the avail index; packed, the
+    /// ring position with the wrap counter in bit 15.
+    public var base: UInt32
+    public init(size: Int, desc: UInt64, avail: UInt64, used: UInt64, base: UInt32 = 0) {
+        self.size = size; self.desc = desc; self.avail = avail; self.used = used; self.base = base
     }
 }
 
@@ -39,12 +44,20 @@ public protocol VirtioTransport: AnyObject {
     func setupQueue(_ index: Int, addresses: QueueAddresses) throws
     /// Sets DRIVER_OK / enables the queues: the device may now use them.
     func start() throws
-    /// Stops every queue; afterwards the device touches none of our memory.
+    /// Stops every queue; afterwards the device touches none of our memory. `setupQueue` and
+    /// `start` may follow to run the device again.
     func stop() throws
+    /// Where each queue stood when the last `stop` stopped it (the value to `restart(at:)` the
+    /// rings from), or nil when a restart begins from a fresh ring.
+    var stoppedBases: [UInt32]? { get }
     /// Available-buffer notification for queue `index` (§2.7.13.4).
     func notify(queue index: Int)
     /// False once the device has gone away (checked off the data path).
     var isConnected: Bool { get }
     /// Why the connection was lost, if it was.
     var disconnectReason: String? { get }
+}
+
+extension VirtioTransport {
+    public var stoppedBases: [UInt32]? { nil }
 }
