@@ -2,7 +2,7 @@
 """Side-by-side benchmark: DPDK's C virtio_user PMD (the yardstick) against swift-virtio's `vio`.
 
 A `dpdk-testpmd --vdev net_vhost0` peer runs on CPU 0. On CPU 1, in turn, run
-  (a) dpdk-testpmd --vdev net_virtio_user0,path=SOCK,in_order=0|1   (C)
+  (a) dpdk-testpmd --vdev net_virtio_user0,path=SOCK,in_order=0|1,packed_vq=0|1   (C)
   (b) vio fwd                                                        (Swift)
 in short alternating runs (this VM's speed is bimodal over seconds). Per run we keep the per-second
 rates (skipping the first two seconds) and the busy TSC cycles per packet that each reports
@@ -79,7 +79,7 @@ def c_command(s, sock, extra_pmd=""):
     cmode = SCENARIOS[s["scenario"]][1]
     args = [TESTPMD, "--lcores", "0@1,1@1", "--no-pci", *c_memory(s["memory"]),
             "--file-prefix", f"vio-bench-c-{os.getpid()}", "--no-telemetry",
-            "--vdev", f"net_virtio_user0,path={sock},in_order={s['in_order']},queue_size=256{extra_pmd}", "--",
+            "--vdev", f"net_virtio_user0,path={sock},in_order={s['in_order']},packed_vq={int(s['ring'] == 'packed')},queue_size=256{extra_pmd}", "--",
             f"--forward-mode={cmode}", "--stats-period", "1", "--auto-start", "--txd", "256", "--rxd", "256",
             "--total-num-mbufs", "16384", "--txpkts", str(s["size"])]
     if cmode == "io":
@@ -90,7 +90,7 @@ def c_command(s, sock, extra_pmd=""):
 def vio_command(s, sock, seconds=None, count=None, memory=None):
     vmode = SCENARIOS[s["scenario"]][2]
     memory = memory or s["memory"]
-    args = [VIO, "fwd", "--port", f"vhost:{sock}", "--mode", vmode, "--ring-size", "256",
+    args = [VIO, "fwd", "--port", f"vhost:{sock}", "--mode", vmode, "--ring-size", "256", "--ring", s["ring"],
             "--memory", memory, "--size", str(min(s["size"], 2048))]
     if memory == "nohuge":
         args += ["--memory-mb", "128", "--mbufs", "8192"]
@@ -200,39 +200,48 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=5, help="measured seconds per run")
-    ap.add_argument("--matrix", default="default", choices=["default", "quick", "full"])
+    ap.add_argument("--matrix", default="default", choices=["default", "quick", "full", "packed"])
     ap.add_argument("--no-callgrind", action="store_true")
     ap.add_argument("--callgrind-seconds", type=int, default=20)
     ap.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
-    ap.add_argument("--only", action="append", default=[], metavar="SCENARIO:SIZE:IN_ORDER:MEMORY",
-                    help="run just these rows, e.g. txonly:1518:1:hugepages (repeatable)")
+    ap.add_argument("--only", action="append", default=[], metavar="SCENARIO:SIZE:IN_ORDER:MEMORY[:RING]",
+                    help="run just these rows, e.g. txonly:1518:1:hugepages or rxonly:64:1:hugepages:packed (repeatable)")
     args = ap.parse_args()
 
     if not os.path.exists(VIO):
         subprocess.run(["swift", "build", "-c", "release", "--product", "vio"], cwd=ROOT, check=True)
     huge = "hugepages" if hugepages_free_mb() >= 1024 else "nohuge"
+    scenarios = ("txonly", "rxonly", "echo")
     if args.matrix == "quick":
-        matrix = [(sc, 64, 1, huge) for sc in ("txonly", "rxonly", "echo")]
+        matrix = [(sc, 64, 1, huge, ring) for ring in ("split", "packed") for sc in scenarios]
+    elif args.matrix == "packed":
+        # Both layouts, in order and not, 64 bytes: which layout wins here.
+        matrix = [(sc, 64, io, huge, ring) for io in (1, 0) for ring in ("split", "packed") for sc in scenarios]
     elif args.matrix == "full":
-        matrix = [(sc, sz, io, mem) for sc in ("txonly", "rxonly", "echo") for sz in (64, 1518)
+        matrix = [(sc, sz, io, mem, ring) for ring in ("split", "packed") for sc in scenarios for sz in (64, 1518)
                   for io in (1, 0) for mem in dict.fromkeys((huge, "nohuge"))]
     else:
-        matrix = [(sc, 64, 1, huge) for sc in ("txonly", "rxonly", "echo")]
-        matrix += [(sc, 1518, 1, huge) for sc in ("txonly", "rxonly", "echo")]
-        matrix += [(sc, 64, 0, huge) for sc in ("txonly", "rxonly", "echo")]
+        matrix = [(sc, 64, 1, huge, "split") for sc in scenarios]
+        matrix += [(sc, 64, 1, huge, "packed") for sc in scenarios]
+        matrix += [(sc, 1518, 1, huge, "split") for sc in scenarios]
+        matrix += [(sc, 64, 0, huge, ring) for ring in ("split", "packed") for sc in scenarios]
         if huge == "hugepages":
-            matrix += [(sc, 64, 1, "nohuge") for sc in ("txonly", "rxonly")]
+            matrix += [(sc, 64, 1, "nohuge", "split") for sc in ("txonly", "rxonly")]
     if args.only:
         matrix = []
         for spec in args.only:
-            sc, sz, io, mem = spec.split(":")
-            if sc not in SCENARIOS or mem not in ("hugepages", "nohuge"):
+            parts = spec.split(":")
+            if len(parts) == 4:
+                parts.append("split")
+            if len(parts) != 5 or parts[0] not in SCENARIOS or parts[3] not in ("hugepages", "nohuge") \
+                    or parts[4] not in ("split", "packed"):
                 sys.exit(f"bench: bad --only {spec}")
-            matrix.append((sc, int(sz), int(io), mem))
+            sc, sz, io, mem, ring = parts
+            matrix.append((sc, int(sz), int(io), mem, ring))
     workdir = tempfile.mkdtemp(prefix="vio-bench.")
     results = []
-    for (sc, size, in_order, memory) in matrix:
-        s = dict(scenario=sc, size=size, in_order=in_order, memory=memory)
+    for (sc, size, in_order, memory, ring) in matrix:
+        s = dict(scenario=sc, size=size, in_order=in_order, memory=memory, ring=ring)
         peer = Peer(SCENARIOS[sc][0], size, memory, workdir)
         c_rates, v_rates, c_cyc, v_cyc = [], [], [], []
         try:
@@ -282,13 +291,13 @@ def cpu_model():
 
 
 def header():
-    return ("| scenario | size | in_order | memory | C Mpps (median) | C best | Swift Mpps (median) | Swift best | Swift/C | "
-            "C cycles/pkt | Swift cycles/pkt | C instr/pkt | Swift instr/pkt |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    return ("| scenario | ring | size | in_order | memory | C Mpps (median) | C best | Swift Mpps (median) | Swift best | Swift/C | "
+            "C cycles/pkt | Swift cycles/pkt | C instr/pkt | Swift instr/pkt |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 
 
 def fmt_row(r):
     f = lambda v, d=2: "–" if v is None else f"{v:.{d}f}"
-    return (f"| {r['scenario']} | {r['size']} | {r['in_order']} | {r['memory']} | {f(r['c_mpps'])} | {f(r['c_best'])} | "
+    return (f"| {r['scenario']} | {r.get('ring', 'split')} | {r['size']} | {r['in_order']} | {r['memory']} | {f(r['c_mpps'])} | {f(r['c_best'])} | "
             f"{f(r['swift_mpps'])} | {f(r['swift_best'])} | **{f(r['ratio'])}** | {f(r['c_cycles'], 0)} | "
             f"{f(r['swift_cycles'], 0)} | {f(r['c_instructions'], 0)} | {f(r['swift_instructions'], 0)} |")
 
@@ -308,7 +317,7 @@ def plot(results, path, doc):
         except Exception:
             print("bench: matplotlib is not available; no plot written", file=sys.stderr)
             return
-    labels = [f"{r['scenario']}\n{r['size']}B io={r['in_order']}\n{r['memory']}" for r in results]
+    labels = [f"{r['scenario']} {r.get('ring', 'split')}\n{r['size']}B io={r['in_order']}\n{r['memory']}" for r in results]
     x = range(len(results))
     fig, ax = plt.subplots(figsize=(max(8, 1.2 * len(results)), 5))
     ax.bar([i - 0.2 for i in x], [r["c_mpps"] for r in results], 0.4, label="C virtio_user (median)")

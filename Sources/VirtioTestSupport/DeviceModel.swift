@@ -85,6 +85,16 @@ public final class SplitDeviceModel {
         for i in 0..<size { descriptorInUse[i] = false }
     }
 
+    /// Where the device stopped, as vhost-user GET_VRING_BASE reports it: the next avail index.
+    public var stoppedBase: UInt32 { UInt32(lastAvail) }
+
+    /// A device started again at `base` (vhost-user SET_VRING_BASE): the avail and used indexes,
+    /// and the in-order descriptor sequence, continue from it.
+    public func reset(toBase base: UInt32) {
+        reset()
+        lastAvail = UInt16(truncatingIfNeeded: base); usedIdx = lastAvail; nextInOrderDescriptor = lastAvail
+    }
+
     // MARK: Ring memory
 
     /// Zeroed, 4 KiB-aligned heap memory for a ring of `size` (with `posix_memalign`), and its

@@ -97,6 +97,18 @@ public final class PackedDeviceModel {
         for i in idInFlight.indices { idInFlight[i] = false }
     }
 
+    /// Where the device stopped, as vhost-user GET_VRING_BASE reports it: the next position to
+    /// read, with its wrap counter in bit 15.
+    public var stoppedBase: UInt32 { UInt32(availPosition) | (availWrap ? 1 << 15 : 0) }
+
+    /// A device started again at `base` (vhost-user SET_VRING_BASE): reads and writes continue at
+    /// that position and wrap counter; everything pending is forgotten.
+    public func reset(toBase base: UInt32) {
+        reset()
+        availPosition = UInt16(base & 0x7fff); availWrap = base & 0x8000 != 0
+        usedPosition = availPosition; usedWrap = availWrap
+    }
+
     // MARK: Ring memory
 
     /// Zeroed, 4 KiB-aligned heap memory for a ring of `size` (with `posix_memalign`), and its
