@@ -210,6 +210,32 @@ public final class PackedDeviceModel {
         return Buffer(id: id, position: start, wrap: startWrap, segments: segments, writableBytes: writableBytes)
     }
 
+    /// Uses every available buffer at once, in ring order, each with its own used descriptor
+    /// carrying its writable byte count, with nothing allocated (for benchmarks): what
+    /// `popAvailable` + `completeInOrder` do, without the bookkeeping. Expects nothing pending.
+    /// Returns how many buffers.
+    @discardableResult
+    public func echoAvailable() -> Int {
+        precondition(pendingCount == 0, "echoAvailable with buffers pending")
+        var n = 0
+        while isAvailable(flags(at: availPosition), wrap: availWrap) {
+            var id: UInt16 = 0, written: UInt32 = 0, count = 0
+            while true {
+                let f = flags(at: availPosition)
+                let d = memory.load(fromByteOffset: layout.descOffset + 16 * Int(availPosition), as: PackedDesc.self)
+                if f & VirtqDesc.flagWrite != 0 { written &+= d.len }
+                id = d.id
+                count += 1
+                availPosition &+= 1
+                if Int(availPosition) == size { availPosition = 0; availWrap.toggle() }
+                if f & VirtqDesc.flagNext == 0 { break }
+            }
+            writeUsedAndAdvance(id: id, len: written, descriptors: count)
+            n += 1
+        }
+        return n
+    }
+
     // MARK: Used descriptors
 
     /// Completes the `count` oldest pending buffers in order, one used descriptor each at the

@@ -23,11 +23,38 @@ let benchmarks: @Sendable () -> Void = {
             benchmark.stopMeasurement()
             precondition(queue.failure == nil && queue.inFlight == 0)
         }
+        Benchmark("packed ring: enqueue + recycle 32-buffer burst (\(name))") { benchmark in
+            let (memory, layout) = try PackedDeviceModel.allocateRing(size: 256)
+            defer { PackedDeviceModel.freeRing(memory) }
+            var queue = PackedVirtqueue(memory: memory, layout: layout, inOrder: inOrder)
+            let device = PackedDeviceModel(memory: memory, layout: layout)
+            var cookies = [UnsafeMutableRawPointer?](repeating: nil, count: 32)
+            var lengths = [UInt32](repeating: 0, count: 32)
+            benchmark.startMeasurement()
+            for _ in benchmark.scaledIterations {
+                RingBurst.run(&queue, device, &cookies, &lengths)
+            }
+            benchmark.stopMeasurement()
+            precondition(queue.failure == nil && queue.inFlight == 0 && device.violations.isEmpty)
+        }
     }
 }
 
 /// One burst: 32 adds, one publish, the device uses them, one harvest.
 enum RingBurst {
+    @inline(never)
+    static func run(_ q: inout PackedVirtqueue, _ device: PackedDeviceModel,
+                    _ cookies: inout [UnsafeMutableRawPointer?], _ lengths: inout [UInt32]) {
+        q.addBurst(count: 32, deviceWritable: true) { i in (0x1000 * UInt64(i + 1), 2048, UnsafeMutableRawPointer(bitPattern: i + 1)) }
+        _ = q.publish()
+        _ = device.echoAvailable()
+        cookies.withUnsafeMutableBufferPointer { c in
+            lengths.withUnsafeMutableBufferPointer { l in
+                _ = q.harvest(into: c.baseAddress!, lengths: l.baseAddress!, max: 32)
+            }
+        }
+    }
+
     @inline(never)
     static func run(_ q: inout SplitVirtqueue, _ device: SplitDeviceModel,
                     _ cookies: inout [UnsafeMutableRawPointer?], _ lengths: inout [UInt32]) {

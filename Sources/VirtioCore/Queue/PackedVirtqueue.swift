@@ -249,7 +249,7 @@ public struct PackedVirtqueue: ~Copyable {
     @inlinable
     public mutating func harvest(max: Int, _ body: (UnsafeMutableRawPointer?, UInt32) -> Void) -> Int {
         guard failure == nil else { return 0 }
-        return inOrder ? harvestInOrder(max, body) : harvestOutOfOrder(max, body)
+        return inOrder ? harvestInOrder(max) { _, c, l in body(c, l) } : harvestOutOfOrder(max) { _, c, l in body(c, l) }
     }
 
     /// The flags of the descriptor at `pos`, read with acquire: its ID and length are read after.
@@ -259,50 +259,86 @@ public struct PackedVirtqueue: ~Copyable {
             .pointee.load(ordering: .acquiring)
     }
 
+    /// In order, a used descriptor names the last buffer of a run that starts at the oldest one
+    /// in flight (a run of one unless the device batched, §2.8.11). The run is handed out in a
+    /// tight loop; a run cut short by `max` carries over to the next call (`inBatch`).
     @inlinable
-    mutating func harvestInOrder(_ max: Int, _ body: (UnsafeMutableRawPointer?, UInt32) -> Void) -> Int {
+    mutating func harvestInOrder(_ max: Int, _ body: (Int, UnsafeMutableRawPointer?, UInt32) -> Void) -> Int {
         // Counters in locals for the loop (see `addBurst`); written back once at the end.
-        let desc = self.desc, slots = self.slots, size16 = UInt16(truncatingIfNeeded: size)
-        var pos = nextUsed, wrap = usedWrap, oldest = oldestID
+        let desc = self.desc, slots = self.slots, size = self.size, size16 = UInt16(truncatingIfNeeded: size)
+        var pos = nextUsed, oldest = oldestID
+        let usedMask = PackedDesc.flagAvail | PackedDesc.flagUsed
+        var usedBits = usedWrap ? usedMask : 0
         let limit = Swift.min(max, outstanding)
+        // Buffers left in the current run, and the length the device wrote into its last one.
+        var runLeft = 0
+        var lastLen: UInt32 = 0
+        if _slowPath(inBatch) {
+            runLeft = (batchEnd >= oldest ? Int(batchEnd &- oldest) : Int(batchEnd) &+ size &- Int(oldest)) &+ 1
+            lastLen = batchLen
+        }
         var freed = 0
         var i = 0
         while i < limit {
-            let slot = slots[Int(oldest)]
-            let len: UInt32
-            if _slowPath(inBatch) {
-                if oldest == batchEnd { len = batchLen; inBatch = false } else { len = slot.writable }
-            } else {
+            if runLeft == 0 {
                 let f = usedFlags(at: pos)
-                let isAvail = f & PackedDesc.flagAvail != 0, isUsed = f & PackedDesc.flagUsed != 0
-                if isAvail != isUsed { break }                 // still available: not used yet
-                guard isUsed == wrap else { fail(.usedWrapMismatch(position: pos, expectedWrap: wrap)); break }
+                // Used in this lap: AVAIL = USED = the wrap counter. AVAIL ≠ USED: not used yet.
+                let bits = f & usedMask
+                if _slowPath(bits != usedBits) {
+                    if bits == 0 || bits == usedMask { fail(.usedWrapMismatch(position: pos, expectedWrap: usedBits != 0)) }
+                    break
+                }
                 let d = desc[Int(pos)]
                 // §2.8.4: the length means something only with VIRTQ_DESC_F_WRITE; otherwise 0.
                 let written = f & VirtqDesc.flagWrite != 0 ? d.len : 0
                 if _fastPath(d.id == oldest) {
+                    // A run of one (the device did not batch): the common case on receive.
+                    let slot = slots[Int(oldest)]
                     guard written <= slot.writable else {
                         fail(.usedLengthTooLarge(id: UInt32(d.id), length: written, posted: slot.writable)); break
                     }
-                    len = written
-                } else {
-                    // One used descriptor for a batch: it names a later buffer in flight, and
-                    // every buffer up to it is fully written.
-                    guard startBatch(id: d.id, len: written, oldest: oldest, inFlight: outstanding &- i) else { break }
-                    len = slot.writable
+                    pos &+= slot.ndesc
+                    if pos >= size16 { pos &-= size16; usedBits ^= usedMask }
+                    freed &+= Int(slot.ndesc)
+                    oldest &+= 1
+                    if oldest == size16 { oldest = 0 }
+                    body(i, slot.cookie, written)
+                    i &+= 1
+                    continue
                 }
+                guard d.id < size16 else { fail(.usedIDOutOfRange(id: UInt32(d.id), size: size)); break }
+                // The run must end at a buffer in flight, after the oldest.
+                let distance = d.id > oldest ? Int(d.id &- oldest) : Int(d.id) &+ size &- Int(oldest)
+                guard distance < outstanding &- i else { fail(.usedIDOutOfOrder(id: UInt32(d.id), expected: oldest)); break }
+                let posted = slots[Int(d.id)].writable
+                guard written <= posted else { fail(.usedLengthTooLarge(id: UInt32(d.id), length: written, posted: posted)); break }
+                runLeft = distance &+ 1
+                lastLen = written
             }
-            // The buffer's descriptors are free again; the next used descriptor follows them.
-            pos &+= slot.ndesc
-            if pos >= size16 { pos &-= size16; wrap.toggle() }
-            freed &+= Int(slot.ndesc)
-            oldest &+= 1
-            if oldest == size16 { oldest = 0 }
-            i &+= 1
-            body(slot.cookie, len)
+            let n = Swift.min(runLeft, limit &- i)
+            for j in 0..<n {
+                let slot = slots[Int(oldest)]
+                runLeft &-= 1
+                // Buffers before the run's last one count as fully written.
+                let len = runLeft == 0 ? lastLen : slot.writable
+                // The buffer's descriptors are free again; the next used descriptor follows them.
+                pos &+= slot.ndesc
+                if pos >= size16 { pos &-= size16; usedBits ^= usedMask }
+                freed &+= Int(slot.ndesc)
+                oldest &+= 1
+                if oldest == size16 { oldest = 0 }
+                body(i &+ j, slot.cookie, len)
+            }
+            i &+= n
+        }
+        inBatch = runLeft > 0
+        if inBatch {
+            let end = Int(oldest) &+ runLeft &- 1
+            batchEnd = UInt16(truncatingIfNeeded: end >= size ? end &- size : end)
+            batchLen = lastLen
         }
         nextUsed = pos
-        usedWrap = wrap
+        usedWrap = usedBits != 0
         oldestID = oldest
         freeDescs &+= freed
         outstanding &-= i
@@ -310,17 +346,21 @@ public struct PackedVirtqueue: ~Copyable {
     }
 
     @inlinable
-    mutating func harvestOutOfOrder(_ max: Int, _ body: (UnsafeMutableRawPointer?, UInt32) -> Void) -> Int {
+    mutating func harvestOutOfOrder(_ max: Int, _ body: (Int, UnsafeMutableRawPointer?, UInt32) -> Void) -> Int {
         let desc = self.desc, slots = self.slots, freeIDs = self.freeIDs, size16 = UInt16(truncatingIfNeeded: size)
-        var pos = nextUsed, wrap = usedWrap, top = freeIDCount
+        var pos = nextUsed, top = freeIDCount
+        let usedMask = PackedDesc.flagAvail | PackedDesc.flagUsed
+        var usedBits = usedWrap ? usedMask : 0
         let limit = Swift.min(max, outstanding)
         var freed = 0
         var i = 0
         while i < limit {
             let f = usedFlags(at: pos)
-            let isAvail = f & PackedDesc.flagAvail != 0, isUsed = f & PackedDesc.flagUsed != 0
-            if isAvail != isUsed { break }
-            guard isUsed == wrap else { fail(.usedWrapMismatch(position: pos, expectedWrap: wrap)); break }
+            let bits = f & usedMask
+            if _slowPath(bits != usedBits) {
+                if bits == 0 || bits == usedMask { fail(.usedWrapMismatch(position: pos, expectedWrap: usedBits != 0)) }
+                break
+            }
             let d = desc[Int(pos)]
             guard d.id < size16 else { fail(.usedIDOutOfRange(id: UInt32(d.id), size: size)); break }
             let written = f & VirtqDesc.flagWrite != 0 ? d.len : 0
@@ -333,37 +373,17 @@ public struct PackedVirtqueue: ~Copyable {
             freeIDs[top] = d.id
             top &+= 1
             pos &+= slot.ndesc
-            if pos >= size16 { pos &-= size16; wrap.toggle() }
+            if pos >= size16 { pos &-= size16; usedBits ^= usedMask }
             freed &+= Int(slot.ndesc)
+            body(i, slot.cookie, written)
             i &+= 1
-            body(slot.cookie, written)
         }
         nextUsed = pos
-        usedWrap = wrap
+        usedWrap = usedBits != 0
         freeIDCount = top
         freeDescs &+= freed
         outstanding &-= i
         return i
-    }
-
-    /// In order, a used descriptor naming a later buffer: it must be one of the buffers in
-    /// flight; all buffers up to it are used.
-    @usableFromInline
-    mutating func startBatch(id: UInt16, len: UInt32, oldest: UInt16, inFlight: Int) -> Bool {
-        guard Int(id) < size else { fail(.usedIDOutOfRange(id: UInt32(id), size: size)); return false }
-        var k = 0, candidate = oldest
-        while k < inFlight {
-            if candidate == id {
-                let posted = slots[Int(id)].writable
-                guard len <= posted else { fail(.usedLengthTooLarge(id: UInt32(id), length: len, posted: posted)); return false }
-                inBatch = true; batchEnd = id; batchLen = len
-                return true
-            }
-            candidate = candidate &+ 1 == UInt16(size) ? 0 : candidate &+ 1
-            k += 1
-        }
-        fail(.usedIDOutOfOrder(id: UInt32(id), expected: oldest))
-        return false
     }
 
     @usableFromInline
@@ -373,8 +393,10 @@ public struct PackedVirtqueue: ~Copyable {
     @inlinable
     public mutating func harvest(into cookies: UnsafeMutablePointer<UnsafeMutableRawPointer?>,
                                  lengths: UnsafeMutablePointer<UInt32>, max: Int) -> Int {
-        var k = 0
-        return harvest(max: max) { c, l in cookies[k] = c; lengths[k] = l; k &+= 1 }
+        // The body gets the index, so it captures nothing mutable and stays in registers.
+        guard failure == nil else { return 0 }
+        if inOrder { return harvestInOrder(max) { k, c, l in cookies[k] = c; lengths[k] = l } }
+        return harvestOutOfOrder(max) { k, c, l in cookies[k] = c; lengths[k] = l }
     }
 
     /// Visits the cookie of every buffer in flight without changing anything. Returns how many.

@@ -340,11 +340,11 @@ public struct SplitVirtqueue: ~Copyable {
     public mutating func harvest(max: Int, _ body: (UnsafeMutableRawPointer?, UInt32) -> Void) -> Int {
         let ready = completedCount()
         let n = Swift.min(ready, max)
-        return inOrder ? harvestInOrder(n, ready: ready, body) : harvestOutOfOrder(n, body)
+        return inOrder ? harvestInOrder(n, ready: ready) { _, c, l in body(c, l) } : harvestOutOfOrder(n) { _, c, l in body(c, l) }
     }
 
     @inlinable
-    mutating func harvestInOrder(_ n: Int, ready: Int, _ body: (UnsafeMutableRawPointer?, UInt32) -> Void) -> Int {
+    mutating func harvestInOrder(_ n: Int, ready: Int, _ body: (Int, UnsafeMutableRawPointer?, UInt32) -> Void) -> Int {
         // Counters in locals for the loop (see `addBurst`); written back once at the end.
         let slots = self.slots, usedRing = self.usedRing, mask = self.mask
         var oldest = oldestDesc, used = lastUsed
@@ -375,8 +375,8 @@ public struct SplitVirtqueue: ~Copyable {
             oldest &+= slot.ndesc
             freed &+= Int(slot.ndesc)
             used &+= 1
+            body(i, slot.cookie, len)
             i &+= 1
-            body(slot.cookie, len)
         }
         oldestDesc = oldest
         lastUsed = used
@@ -406,7 +406,7 @@ public struct SplitVirtqueue: ~Copyable {
     }
 
     @inlinable
-    mutating func harvestOutOfOrder(_ n: Int, _ body: (UnsafeMutableRawPointer?, UInt32) -> Void) -> Int {
+    mutating func harvestOutOfOrder(_ n: Int, _ body: (Int, UnsafeMutableRawPointer?, UInt32) -> Void) -> Int {
         let slots = self.slots, usedRing = self.usedRing, links = self.links, published = self.published
         let mask = self.mask, size = UInt32(self.size)
         var used = lastUsed, freeHead = descHead
@@ -428,8 +428,8 @@ public struct SplitVirtqueue: ~Copyable {
             slots[id].ndesc = 0
             published[id] = false
             used &+= 1
+            body(i, slot.cookie, e.len)
             i &+= 1
-            body(slot.cookie, e.len)
         }
         lastUsed = used
         descHead = freeHead
@@ -505,11 +505,10 @@ extension SplitVirtqueue {
     @inlinable
     public mutating func harvest(into cookies: UnsafeMutablePointer<UnsafeMutableRawPointer?>,
                                  lengths: UnsafeMutablePointer<UInt32>, max: Int) -> Int {
-        var k = 0
-        return harvest(max: max) { c, l in
-            cookies[k] = c
-            lengths[k] = l
-            k &+= 1
-        }
+        // The body gets the index, so it captures nothing mutable and stays in registers.
+        let ready = completedCount()
+        let n = Swift.min(ready, max)
+        if inOrder { return harvestInOrder(n, ready: ready) { k, c, l in cookies[k] = c; lengths[k] = l } }
+        return harvestOutOfOrder(n) { k, c, l in cookies[k] = c; lengths[k] = l }
     }
 }
