@@ -53,6 +53,12 @@ public struct EALPreset: Sendable, Equatable {
         "--lcores", "{LCORES}", "-m", "{MB}", "--no-huge", "--file-prefix", "{PREFIX}",
         "--no-pci", "--no-shconf", "--no-telemetry", "--iova-mode", "va", "--log-level", "lib.eal:warning",
     ])
+    /// For virtio-pci devices (`pci:` ports, in a guest without an IOMMU): hugepages and
+    /// `--iova-mode pa`, so IOVAs are the physical addresses the device must be given.
+    public static let pci = EALPreset(arguments: [
+        "--lcores", "{LCORES}", "-m", "{MB}", "--single-file-segments", "--in-memory", "--file-prefix", "{PREFIX}",
+        "--no-pci", "--no-shconf", "--no-telemetry", "--iova-mode", "pa", "--log-level", "lib.eal:warning",
+    ])
 
     /// Parses a `Configs/eal/*.conf` file: one argument per line, `#` comments, blank lines skipped.
     public init(fileContents: String) {
