@@ -33,18 +33,8 @@ public final class VirtioPCITransport: VirtioTransport, @unchecked Sendable {
     /// `expecting` bound to uio_pci_generic, resets it and reads its features.
     public convenience init(address text: String, expecting: VirtioDeviceType? = nil, choice: InterfaceChoice = .auto,
                             sysfsRoot: String = "/sys/bus/pci/devices", logger: Logger = Logger(label: "virtio-pci")) throws {
-        guard let address = PCIAddress(text) else { throw VirtioPCIError.badAddress(text) }
-        let fn = try SysfsPCIFunction(address: address, root: sysfsRoot)
-        guard fn.isVirtio else { throw VirtioPCIError.notVirtio(address, vendor: fn.vendor, device: fn.deviceID) }
-        if let e = expecting, fn.virtioType != e.rawValue {
-            throw VirtioPCIError.wrongDeviceType(address, expected: e.description, found: VirtioDeviceType.name(fn.virtioType))
-        }
-        switch fn.driver {
-        case nil: throw VirtioPCIError.notBound(address)
-        case "uio_pci_generic": break
-        case "vfio-pci": throw VirtioPCIError.vfioNotSupported(address)
-        case let d?: throw VirtioPCIError.boundToKernelDriver(address, driver: d)
-        }
+        let fn = try Self.probe(address: text, expecting: expecting, sysfsRoot: sysfsRoot)
+        let address = fn.address
         let caps = try VirtioPCICapabilities(configSpace: try fn.configSpace())
         let bars = try fn.resources()
         var maps: [Int: RegisterSpace] = [:]
@@ -87,6 +77,26 @@ public final class VirtioPCITransport: VirtioTransport, @unchecked Sendable {
         }
         try self.init(address: address, interface: iface, deviceType: fn.virtioType, logger: logger,
                       mappings: Array(maps.values), translate: Self.dpdkTranslate)
+    }
+
+    /// The checks made before touching the device, from sysfs only (no DPDK needed, so the CLI can
+    /// report a wrong address before it sets up memory): the address exists, is a virtio function
+    /// of the expected type, and is bound to uio_pci_generic.
+    public static func probe(address text: String, expecting: VirtioDeviceType? = nil,
+                             sysfsRoot: String = "/sys/bus/pci/devices") throws(VirtioPCIError) -> SysfsPCIFunction {
+        guard let address = PCIAddress(text) else { throw .badAddress(text) }
+        let fn = try SysfsPCIFunction(address: address, root: sysfsRoot)
+        guard fn.isVirtio else { throw .notVirtio(address, vendor: fn.vendor, device: fn.deviceID) }
+        if let e = expecting, fn.virtioType != e.rawValue {
+            throw .wrongDeviceType(address, expected: e.description, found: VirtioDeviceType.name(fn.virtioType))
+        }
+        switch fn.driver {
+        case nil: throw .notBound(address)
+        case "uio_pci_generic": break
+        case "vfio-pci": throw .vfioNotSupported(address)
+        case let d?: throw .boundToKernelDriver(address, driver: d)
+        }
+        return fn
     }
 
     /// DPDK's translation: `rte_mem_virt2iova`, with a contiguity check over the range.

@@ -47,6 +47,11 @@ struct BlkSetup {
     init(_ o: BlkOptions, queues: Int) throws {
         logger = bootstrapLogging(verbose: o.verbose)
         guard let dev = o.dev else { throw VioFailure(description: "give --dev vhost-user-blk:PATH") }
+        if dev.isPCI {
+            do { _ = try VirtioPCITransport.probe(address: dev.path, expecting: .block) } catch {
+                throw VioFailure(description: "\(dev): \(error)")
+            }
+        }
         let (preset, forced) = try ealPreset(file: nil, pci: dev.isPCI)
         do { eal = try EAL.initialize(mode: forced ?? o.memory, memoryMB: o.memoryMb, preset: preset) } catch let e as DPDKError {
             throw VioFailure(description: e.description)

@@ -126,6 +126,11 @@ struct Dataplane {
 
     init(_ o: DataplaneOptions, dataRoom: Int = 2048 + 128) throws {
         logger = bootstrapLogging(verbose: o.verbose)
+        for (i, p) in o.ports.enumerated() where p.isPCI {
+            do { _ = try VirtioPCITransport.probe(address: p.path, expecting: .net) } catch {
+                throw VioFailure(description: "port \(i) (\(p)): \(error)")
+            }
+        }
         let (preset, forced) = try ealPreset(file: o.ealConfig, pci: o.ports.contains(where: \.isPCI))
         do {
             eal = try EAL.initialize(mode: forced ?? o.memory, memoryMB: o.memoryMb, preset: preset)
