@@ -54,9 +54,11 @@ public struct EALPreset: Sendable, Equatable {
         "--no-pci", "--no-shconf", "--no-telemetry", "--iova-mode", "va", "--log-level", "lib.eal:warning",
     ])
     /// For virtio-pci devices (`pci:` ports, in a guest without an IOMMU): hugepages and
-    /// `--iova-mode pa`, so IOVAs are the physical addresses the device must be given.
+    /// `--iova-mode pa`, so IOVAs are the physical addresses the device must be given;
+    /// `--legacy-mem` maps all of `-m` at start, sorted by physical address, so multi-page
+    /// IOVA-contiguous memzones (rings, block buffers) can be had.
     public static let pci = EALPreset(arguments: [
-        "--lcores", "{LCORES}", "-m", "{MB}", "--single-file-segments", "--in-memory", "--file-prefix", "{PREFIX}",
+        "--lcores", "{LCORES}", "-m", "{MB}", "--legacy-mem", "--huge-unlink", "--file-prefix", "{PREFIX}",
         "--no-pci", "--no-shconf", "--no-telemetry", "--iova-mode", "pa", "--log-level", "lib.eal:warning",
     ])
 

@@ -28,6 +28,8 @@ public struct VirtioBlkQueue: ~Copyable {
     /// The slab's address as the device sees it (IOVA for virtio-pci, else `slab`).
     let slabAddress: UInt64
     let usesIOVA: Bool
+    /// Bus addresses of one request's data segments (virtio-pci), allocated once.
+    let busAddresses: UnsafeMutablePointer<UInt64>
     let contexts: UnsafeMutablePointer<Context>
     let freeContexts: UnsafeMutablePointer<UInt16>
     var freeTop: Int
@@ -53,6 +55,7 @@ public struct VirtioBlkQueue: ~Copyable {
         self.slab = slab
         self.slabAddress = slabAddress
         usesIOVA = device.usesIOVA
+        busAddresses = .allocate(capacity: max(1, device.maxSegments))
         contexts = .allocate(capacity: size)
         freeContexts = .allocate(capacity: size)
         for i in 0..<size { freeContexts[i] = UInt16(size - 1 - i) }
@@ -70,6 +73,7 @@ public struct VirtioBlkQueue: ~Copyable {
 
     deinit {
         contexts.deallocate(); freeContexts.deallocate(); cookies.deallocate(); lengths.deallocate(); dying.deallocate()
+        busAddresses.deallocate()
     }
 
     /// Requests submitted and not yet completed.
@@ -140,12 +144,11 @@ public struct VirtioBlkQueue: ~Copyable {
         let segments = 2 + buffers.count + (hasRange ? 1 : 0)
         guard freeTop > 0, vq.descriptorsNeeded(forSegments: segments) <= vq.freeCount else { throw .queueFull }
         // virtio-pci: data buffers go to the device as IOVAs, each checked to be contiguous.
-        var busAddresses: [UInt64] = []
+        let busAddresses = self.busAddresses
         if usesIOVA {
-            busAddresses.reserveCapacity(buffers.count)
-            for b in buffers {
+            for (k, b) in buffers.enumerated() {
                 guard let a = IOVA.of(b.address, count: b.length) else { throw .notDMAMemory("\(b.length) bytes at \(b.address)") }
-                busAddresses.append(a)
+                busAddresses[k] = a
             }
         }
 
