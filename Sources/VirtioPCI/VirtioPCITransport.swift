@@ -23,6 +23,9 @@ public final class VirtioPCITransport: VirtioTransport, @unchecked Sendable {
     let translate: (UInt64, Int) -> UInt64?
     private var queueCount = 0
     private var started = false
+    /// `stop` reset the device: the next `setupQueue` first runs initialisation again (§3.1.1
+    /// steps 1–6 with the negotiated features), so a stopped port can be set up and started anew.
+    private var needsReinit = false
     private let alive = Atomic<Bool>(true)
     private let reasonLock = Mutex<String?>(nil)
     private let stopLock = Mutex<Void>(())
@@ -169,6 +172,13 @@ public final class VirtioPCITransport: VirtioTransport, @unchecked Sendable {
     /// Programs queue `index` with the IOVAs of its rings (the addresses passed in are process
     /// virtual addresses of DPDK memory; each ring part must be IOVA-contiguous).
     public func setupQueue(_ index: Int, addresses a: QueueAddresses) throws {
+        if needsReinit {
+            needsReinit = false
+            try interface.reset()
+            interface.setStatus(DeviceStatus.acknowledge.rawValue)
+            interface.setStatus(DeviceStatus([.acknowledge, .driver]).rawValue)
+            try negotiate(negotiatedFeatures, queueCount: queueCount)
+        }
         func iova(_ va: UInt64, _ bytes: Int, _ what: String) throws -> UInt64 {
             guard let v = translate(va, bytes) else {
                 throw VirtioPCIError.notDMAMemory("queue \(index) \(what) at 0x\(String(va, radix: 16)) (\(bytes) bytes)")
@@ -195,6 +205,7 @@ public final class VirtioPCITransport: VirtioTransport, @unchecked Sendable {
         try stopLock.withLock { _ throws in
             guard started else { return }
             started = false
+            needsReinit = true
             try interface.reset()
         }
     }

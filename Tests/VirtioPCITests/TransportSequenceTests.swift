@@ -63,6 +63,26 @@ final class TransportSequenceTests: XCTestCase {
         XCTAssertEqual(bar.queues.map(\.enable), [0, 0])
     }
 
+    /// After `stop` (a reset), setting the queues up again re-runs initialisation with the same
+    /// features, so the device can be started anew (fresh rings: PCI has no way to set a base).
+    func testRestartAfterStopReinitializes() throws {
+        let bar = FakeModernBAR(features: offered.rawValue)
+        let t = try modern(bar)
+        try t.negotiate([.version1, .inOrder], queueCount: 2)
+        let a = try addresses(size: 64)
+        try t.setupQueue(0, addresses: a); try t.setupQueue(1, addresses: a)
+        try t.start()
+        try t.stop()
+        bar.statusHistory = []
+        try t.setupQueue(0, addresses: a); try t.setupQueue(1, addresses: a)
+        XCTAssertEqual(bar.statusHistory, [0, 1, 3, 0x0b], "reset, ACKNOWLEDGE, DRIVER, FEATURES_OK again")
+        XCTAssertEqual(bar.driverFeatures, VirtioFeatures([.version1, .inOrder]).rawValue)
+        try t.start()
+        XCTAssertEqual(bar.statusHistory.last, 0x0f)
+        XCTAssertEqual(bar.queues.map(\.enable), [1, 1])
+        XCTAssertTrue(t.isConnected)
+    }
+
     func testMissingVersion1IsRefused() {
         let bar = FakeModernBAR(features: VirtioFeatures.inOrder.rawValue)
         XCTAssertThrowsError(try modern(bar)) { XCTAssertEqual($0 as? VirtioPCIError, .missingVersion1) }
