@@ -132,8 +132,9 @@ public final class VirtioPCITransport: VirtioTransport, @unchecked Sendable {
     }
 
     deinit {
-        // Leave the device reset: it must not touch our memory after we are gone.
-        if started { try? interface.reset() }
+        // Leave the device reset: it must not touch our memory after we are gone, and the next
+        // driver finds it as after power-on.
+        try? interface.reset()
     }
 
     public var isLegacy: Bool { interface.isLegacy }
