@@ -87,7 +87,7 @@ public struct SysfsPCIFunction: Sendable {
 
     /// Sets bits in the PCI command register (offset 4): memory space 0x2, I/O space 0x1,
     /// bus master 0x4 (uio_pci_generic enables the device but not bus mastering; the device
-    /// cannot reach our rings without it).
+    /// cannot reach our rings without it), INTx disable 0x400.
     public func enableCommandBits(_ bits: UInt16) throws(VirtioPCIError) {
         let p = "\(path)/config"
         let fd = open(p, O_RDWR | O_CLOEXEC)

@@ -70,13 +70,14 @@ public final class VirtioPCITransport: VirtioTransport, @unchecked Sendable {
             iface = try ModernInterface(common: try window(common), notify: try window(notify),
                                         notifyMultiplier: notify.notifyOffsetMultiplier, isr: try window(isr),
                                         device: try caps.device.map { c throws(VirtioPCIError) in try window(c) })
-            try fn.enableCommandBits(0x2 | 0x4)
+            // Memory space, bus master, INTx disable (0x400): poll mode, no interrupts at all.
+            try fn.enableCommandBits(0x2 | 0x4 | 0x400)
         } else {
             guard fn.isTransitional, bars.first?.isIO == true else {
                 throw VirtioPCIError.noUsableInterface(address, fn.isTransitional ? "BAR 0 is not an I/O BAR" : "a non-transitional id has no legacy interface")
             }
             iface = LegacyInterface(io: try bar(0), msixEnabled: caps.msixEnabled)
-            try fn.enableCommandBits(0x1 | 0x4)
+            try fn.enableCommandBits(0x1 | 0x4 | 0x400)
         }
         try self.init(address: address, interface: iface, deviceType: fn.virtioType, logger: logger,
                       mappings: Array(maps.values), translate: Self.dpdkTranslate)
