@@ -95,7 +95,7 @@ public struct EALReport: Sendable {
     public var summary: String {
         let cpus = lcoreCPUs.map(String.init).joined(separator: ",")
         return mode == .hugepages
-            ? "memory: \(memoryMB) MiB of hugepages (single-file segments), poll loop on CPU \(cpus)"
+            ? "memory: \(memoryMB) MiB of hugepages (\(arguments.contains("--legacy-mem") ? "legacy memory, IOVAs are physical addresses" : "single-file segments")), poll loop on CPU \(cpus)"
             : "memory: \(memoryMB) MiB of --no-huge memfd memory (no hugepages used; slower), poll loop on CPU \(cpus)"
     }
 }
