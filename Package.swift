@@ -13,6 +13,7 @@ let package = Package(
         .library(name: "VirtioNet", targets: ["VirtioNet"]),
         .library(name: "VirtioBlk", targets: ["VirtioBlk"]),
         .library(name: "VhostUser", targets: ["VhostUser"]),
+        .library(name: "VirtioPCI", targets: ["VirtioPCI"]),
         .library(name: "DPDK", targets: ["DPDK"]),
         .library(name: "VirtioTestSupport", targets: ["VirtioTestSupport"]),
         .executable(name: "vio", targets: ["vio"]),
@@ -31,6 +32,9 @@ let package = Package(
         .target(name: "VhostUser", dependencies: [
             "VirtioCore", "CVioLinux", .product(name: "Logging", package: "swift-log"),
         ]),
+        .target(name: "VirtioPCI", dependencies: [
+            "VirtioCore", "DPDK", "CVioLinux", .product(name: "Logging", package: "swift-log"),
+        ]),
         .target(name: "VirtioNet", dependencies: [
             "VirtioCore", "VhostUser", "DPDK", .product(name: "Logging", package: "swift-log"),
         ]),
@@ -39,7 +43,7 @@ let package = Package(
         ]),
         .target(name: "VirtioTestSupport", dependencies: ["VirtioCore"]),
         .executableTarget(name: "vio", dependencies: [
-            "VirtioNet", "VirtioBlk", "VirtioCore", "DPDK", "VhostUser", "CVioLinux",
+            "VirtioNet", "VirtioBlk", "VirtioCore", "DPDK", "VhostUser", "VirtioPCI", "CVioLinux",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
             .product(name: "Histogram", package: "hdrhistogram-swift"),
@@ -47,6 +51,7 @@ let package = Package(
         .testTarget(name: "VirtioCoreTests", dependencies: ["VirtioCore", "VirtioTestSupport"]),
         .testTarget(name: "VhostUserTests", dependencies: ["VhostUser", "VirtioCore", "CVioLinux"]),
         .testTarget(name: "DPDKTests", dependencies: ["DPDK"]),
+        .testTarget(name: "VirtioPCITests", dependencies: ["VirtioPCI", "VirtioCore"]),
         .testTarget(name: "IntegrationTests", dependencies: ["vio"]),
     ],
     swiftLanguageModes: [.v5]

@@ -3,6 +3,7 @@
 #   - DPDK 22.11 (libdpdk-dev; dpdk-dev ships dpdk-testpmd, the vhost-user net peer), libnuma-dev, pkg-config
 #   - qemu-system-common (qemu-storage-daemon, the vhost-user-blk peer)
 #   - Configs/pkgconfig/vio-dpdk.pc into /usr/local/lib/pkgconfig (SwiftPM cannot read Debian's libdpdk.pc)
+#   - Scripts/guest-setup.sh: QEMU, busybox and a Debian cloud kernel for the virtio-pci guest tests
 #   - 2 MiB hugepages (VIO_HUGEPAGES, default 1024) and a hugetlbfs mount at /dev/hugepages;
 #     when that is not possible, says so: everything then runs on DPDK's --no-huge memfd memory.
 set -euo pipefail
@@ -19,6 +20,7 @@ fi
 mkdir -p /usr/local/lib/pkgconfig
 install -m 0644 Configs/pkgconfig/vio-dpdk.pc /usr/local/lib/pkgconfig/vio-dpdk.pc
 pkg-config --exists vio-dpdk || { echo "setup: pkg-config cannot find vio-dpdk" >&2; exit 1; }
+echo "setup: guest kernel and QEMU for the virtio-pci tests in $(bash Scripts/guest-setup.sh)"
 
 want=${VIO_HUGEPAGES:-1024}
 huge=ok

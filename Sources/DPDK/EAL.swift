@@ -53,6 +53,14 @@ public struct EALPreset: Sendable, Equatable {
         "--lcores", "{LCORES}", "-m", "{MB}", "--no-huge", "--file-prefix", "{PREFIX}",
         "--no-pci", "--no-shconf", "--no-telemetry", "--iova-mode", "va", "--log-level", "lib.eal:warning",
     ])
+    /// For virtio-pci devices (`pci:` ports, in a guest without an IOMMU): hugepages and
+    /// `--iova-mode pa`, so IOVAs are the physical addresses the device must be given;
+    /// `--legacy-mem` maps all of `-m` at start, sorted by physical address, so multi-page
+    /// IOVA-contiguous memzones (rings, block buffers) can be had.
+    public static let pci = EALPreset(arguments: [
+        "--lcores", "{LCORES}", "-m", "{MB}", "--legacy-mem", "--huge-unlink", "--file-prefix", "{PREFIX}",
+        "--no-pci", "--no-shconf", "--no-telemetry", "--iova-mode", "pa", "--log-level", "lib.eal:warning",
+    ])
 
     /// Parses a `Configs/eal/*.conf` file: one argument per line, `#` comments, blank lines skipped.
     public init(fileContents: String) {
@@ -87,7 +95,7 @@ public struct EALReport: Sendable {
     public var summary: String {
         let cpus = lcoreCPUs.map(String.init).joined(separator: ",")
         return mode == .hugepages
-            ? "memory: \(memoryMB) MiB of hugepages (single-file segments), poll loop on CPU \(cpus)"
+            ? "memory: \(memoryMB) MiB of hugepages (\(arguments.contains("--legacy-mem") ? "legacy memory, IOVAs are physical addresses" : "single-file segments")), poll loop on CPU \(cpus)"
             : "memory: \(memoryMB) MiB of --no-huge memfd memory (no hugepages used; slower), poll loop on CPU \(cpus)"
     }
 }

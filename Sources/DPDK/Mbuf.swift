@@ -13,6 +13,8 @@ import CDPDK
 
     /// Start of the buffer (`buf_addr`): the address the device sees in vhost-user mode.
     @inlinable public var bufferAddress: UnsafeMutableRawPointer { vio_mbuf_buf_addr(raw) }
+    /// The bus address of the buffer start (`buf_iova`): what a PCI device sees.
+    @inlinable public var bufferIOVA: UInt64 { vio_mbuf_buf_iova(raw) }
     @inlinable public var bufferLength: UInt16 { vio_mbuf_buf_len(raw) }
     @inlinable public var dataOffset: UInt16 {
         get { vio_mbuf_data_off(raw) }

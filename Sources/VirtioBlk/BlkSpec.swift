@@ -141,6 +141,8 @@ public enum BlkRequestError: Error, Equatable, Sendable, CustomStringConvertible
     case rangeTooLarge(BlkOperation, sectors: UInt32, max: UInt32)
     /// The device went away or broke the ring; the queue takes no more requests.
     case queueStopped(String)
+    /// A data buffer the device cannot be given: for virtio-pci it must be IOVA-contiguous DPDK memory.
+    case notDMAMemory(String)
 
     public var description: String {
         switch self {
@@ -153,6 +155,7 @@ public enum BlkRequestError: Error, Equatable, Sendable, CustomStringConvertible
         case .misaligned(let m): m
         case let .rangeTooLarge(op, n, m): "\(op) of \(n) sectors exceeds the device's limit of \(m)"
         case .queueStopped(let m): "queue stopped: \(m)"
+        case .notDMAMemory(let m): "buffer is not IOVA-contiguous DPDK memory: \(m)"
         }
     }
 }

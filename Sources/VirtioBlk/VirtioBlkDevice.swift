@@ -11,7 +11,7 @@ public enum VirtioBlkError: Error, CustomStringConvertible {
     public var description: String {
         switch self {
         case .missingFeatures(let f): return "the virtio-blk device lacks required features: \(f)"
-        case .noConfigSpace: return "the vhost-user backend does not offer config space (VHOST_USER_PROTOCOL_F_CONFIG); capacity unknown"
+        case .noConfigSpace: return "the device has no config space (vhost-user: VHOST_USER_PROTOCOL_F_CONFIG not offered); capacity unknown"
         case .invalidQueueSize(let s): return "queue size \(s) must be a power of two from 4 to 4096"
         }
     }
@@ -27,10 +27,12 @@ public struct VirtioBlkOptions: Sendable {
     public init() {}
 }
 
-/// A virtio-blk device over vhost-user: negotiation, config space, and the memory of its queues.
+/// A virtio-blk device over any transport (vhost-user, virtio-pci): negotiation, config space, and the memory of its queues.
 /// Each queue is handed out once (`makeQueue`) and then polled by one lcore, like a DPDK queue.
 public final class VirtioBlkDevice {
-    public let transport: VhostUserConnection
+    public let transport: any VirtioTransport
+    /// Descriptors carry IOVAs (virtio-pci) instead of process virtual addresses.
+    public let usesIOVA: Bool
     public let features: VirtioFeatures
     public let config: BlkConfig
     public let queueCount: Int
@@ -46,15 +48,19 @@ public final class VirtioBlkDevice {
     private var taken: [Bool]
     let logger: Logger
 
-    public init(vhostUserPath path: String, options: VirtioBlkOptions = VirtioBlkOptions(),
+    public convenience init(vhostUserPath path: String, options: VirtioBlkOptions = VirtioBlkOptions(),
+                            logger: Logger = Logger(label: "virtio-blk")) throws {
+        try self.init(transport: try VhostUserConnection(path: path, logger: logger), options: options, logger: logger)
+    }
+
+    public init(transport t: any VirtioTransport, options: VirtioBlkOptions = VirtioBlkOptions(),
                 logger: Logger = Logger(label: "virtio-blk")) throws {
         VirtioFeatures.registerBlkNames()
         guard options.queueSize >= 4, options.queueSize <= 4096, options.queueSize & (options.queueSize - 1) == 0 else {
             throw VirtioBlkError.invalidQueueSize(options.queueSize)
         }
-        let t = try VhostUserConnection(path: path, logger: logger)
         let offered = t.deviceFeatures
-        guard offered.contains(.version1) else { throw VirtioBlkError.missingFeatures(.version1) }
+        guard offered.contains(.version1) || t.isLegacy else { throw VirtioBlkError.missingFeatures(.version1) }
         var wanted: VirtioFeatures = [.version1, .blkSizeMax, .blkSegMax, .blkBlockSize, .blkFlush, .blkDiscard,
                                       .blkWriteZeroes, .blkReadOnly, .blkMultiQueue, .blkTopology]
         if options.allowInOrder { wanted.insert(.inOrder) }
@@ -63,7 +69,7 @@ public final class VirtioBlkDevice {
         // kick is skipped while it is still working through what we published before.
         if options.allowEventIndex { wanted.insert(.eventIndex) }
         let chosen = offered.intersection(wanted)
-        guard t.protocolFeatures.contains(.config) else { throw VirtioBlkError.noConfigSpace }
+        guard t.hasConfigSpace else { throw VirtioBlkError.noConfigSpace }
         // No more than struct virtio_blk_config: qemu-storage-daemon refuses larger reads.
         let cfg = BlkConfig(bytes: try t.readConfig(offset: 0, count: BlkConfig.size))
         var queues = max(1, options.queues)
@@ -92,6 +98,7 @@ public final class VirtioBlkDevice {
         }
         try t.start()
         transport = t
+        usesIOVA = t.bufferAddressing == .iova
         features = chosen
         config = cfg
         queueCount = queues
@@ -99,7 +106,7 @@ public final class VirtioBlkDevice {
         self.rings = rings; self.slabs = slabs; self.tables = tables
         taken = Array(repeating: false, count: queues)
         self.logger = logger
-        logger.info("virtio-blk \(path): \(cfg.capacity) sectors (\(cfg.capacity * 512 / 1_048_576) MiB), block \(cfg.blockSize), seg_max \(cfg.segMax), size_max \(cfg.sizeMax), \(queues) queue(s) of \(layout.size), features \(chosen)")
+        logger.info("virtio-blk \(t.deviceDescription): \(cfg.capacity) sectors (\(cfg.capacity * 512 / 1_048_576) MiB), block \(cfg.blockSize), seg_max \(cfg.segMax), size_max \(cfg.sizeMax), \(queues) queue(s) of \(layout.size), features \(chosen)")
     }
 
     /// Queue `index`, once. The device must outlive it.
@@ -111,9 +118,11 @@ public final class VirtioBlkDevice {
                                 eventIndex: features.contains(.eventIndex))
         if let t = tables[index] {
             vq.useIndirect(IndirectTables(base: t.pointer.bindMemory(to: VirtqDesc.self, capacity: queueSize * (maxSegments + 2)),
-                                          baseAddress: UInt64(UInt(bitPattern: t.pointer)), entriesPerTable: maxSegments + 2))
+                                          baseAddress: usesIOVA ? t.iova : UInt64(UInt(bitPattern: t.pointer)), entriesPerTable: maxSegments + 2))
         }
-        return VirtioBlkQueue(index: index, queue: vq, slab: slabs[index].pointer, device: self)
+        let slab = slabs[index]
+        return VirtioBlkQueue(index: index, queue: vq, slab: slab.pointer,
+                              slabAddress: usesIOVA ? slab.iova : UInt64(UInt(bitPattern: slab.pointer)), device: self)
     }
 
     /// Stops every queue at the device; afterwards the device touches none of our memory.

@@ -25,6 +25,11 @@ public struct VirtioBlkQueue: ~Copyable {
     let device: VirtioBlkDevice
     var vq: SplitVirtqueue
     let slab: UnsafeMutableRawPointer
+    /// The slab's address as the device sees it (IOVA for virtio-pci, else `slab`).
+    let slabAddress: UInt64
+    let usesIOVA: Bool
+    /// Bus addresses of one request's data segments (virtio-pci), allocated once.
+    let busAddresses: UnsafeMutablePointer<UInt64>
     let contexts: UnsafeMutablePointer<Context>
     let freeContexts: UnsafeMutablePointer<UInt16>
     var freeTop: Int
@@ -42,12 +47,15 @@ public struct VirtioBlkQueue: ~Copyable {
     let maxDiscardSectors: UInt32
     let maxWriteZeroesSectors: UInt32
 
-    init(index: Int, queue: consuming SplitVirtqueue, slab: UnsafeMutableRawPointer, device: VirtioBlkDevice) {
+    init(index: Int, queue: consuming SplitVirtqueue, slab: UnsafeMutableRawPointer, slabAddress: UInt64, device: VirtioBlkDevice) {
         self.index = index
         self.device = device
         let size = queue.size
         vq = queue
         self.slab = slab
+        self.slabAddress = slabAddress
+        usesIOVA = device.usesIOVA
+        busAddresses = .allocate(capacity: max(1, device.maxSegments))
         contexts = .allocate(capacity: size)
         freeContexts = .allocate(capacity: size)
         for i in 0..<size { freeContexts[i] = UInt16(size - 1 - i) }
@@ -65,6 +73,7 @@ public struct VirtioBlkQueue: ~Copyable {
 
     deinit {
         contexts.deallocate(); freeContexts.deallocate(); cookies.deallocate(); lengths.deallocate(); dying.deallocate()
+        busAddresses.deallocate()
     }
 
     /// Requests submitted and not yet completed.
@@ -134,6 +143,14 @@ public struct VirtioBlkQueue: ~Copyable {
         let hasRange = op == .discard || op == .writeZeroes
         let segments = 2 + buffers.count + (hasRange ? 1 : 0)
         guard freeTop > 0, vq.descriptorsNeeded(forSegments: segments) <= vq.freeCount else { throw .queueFull }
+        // virtio-pci: data buffers go to the device as IOVAs, each checked to be contiguous.
+        let busAddresses = self.busAddresses
+        if usesIOVA {
+            for (k, b) in buffers.enumerated() {
+                guard let a = IOVA.of(b.address, count: b.length) else { throw .notDMAMemory("\(b.length) bytes at \(b.address)") }
+                busAddresses[k] = a
+            }
+        }
 
         freeTop -= 1
         let ctx = Int(freeContexts[freeTop])
@@ -149,14 +166,15 @@ public struct VirtioBlkQueue: ~Copyable {
         }
         // A status the device never wrote reads as invalid, not as OK.
         slot.storeBytes(of: UInt8(0xff), toByteOffset: Self.statusOffset, as: UInt8.self)
-        let slotAddress = UInt64(UInt(bitPattern: slot))
+        let slotAddress = slabAddress + UInt64(ctx * Self.slotBytes)
         let dataWritable = op == .read || op == .getID
         let ok = vq.addChain(count: segments, cookie: UnsafeMutableRawPointer(bitPattern: ctx + 1)) { i in
             if i == 0 { return VirtqSegment(addr: slotAddress, len: UInt32(BlkRequestHeader.size), deviceWritable: false) }
             if i == segments - 1 { return VirtqSegment(addr: slotAddress + UInt64(Self.statusOffset), len: 1, deviceWritable: true) }
             if hasRange { return VirtqSegment(addr: slotAddress + UInt64(Self.rangeOffset), len: 16, deviceWritable: false) }
             let b = buffers[i - 1]
-            return VirtqSegment(addr: UInt64(UInt(bitPattern: b.address)), len: UInt32(b.length), deviceWritable: dataWritable)
+            let addr = usesIOVA ? busAddresses[i - 1] : UInt64(UInt(bitPattern: b.address))
+            return VirtqSegment(addr: addr, len: UInt32(b.length), deviceWritable: dataWritable)
         }
         precondition(ok, "descriptor space was checked")
     }
@@ -187,7 +205,7 @@ public struct VirtioBlkQueue: ~Copyable {
             // Checking the connection is an atomic load; do it now and then, not per poll.
             idlePolls &+= 1
             if idlePolls & 4095 == 0 && !device.transport.isConnected {
-                stop(because: device.transport.disconnectReason ?? "vhost-user backend disconnected")
+                stop(because: device.transport.disconnectReason ?? "device disconnected")
             }
         } else {
             idlePolls = 0
@@ -224,7 +242,7 @@ public struct VirtioBlkQueue: ~Copyable {
     /// Checks the connection now (off the data path), stopping the queue if the device is gone.
     public mutating func checkDevice() {
         if stopReason == nil && !device.transport.isConnected {
-            stop(because: device.transport.disconnectReason ?? "vhost-user backend disconnected")
+            stop(because: device.transport.disconnectReason ?? "device disconnected")
         }
     }
 }

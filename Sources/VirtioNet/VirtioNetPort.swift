@@ -64,7 +64,8 @@ public struct VirtioNetPort<Ring: Virtqueue & ~Copyable>: ~Copyable {
     public let mac: EthernetAddress
     public let features: VirtioFeatures
     public let ringSize: Int
-    public let transport: VhostUserConnection
+    /// vhost-user or virtio-pci (issue 7): any transport; `notify` is the only data-path call.
+    public let transport: any VirtioTransport
     public let pool: PacketPool
     public var counters = NetCounters()
 
@@ -73,6 +74,9 @@ public struct VirtioNetPort<Ring: Virtqueue & ~Copyable>: ~Copyable {
     let rxMemory: DMAMemory
     let txMemory: DMAMemory
     @usableFromInline let mergeable: Bool
+    /// The transport wants bus addresses (virtio-pci): descriptors carry `buf_iova`-based IOVAs
+    /// instead of process virtual addresses. Chosen once at init.
+    @usableFromInline let iova: Bool
     /// Scratch arrays sized to the ring, allocated once.
     @usableFromInline let cookies: UnsafeMutablePointer<UnsafeMutableRawPointer?>
     @usableFromInline let lengths: UnsafeMutablePointer<UInt32>
@@ -91,25 +95,26 @@ public struct VirtioNetPort<Ring: Virtqueue & ~Copyable>: ~Copyable {
         try self.init(transport: try VhostUserConnection(path: path, logger: logger), pool: pool, options: options, logger: logger)
     }
 
-    /// Negotiates with a connected backend (see `VirtioNetDevice.connect` to pick the layout from
-    /// what it offers) and starts the port.
-    public init(transport t: VhostUserConnection, pool: PacketPool, options: VirtioNetOptions = VirtioNetOptions(),
+    /// Starts a port on an open transport (vhost-user, virtio-pci): negotiates, sets up both
+    /// queues and fills the RX ring.
+    public init(transport t: any VirtioTransport, pool: PacketPool, options: VirtioNetOptions = VirtioNetOptions(),
                 logger: Logger = Logger(label: "virtio-net")) throws {
         VirtioFeatures.registerNetNames()
-        let path = t.path
         guard options.ringSize >= 64, options.ringSize <= 4096, options.ringSize & (options.ringSize - 1) == 0 else {
             throw VirtioNetError.invalidRingSize(options.ringSize)
         }
         guard pool.capacity >= options.ringSize * 2 else { throw VirtioNetError.poolTooSmall(need: options.ringSize * 2, have: pool.capacity) }
         let offered = t.deviceFeatures
-        let required: VirtioFeatures = [.version1]
+        // A legacy (pre-1.0) PCI device has no VERSION_1; our 12-byte header is its header with
+        // MRG_RXBUF, so that is what it must offer instead.
+        let required: VirtioFeatures = t.isLegacy ? [.netMergeableRxBuffers] : [.version1]
         guard offered.isSuperset(of: required) else { throw VirtioNetError.missingFeatures(required.subtracting(offered)) }
         guard offered.isSuperset(of: Ring.layoutFeatures) else { throw VirtioNetError.layoutNotOffered(Ring.layoutName) }
         var wanted: VirtioFeatures = [.version1, .netStatus]
         wanted.formUnion(Ring.layoutFeatures)
         if options.allowInOrder { wanted.insert(.inOrder) }
-        if options.allowMergeableRxBuffers { wanted.insert(.netMergeableRxBuffers) }
-        if t.protocolFeatures.contains(.config) { wanted.formUnion([.netMAC, .netMTU]) }
+        if options.allowMergeableRxBuffers || t.isLegacy { wanted.insert(.netMergeableRxBuffers) }
+        if t.hasConfigSpace { wanted.formUnion([.netMAC, .netMTU]) }
         let chosen = offered.intersection(wanted)
         // Config space before the rings (DESIGN.md order: GET_CONFIG, then SET_VRING_CALL).
         var mac = options.mac ?? EthernetAddress.local(seed: UInt32(truncatingIfNeeded: getpidValue() << 8) | UInt32(options.portID))
@@ -139,11 +144,12 @@ public struct VirtioNetPort<Ring: Virtqueue & ~Copyable>: ~Copyable {
         features = chosen
         ringSize = options.ringSize
         mergeable = chosen.contains(.netMergeableRxBuffers)
+        iova = t.bufferAddressing == .iova
         cookies = .allocate(capacity: options.ringSize)
         lengths = .allocate(capacity: options.ringSize)
         staging = .allocate(capacity: options.ringSize)
         refill()
-        logger.info("port \(portID): \(path) mac \(mac), \(Ring.layoutName) ring \(options.ringSize), features \(chosen)\(inOrder ? "" : " (out-of-order path)")")
+        logger.info("port \(portID): \(t.deviceDescription) mac \(mac), \(Ring.layoutName) ring \(options.ringSize), features \(chosen)\(inOrder ? "" : " (out-of-order path)")")
     }
 
     deinit {
@@ -158,7 +164,7 @@ public struct VirtioNetPort<Ring: Virtqueue & ~Copyable>: ~Copyable {
     public var linkError: String? {
         if let e = rx.failure { return VirtioNetError.queueFailed(queue: "RX", e).description }
         if let e = tx.failure { return VirtioNetError.queueFailed(queue: "TX", e).description }
-        if !transport.isConnected { return transport.disconnectReason ?? "vhost-user backend disconnected" }
+        if !transport.isConnected { return transport.disconnectReason ?? "device disconnected" }
         return nil
     }
 
@@ -224,9 +230,11 @@ public struct VirtioNetPort<Ring: Virtqueue & ~Copyable>: ~Copyable {
         guard pool.allocate(staging, count: free) else { counters.rxNoMbuf &+= 1; return }
         let back = UInt64(Mbuf.headroom) &- UInt64(VirtioNetHeader.size)
         let staging = self.staging
+        let iova = self.iova
         rx.addBurst(count: free, deviceWritable: true) { k in
             let m = staging[k]
-            return (UInt64(UInt(bitPattern: m.bufferAddress)) &+ back, UInt32(m.bufferLength) &- UInt32(back), m.cookie)
+            let base = iova ? m.bufferIOVA : UInt64(UInt(bitPattern: m.bufferAddress))
+            return (base &+ back, UInt32(m.bufferLength) &- UInt32(back), m.cookie)
         }
         if rx.publish() { transport.notify(queue: 0) }
     }
@@ -257,6 +265,7 @@ public struct VirtioNetPort<Ring: Virtqueue & ~Copyable>: ~Copyable {
         let n = Swift.min(count, tx.freeCount)
         var simple = true
         for i in 0..<n where pkts[i].segmentCount != 1 || pkts[i].dataOffset < hdr { simple = false; break }
+        let iova = self.iova
         if simple {
             tx.addBurst(count: n, deviceWritable: false) { i in
                 let m = pkts[i]
@@ -265,7 +274,8 @@ public struct VirtioNetPort<Ring: Virtqueue & ~Copyable>: ~Copyable {
                 h.storeBytes(of: UInt32(0), toByteOffset: 8, as: UInt32.self)
                 let len = m.dataLength
                 bytes &+= UInt64(len)
-                return (UInt64(UInt(bitPattern: h)), UInt32(len &+ hdr), m.cookie)
+                let addr = iova ? m.bufferIOVA &+ UInt64(m.dataOffset &- hdr) : UInt64(UInt(bitPattern: h))
+                return (addr, UInt32(len &+ hdr), m.cookie)
             }
             sent = n
         } else {
@@ -280,12 +290,13 @@ public struct VirtioNetPort<Ring: Virtqueue & ~Copyable>: ~Copyable {
                 let h = m.data - Int(hdr)
                 h.storeBytes(of: UInt64(0), as: UInt64.self)
                 h.storeBytes(of: UInt32(0), toByteOffset: 8, as: UInt32.self)
-                let addr = UInt64(UInt(bitPattern: h))
+                let addr = iova ? m.bufferIOVA &+ UInt64(m.dataOffset &- hdr) : UInt64(UInt(bitPattern: h))
                 var seg = m
                 _ = tx.addChain(count: segs, cookie: m.cookie) { k in
                     if k == 0 { return VirtqSegment(addr: addr, len: UInt32(m.dataLength &+ hdr), deviceWritable: false) }
                     seg = seg.next.unsafelyUnwrapped
-                    return VirtqSegment(addr: UInt64(UInt(bitPattern: seg.data)), len: UInt32(seg.dataLength), deviceWritable: false)
+                    let a = iova ? seg.bufferIOVA &+ UInt64(seg.dataOffset) : UInt64(UInt(bitPattern: seg.data))
+                    return VirtqSegment(addr: a, len: UInt32(seg.dataLength), deviceWritable: false)
                 }
                 bytes &+= UInt64(m.packetLength)
                 sent &+= 1
@@ -332,10 +343,12 @@ public struct VirtioNetPort<Ring: Virtqueue & ~Copyable>: ~Copyable {
         let txIdle = tx.inFlight == 0 && tx.failure == nil
         let txExpected = tx.addresses.base
         try transport.stop()
-        guard let bases = transport.stoppedBases, bases.count == 2 else {
-            throw VirtioNetError.restartUnsupported
-        }
-        if txIdle && bases[1] != txExpected {
+        // vhost-user reports where each ring stopped; a transport that resets the device (PCI)
+        // starts both rings afresh.
+        let reported = transport.stoppedBases
+        let bases = reported ?? [Ring.resetBase, Ring.resetBase]
+        guard bases.count == 2 else { throw VirtioNetError.restartUnsupported }
+        if reported != nil && txIdle && bases[1] != txExpected {
             throw VirtioNetError.restartInconsistent(queue: "TX", device: bases[1], driver: txExpected)
         }
         var reclaimed = 0

@@ -3,16 +3,21 @@ import DPDK
 import Foundation
 import Logging
 import VirtioBlk
+import VirtioPCI
 
-/// `--dev vhost-user-blk:PATH`.
+/// `--dev vhost-user-blk:PATH` or `--dev pci:DDDD:BB:DD.F` (a virtio-blk PCI function bound to uio_pci_generic).
 struct BlkDeviceURI: ExpressibleByArgument, CustomStringConvertible {
     var path: String
+    var isPCI = false
     init?(argument: String) {
+        if argument.hasPrefix("pci:"), PCIAddress(String(argument.dropFirst(4))) != nil {
+            path = String(argument.dropFirst(4)); isPCI = true; return
+        }
         guard argument.hasPrefix("vhost-user-blk:"), argument.count > 15 else { return nil }
         path = String(argument.dropFirst(15))
     }
-    var description: String { "vhost-user-blk:\(path)" }
-    static var defaultValueDescription: String { "vhost-user-blk:/path/to.sock" }
+    var description: String { isPCI ? "pci:\(path)" : "vhost-user-blk:\(path)" }
+    static var defaultValueDescription: String { "vhost-user-blk:/path/to.sock|pci:0000:00:05.0" }
 }
 
 /// Options every block command shares.
@@ -42,7 +47,13 @@ struct BlkSetup {
     init(_ o: BlkOptions, queues: Int) throws {
         logger = bootstrapLogging(verbose: o.verbose)
         guard let dev = o.dev else { throw VioFailure(description: "give --dev vhost-user-blk:PATH") }
-        do { eal = try EAL.initialize(mode: o.memory, memoryMB: o.memoryMb) } catch let e as DPDKError {
+        if dev.isPCI {
+            do { _ = try VirtioPCITransport.probe(address: dev.path, expecting: .block) } catch {
+                throw VioFailure(description: "\(dev): \(error)")
+            }
+        }
+        let (preset, forced) = try ealPreset(file: nil, pci: dev.isPCI)
+        do { eal = try EAL.initialize(mode: forced ?? o.memory, memoryMB: o.memoryMb, preset: preset) } catch let e as DPDKError {
             throw VioFailure(description: e.description)
         }
         logger.info("\(eal.summary)")
@@ -51,7 +62,14 @@ struct BlkSetup {
         opts.queueSize = o.queueSize
         opts.allowIndirect = !o.noIndirect
         opts.allowInOrder = !o.noInOrder
-        do { device = try VirtioBlkDevice(vhostUserPath: dev.path, options: opts, logger: logger) } catch {
+        do {
+            if dev.isPCI {
+                let t = try VirtioPCITransport(address: dev.path, expecting: .block, logger: logger)
+                device = try VirtioBlkDevice(transport: t, options: opts, logger: logger)
+            } else {
+                device = try VirtioBlkDevice(vhostUserPath: dev.path, options: opts, logger: logger)
+            }
+        } catch {
             throw VioFailure(description: "\(dev): \(error)")
         }
     }

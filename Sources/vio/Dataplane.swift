@@ -7,6 +7,7 @@ import Logging
 import Synchronization
 import VhostUser
 import VirtioNet
+import VirtioPCI
 
 /// Set by SIGINT/SIGTERM; the poll loops read it once per iteration.
 let stopRequested = Atomic<Bool>(false)
@@ -41,15 +42,32 @@ func bootstrapLogging(verbose: Bool) -> Logger {
     return Logger(label: "vio")
 }
 
-/// `--port vhost:PATH`.
+/// `--port vhost:PATH` or `--port pci:DDDD:BB:DD.F` (a virtio-net PCI function bound to uio_pci_generic).
 struct PortURI: ExpressibleByArgument, CustomStringConvertible {
+    /// The socket path, or the PCI address for `pci:`.
     var path: String
+    var isPCI = false
     init?(argument: String) {
+        if argument.hasPrefix("pci:"), argument.count > 4 {
+            path = String(argument.dropFirst(4)); isPCI = true; return
+        }
         guard argument.hasPrefix("vhost:"), argument.count > 6 else { return nil }
         path = String(argument.dropFirst(6))
     }
-    var description: String { "vhost:\(path)" }
-    static var defaultValueDescription: String { "vhost:/path/to.sock" }
+    var description: String { isPCI ? "pci:\(path)" : "vhost:\(path)" }
+    static var defaultValueDescription: String { "vhost:/path/to.sock|pci:0000:00:04.0" }
+}
+
+/// The EAL preset for a set of devices: virtio-pci needs hugepages with IOVAs as physical
+/// addresses (`EALPreset.pci`); an explicit --eal-config wins.
+func ealPreset(file: String?, pci: Bool) throws -> (EALPreset?, MemoryMode?) {
+    if let path = file {
+        guard let text = try? String(contentsOfFile: path, encoding: .utf8) else {
+            throw VioFailure(description: "cannot read EAL preset \(path)")
+        }
+        return (EALPreset(fileContents: text), nil)
+    }
+    return pci ? (.pci, .hugepages) : (nil, nil)
 }
 
 extension MemoryMode: ExpressibleByArgument {}
@@ -57,7 +75,7 @@ extension RingLayoutChoice: ExpressibleByArgument {}
 
 /// Options every dataplane command shares.
 struct DataplaneOptions: ParsableArguments {
-    @Option(name: .customLong("port"), help: "A virtio-net device: vhost:PATH (a vhost-user socket). Repeatable.")
+    @Option(name: .customLong("port"), help: "A virtio-net device: vhost:PATH (a vhost-user socket) or pci:DDDD:BB:DD.F (a virtio-net PCI function bound to uio_pci_generic). Repeatable.")
     var ports: [PortURI] = []
     @Option(help: "Descriptors per ring (power of two, 64...4096).")
     var ringSize = 256
@@ -88,6 +106,12 @@ struct DataplaneOptions: ParsableArguments {
         guard portCount.contains(ports.count) else {
             throw ValidationError("give \(portCount.lowerBound == portCount.upperBound ? "\(portCount.lowerBound)" : "\(portCount.lowerBound) or \(portCount.upperBound)") --port vhost:PATH")
         }
+        for p in ports where p.isPCI && PCIAddress(p.path) == nil {
+            throw ValidationError("--port \(p): not a PCI address (expected pci:DDDD:BB:DD.F, e.g. pci:0000:00:04.0)")
+        }
+        if ports.contains(where: \.isPCI) && memory == .nohuge {
+            throw ValidationError("pci: ports need hugepages (IOVAs are physical addresses); --memory nohuge cannot be used")
+        }
         guard (1...512).contains(burst) else { throw ValidationError("--burst must be 1...512") }
         guard ringSize >= 64, ringSize <= 4096, ringSize & (ringSize - 1) == 0 else {
             throw ValidationError("--ring-size must be a power of two from 64 to 4096")
@@ -106,15 +130,14 @@ struct Dataplane {
 
     init(_ o: DataplaneOptions, dataRoom: Int = 2048 + 128) throws {
         logger = bootstrapLogging(verbose: o.verbose)
-        var preset: EALPreset?
-        if let path = o.ealConfig {
-            guard let text = try? String(contentsOfFile: path, encoding: .utf8) else {
-                throw VioFailure(description: "cannot read EAL preset \(path)")
+        for (i, p) in o.ports.enumerated() where p.isPCI {
+            do { _ = try VirtioPCITransport.probe(address: p.path, expecting: .net) } catch {
+                throw VioFailure(description: "port \(i) (\(p)): \(error)")
             }
-            preset = EALPreset(fileContents: text)
         }
+        let (preset, forced) = try ealPreset(file: o.ealConfig, pci: o.ports.contains(where: \.isPCI))
         do {
-            eal = try EAL.initialize(mode: o.memory, memoryMB: o.memoryMb, preset: preset)
+            eal = try EAL.initialize(mode: forced ?? o.memory, memoryMB: o.memoryMb, preset: preset)
             pool = try PacketPool(name: "vio_pool", count: o.mbufs, dataRoom: dataRoom)
         } catch let e as DPDKError {
             throw VioFailure(description: e.description)
@@ -124,12 +147,15 @@ struct Dataplane {
 
     /// Connects to every port's backend (nothing negotiated yet) and picks the ring layout all of
     /// them will use: a forced layout must be offered by every device.
-    func connect(_ o: DataplaneOptions) throws -> (transports: [VhostUserConnection], layout: RingLayoutChoice) {
-        var transports: [VhostUserConnection] = []
+    func connect(_ o: DataplaneOptions) throws -> (transports: [any VirtioTransport], layout: RingLayoutChoice) {
+        var transports: [any VirtioTransport] = []
         var layout = o.ring == .auto ? RingLayoutChoice.packed : o.ring
         for (id, uri) in o.ports.enumerated() {
-            let t: VhostUserConnection
-            do { t = try VhostUserConnection(path: uri.path, logger: logger) } catch {
+            let t: any VirtioTransport
+            do {
+                t = uri.isPCI ? try VirtioPCITransport(address: uri.path, expecting: .net, logger: logger)
+                              : try VhostUserConnection(path: uri.path, logger: logger)
+            } catch {
                 throw VioFailure(description: "port \(id) (\(uri)): \(error)")
             }
             guard let l = o.ring.resolve(offered: t.deviceFeatures) else {
@@ -141,7 +167,7 @@ struct Dataplane {
         return (transports, layout)
     }
 
-    func openPort<Ring: Virtqueue & ~Copyable>(_ transport: VhostUserConnection, _ uri: PortURI, id: UInt16,
+    func openPort<Ring: Virtqueue & ~Copyable>(_ transport: any VirtioTransport, _ uri: PortURI, id: UInt16,
                                                _ o: DataplaneOptions, as _: Ring.Type) throws -> VirtioNetPort<Ring> {
         var opts = VirtioNetOptions()
         opts.ringSize = o.ringSize

@@ -77,7 +77,7 @@ struct Fwd: ParsableCommand {
         try FwdRun(fwd: self, dp: dp, transports: transports).run(layout: layout)
     }
 
-    func forward<R: Virtqueue & ~Copyable>(_ dp: Dataplane, _ transports: [VhostUserConnection], as _: R.Type) throws {
+    func forward<R: Virtqueue & ~Copyable>(_ dp: Dataplane, _ transports: [any VirtioTransport], as _: R.Type) throws {
         let o = dataplane
         let burst = o.burst
         let bufs = UnsafeMutablePointer<Mbuf>.allocate(capacity: burst)
@@ -158,7 +158,7 @@ struct Fwd: ParsableCommand {
     }
 
     struct FwdRun: LayoutGeneric {
-        let fwd: Fwd, dp: Dataplane, transports: [VhostUserConnection]
+        let fwd: Fwd, dp: Dataplane, transports: [any VirtioTransport]
         func run<Ring: Virtqueue & ~Copyable>(_: Ring.Type) throws { try fwd.forward(dp, transports, as: Ring.self) }
     }
 

@@ -118,11 +118,11 @@ struct Pktgen: ParsableCommand {
     }
 
     struct Run: LayoutGeneric {
-        let pktgen: Pktgen, dp: Dataplane, transport: VhostUserConnection
+        let pktgen: Pktgen, dp: Dataplane, transport: any VirtioTransport
         func run<Ring: Virtqueue & ~Copyable>(_: Ring.Type) throws { try pktgen.generate(dp, transport, as: Ring.self) }
     }
 
-    func generate<R: Virtqueue & ~Copyable>(_ dp: Dataplane, _ transport: VhostUserConnection, as _: R.Type) throws {
+    func generate<R: Virtqueue & ~Copyable>(_ dp: Dataplane, _ transport: any VirtioTransport, as _: R.Type) throws {
         let o = dataplane
         var port = try dp.openPort(transport, o.ports[0], id: 0, o, as: R.self)
         let g = Generator(pool: dp.pool, mac: port.mac, size: size, flows: flows, verify: verify,

@@ -23,3 +23,12 @@ final class EALPresetTests: XCTestCase {
         XCTAssertEqual(p.arguments, ["-m", "{MB}"])
     }
 }
+
+final class EALPCIPresetTests: XCTestCase {
+    func testPCIPresetMatchesConfigs() throws {
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+        let text = try String(contentsOf: root.appendingPathComponent("Configs/eal/pci.conf"), encoding: .utf8)
+        XCTAssertEqual(EALPreset(fileContents: text), EALPreset.pci)
+        XCTAssertEqual(EALPreset.pci.arguments.split(separator: "--iova-mode").last?.first, "pa")
+    }
+}

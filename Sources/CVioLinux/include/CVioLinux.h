@@ -26,4 +26,13 @@ static inline uint64_t cvio_rdtsc(void) {
     __asm__ __volatile__("rdtsc" : "=a"(lo), "=d"(hi));
     return ((uint64_t)hi << 32) | lo;
 }
+
+// Device register access for virtio-pci (a mapped BAR): volatile loads and stores of one width,
+// so the compiler neither merges, splits, nor drops them.
+static inline uint8_t cvio_mmio_read8(const void *p) { return *(const volatile uint8_t *)p; }
+static inline uint16_t cvio_mmio_read16(const void *p) { return *(const volatile uint16_t *)p; }
+static inline uint32_t cvio_mmio_read32(const void *p) { return *(const volatile uint32_t *)p; }
+static inline void cvio_mmio_write8(void *p, uint8_t v) { *(volatile uint8_t *)p = v; }
+static inline void cvio_mmio_write16(void *p, uint16_t v) { *(volatile uint16_t *)p = v; }
+static inline void cvio_mmio_write32(void *p, uint32_t v) { *(volatile uint32_t *)p = v; }
 #endif

@@ -478,6 +478,7 @@ public struct SplitVirtqueue: ~Copyable {
 extension SplitVirtqueue: Virtqueue {
     public static var layoutName: String { "split" }
     public static var layoutFeatures: VirtioFeatures { [] }
+    public static var resetBase: UInt32 { 0 }
     public static func ringBytes(size: Int) throws(VirtqueueError) -> Int { try SplitRingLayout(size: size).totalBytes }
 
     public init(memory: UnsafeMutableRawPointer, size: Int, inOrder: Bool, eventIndex: Bool) throws(VirtqueueError) {

@@ -46,6 +46,8 @@ public protocol Virtqueue: ~Copyable {
     /// (vhost-user GET_VRING_BASE: split, the avail index; packed, the position with the wrap
     /// counter in bit 15), so driver and device agree where the next buffer goes.
     mutating func restart(at base: UInt32)
+    /// Where a ring starts after a device reset (split: 0; packed: position 0, wrap counter 1).
+    static var resetBase: UInt32 { get }
 }
 
 /// The ring layout a driver asks for: `auto` takes packed when the device offers it.

@@ -26,6 +26,15 @@ public struct QueueAddresses: Sendable, Equatable {
     }
 }
 
+/// How the device reads the addresses in descriptors and ring registers.
+public enum BufferAddressing: Sendable, Equatable {
+    /// Process virtual addresses (vhost-user: the backend maps our memory table).
+    case processVirtual
+    /// Bus addresses (virtio-pci): DPDK IOVAs, physical addresses in a guest without an IOMMU
+    /// (`rte_mem_virt2iova`, an mbuf's `buf_iova`).
+    case iova
+}
+
 /// What a device driver (net, blk) needs from whatever carries virtio to the device: vhost-user
 /// today, virtio-pci later. The data path never calls it except `notify`, and only when the
 /// device asked for a notification.
@@ -34,6 +43,16 @@ public protocol VirtioTransport: AnyObject {
     var deviceFeatures: VirtioFeatures { get }
     /// Queues the device supports (for net: 2 × queue pairs), or nil if it does not say.
     var maxQueues: Int? { get }
+    /// How buffer addresses in descriptors must be expressed. The transport decides, not the queue
+    /// core: the devices translate their buffers once per descriptor when this is `.iova`.
+    var bufferAddressing: BufferAddressing { get }
+    /// A legacy (pre-1.0) device: no VIRTIO_F_VERSION_1, guest-endian, fixed queue sizes (legacy
+    /// virtio-pci). False for everything else.
+    var isLegacy: Bool { get }
+    /// Whether `readConfig` works (vhost-user needs VHOST_USER_PROTOCOL_F_CONFIG; PCI always can).
+    var hasConfigSpace: Bool { get }
+    /// A short description of the device for logs ("vhost-user /tmp/x.sock", "virtio-pci 0000:00:04.0 (modern)").
+    var deviceDescription: String { get }
     /// Reads `count` bytes of device config space at `offset`.
     func readConfig(offset: Int, count: Int) throws -> [UInt8]
     /// Accepts `features` (a subset of `deviceFeatures`) for a device that will use `queueCount` queues.
@@ -60,4 +79,6 @@ public protocol VirtioTransport: AnyObject {
 
 extension VirtioTransport {
     public var stoppedBases: [UInt32]? { nil }
+    public var bufferAddressing: BufferAddressing { .processVirtual }
+    public var isLegacy: Bool { false }
 }
