@@ -117,8 +117,14 @@ int vlw_start(const uint8_t mac[6], uint32_t ip, uint32_t mask, uint32_t gw, uin
     return 0;
 }
 
+// One contiguous PBUF_RAM per frame. Not PBUF_POOL: Debian's liblwip 2.1.3 sizes its pool
+// pbufs (616-byte elements, for TCP_MSS 536) unlike what its shipped lwipopts.h implies
+// (TCP_MSS 1460), and a full-size frame taken as a chain of pool pbufs corrupted the heap here
+// (malloc(): invalid size, reproduced with any request body over one segment). The tcp_pcb and
+// netif fields this file touches were checked against the library's own code (tcp_alloc's
+// stores: snd_buf 0xa8, flags 0x52, keep_idle 0x108, size 0x120).
 int vlw_input(const void *frame, uint16_t len) {
-    struct pbuf *p = pbuf_alloc(PBUF_RAW, len, PBUF_POOL);
+    struct pbuf *p = pbuf_alloc(PBUF_RAW, len, PBUF_RAM);
     if (!p) { g_stats.rx_no_pbuf++; return -1; }
     pbuf_take(p, frame, len);
     if (g_netif.input(p, &g_netif) != ERR_OK) {
