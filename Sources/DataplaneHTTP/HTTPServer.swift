@@ -162,7 +162,7 @@ final class HTTPConnection {
         guard !finished else { return }
         if events.contains(.failed) || conn.isFailed {
             server.counters.peerResets += 1
-            if partial > 0 || head != nil { server.counters.closedMidRequest += 1 }
+            if partial > 0 || head != nil || conn.readableBytes > 0 { server.counters.closedMidRequest += 1 }
             finish()
             return
         }
