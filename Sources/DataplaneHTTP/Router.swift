@@ -112,7 +112,8 @@ public final class HTTPRouter {
         onPrefix(p, method: .HEAD, handler)
     }
 
-    func handle(_ req: HTTPRequest) -> HTTPResponse {
+    /// The response of the matching handler (404 or 405 when none matches).
+    public func handle(_ req: HTTPRequest) -> HTTPResponse {
         let path = String(req.path)
         if let routes = exact[path] {
             if let r = routes.first(where: { $0.method == nil || $0.method == req.head.method || ($0.method == .GET && req.head.method == .HEAD) }) {
