@@ -63,6 +63,11 @@ let package = Package(
         .testTarget(name: "VhostUserTests", dependencies: ["VhostUser", "VirtioCore", "CVioLinux"]),
         .testTarget(name: "DPDKTests", dependencies: ["DPDK"]),
         .testTarget(name: "IntegrationTests", dependencies: ["vio"]),
+        .testTarget(name: "DataplaneHTTPTests", dependencies: [
+            "DataplaneHTTP", "NetStack",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
+        ]),
     ],
     swiftLanguageModes: [.v5]
 )

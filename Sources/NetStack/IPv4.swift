@@ -11,7 +11,7 @@ public struct IPv4Address: Equatable, Hashable, Sendable, CustomStringConvertibl
         guard parts.count == 4 else { return nil }
         var o = [UInt8]()
         for p in parts {
-            guard !p.isEmpty, p.count <= 3, p.allSatisfy(\.isASCII), let v = UInt8(p) else { return nil }
+            guard !p.isEmpty, p.count <= 3, p.allSatisfy({ $0 >= "0" && $0 <= "9" }), let v = UInt8(p) else { return nil }
             o.append(v)
         }
         octets = (o[0], o[1], o[2], o[3])
