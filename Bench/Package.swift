@@ -42,6 +42,8 @@ let package = Package(
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
             ],
-            path: "Sources/vio-nio-httpd"),
+            path: "Sources/vio-nio-httpd",
+            // Top-level closures would be main-actor isolated in Swift 6 mode (the handlers run on NIO's loop).
+            swiftSettings: [.swiftLanguageMode(.v5)]),
     ]
 )

@@ -128,6 +128,8 @@ def main():
                     w = sh("ip", "netns", "exec", nsc, "wrk", "-t2", "-c%d" % a.connections, "-d%ds" % a.seconds, "--latency", base + path,
                            timeout=a.seconds + 60)
                     res = parse_wrk(w.stdout)
+                    if res["rps"] == 0:
+                        res["wrk_output"] = w.stdout + w.stderr
                     res["round"] = r
                     runs[name][path].append(res)
                     print("%-45s %-9s round %d: %9.0f req/s  p50 %.2f ms  p99 %.2f ms  errors: %s" % (

@@ -276,6 +276,28 @@ final class HTTPIntegrationTests: XCTestCase {
         stopServer()
     }
 
+    /// Bad arguments exit 64 with a message; a socket nobody serves exits 1 with the reason.
+    func testBadArgumentsAndMissingDevice() throws {
+        let dir = try TempDir()
+        for (args, needle) in [(["httpd", "--ip", "198.18.0.2/24"], "--port"),
+                               (["httpd", "--port", "vhost:/x.sock", "--ip", "198.18.0.300/24"], "--ip"),
+                               (["httpd", "--port", "vhost:/x.sock", "--ip", "198.18.0.2/24", "--root", "/nonexistent-dir"], "--root"),
+                               (["httpd", "--config", "/nonexistent.toml", "--ip", "198.18.0.2/24"], "config")] {
+            let r = try Vio.run(args, dir: dir, timeout: 30, json: false)
+            XCTAssertEqual(r.status, 64, "\(args): \(r)")
+            XCTAssertTrue(r.stderr.contains(needle), "\(args): \(r)")
+        }
+        let bad = dir.path("bad.toml")
+        try Data("port = \"vhost:/x.sock\"\nip = \"198.18.0.2/24\"\nlisten = 99999\n".utf8).write(to: URL(fileURLWithPath: bad))
+        let c = try Vio.run(["httpd", "--config", bad], dir: dir, timeout: 30, json: false)
+        XCTAssertEqual(c.status, 64, "\(c)")
+        XCTAssertTrue(c.stderr.contains("bad.toml:3"), "\(c)")
+        let r = try Vio.run(["httpd", "--port", "vhost:\(dir.path("nobody.sock"))", "--ip", "198.18.0.2/24",
+                             "--memory", "nohuge", "--memory-mb", "128", "--mbufs", "8192"], dir: dir, timeout: 60, json: false)
+        XCTAssertEqual(r.status, 1, "\(r)")
+        XCTAssertTrue(r.stderr.contains("vio: error:") && r.stderr.contains("nobody.sock"), "\(r)")
+    }
+
     /// wrk, 2 threads × 50 connections for 10 s, against a server configured from a file: every
     /// request answered, no socket errors, no non-2xx answers.
     func testWrkFiftyConnectionsNoSocketErrors() throws {

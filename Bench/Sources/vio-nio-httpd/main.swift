@@ -7,6 +7,7 @@ import NIOCore
 import NIOHTTP1
 import NIOPosix
 
+
 let args = CommandLine.arguments
 guard args.count >= 4, let port = Int(args[2]) else {
     print("usage: vio-nio-httpd HOST PORT ROOT [THREADS]")
@@ -62,5 +63,5 @@ let channel = try ServerBootstrap(group: group)
     }
     .childChannelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
     .bind(host: args[1], port: port).wait()
-print("vio-nio-httpd: listening on \(args[1]):\(port)")
+FileHandle.standardOutput.write(Data("vio-nio-httpd: listening on \(args[1]):\(port)\n".utf8))
 try channel.closeFuture.wait()
