@@ -142,12 +142,12 @@ def main():
                 p.wait(20)
         summary = {}
         print()
-        print("| server | path | req/s (median of %d) | p50 | p75 | p90 | p99 | socket errors |" % a.rounds)
+        print("| server | path | req/s (median round of %d) | p50 | p75 | p90 | p99 | socket errors |" % a.rounds)
         print("|---|---|---:|---:|---:|---:|---:|---|")
         for name in targets:
             for path in paths:
                 rs = sorted(runs[name][path], key=lambda x: x["rps"])
-                med = rs[len(rs) // 2]
+                med = rs[(len(rs) - 1) // 2]   # the lower middle round when the count is even
                 summary.setdefault(name, {})[path] = {"median": med, "all_rps": [x["rps"] for x in runs[name][path]]}
                 print("| %s | %s | %.0f | %.2f ms | %.2f ms | %.2f ms | %.2f ms | %s |" % (
                     name, path, med["rps"], med.get("p50_ms", 0), med.get("p75_ms", 0), med.get("p90_ms", 0),
