@@ -2,6 +2,7 @@ import DPDK
 import Foundation
 import Logging
 import NetStack
+import Synchronization
 import NIOCore
 import NIOHTTP1
 import VirtioNet
@@ -64,12 +65,25 @@ public struct HTTPDataplaneStats: Codable, Sendable {
 ///                                           interface: IPv4Interface(cidr: "198.18.0.2/24")!),
 ///                       router: router)
 /// ```
+/// Set by SIGINT/SIGTERM when `run` handles signals.
+private let signalStop = Atomic<Bool>(false)
+
 public enum HTTPDataplane {
+    /// SIGINT/SIGTERM stop `run` cleanly (the port is closed, so the device sees an orderly stop).
+    static func installSignalHandlers() {
+        for sig in [SIGINT, SIGTERM] {
+            signal(sig) { _ in signalStop.store(true, ordering: .relaxed) }
+        }
+    }
+
     /// Adds `GET /stats` (JSON: driver, stack and HTTP counters) to `router` and serves.
     /// `onReady` runs once the server listens (e.g. to print a line a supervisor waits for).
+    /// With `handleSignals`, SIGINT and SIGTERM stop it (pass false if the caller handles them and
+    /// answers through `shouldStop`).
     public static func run(_ config: HTTPDataplaneConfig, router: HTTPRouter, logger: Logger = Logger(label: "httpd"),
-                           statsPath: String? = "/stats", onReady: (() -> Void)? = nil,
+                           statsPath: String? = "/stats", handleSignals: Bool = true, onReady: (() -> Void)? = nil,
                            shouldStop: @escaping () -> Bool = { false }) throws {
+        if handleSignals { installSignalHandlers() }
         do {
             let eal = try EAL.initialize(mode: config.memory, memoryMB: config.memoryMB)
             logger.info("\(eal.summary)")
@@ -126,7 +140,7 @@ public enum HTTPDataplane {
             turns &+= 1
             guard turns & 1023 == 0 else { continue }
             if !port.isLinkUp { linkError = port.linkError ?? "link down"; break }
-            if shouldStop() { break }
+            if shouldStop() || signalStop.load(ordering: .relaxed) { break }
         }
         _ = port.close()
         if let e = linkError { throw HTTPDataplaneError.linkLost(e) }

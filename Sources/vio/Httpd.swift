@@ -166,7 +166,7 @@ struct Httpd: ParsableCommand {
             router.get("/") { _ in .text("hello from swift-virtio\n") }
         }
         do {
-            try HTTPDataplane.run(c, router: router, logger: logger, onReady: {
+            try HTTPDataplane.run(c, router: router, logger: logger, handleSignals: false, onReady: {
                 print("httpd: listening on \(s.ip!.address):\(s.listen)")
             }, shouldStop: { stopRequested.load(ordering: .relaxed) })
         } catch let e as HTTPDataplaneError {
