@@ -271,10 +271,11 @@ size_t vlw_conn_read(vlw_conn *c, void *buf, size_t max) {
     return n;
 }
 
-size_t vlw_conn_writable(const vlw_conn *c) {
+size_t vlw_conn_writable(vlw_conn *c) {
     if (!c->pcb) return 0;
-    if (tcp_sndqueuelen(c->pcb) >= TCP_SND_QUEUELEN - 2) return 0;
-    return tcp_sndbuf(c->pcb);
+    size_t room = tcp_sndqueuelen(c->pcb) >= TCP_SND_QUEUELEN - 2 ? 0 : tcp_sndbuf(c->pcb);
+    if (room == 0) c->want_write = 1;   // whoever finds no room hears when acknowledgements make some
+    return room;
 }
 
 long vlw_conn_write(vlw_conn *c, const void *data, size_t len) {

@@ -300,7 +300,8 @@ public final class TCPConnection {
     public var isClosed: Bool { raw == nil }
     /// Bytes received and not read yet.
     public var readableBytes: Int { raw.map { vlw_conn_readable($0) } ?? 0 }
-    /// Bytes `write` would take now.
+    /// Bytes `write` would take now. When it is 0, the handler runs again with `.writable` once
+    /// acknowledgements make room.
     public var writableBytes: Int { raw.map { vlw_conn_writable($0) } ?? 0 }
     /// The peer sent FIN: after the buffered bytes, nothing more will arrive.
     public var isPeerClosed: Bool { raw.map { vlw_conn_state($0) & UInt32(VLW_EV_PEER_CLOSED) != 0 } ?? true }

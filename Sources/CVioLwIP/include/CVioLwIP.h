@@ -72,8 +72,9 @@ uint16_t vlw_conn_remote_port(const vlw_conn *c);
 size_t vlw_conn_readable(const vlw_conn *c);
 /// Copies up to `max` received bytes out and opens the receive window by as much. Lock held.
 size_t vlw_conn_read(vlw_conn *c, void *buf, size_t max);
-/// Bytes the send buffer takes now (0 when the connection is gone).
-size_t vlw_conn_writable(const vlw_conn *c);
+/// Bytes the send buffer takes now (0 when the connection is gone). Finding no room arms
+/// VLW_EV_WRITABLE, so a writer that stops here is woken when acknowledgements free space.
+size_t vlw_conn_writable(vlw_conn *c);
 /// Queues up to `len` bytes (copied); returns how many were taken, -1 if the connection is gone.
 /// A short write arms VLW_EV_WRITABLE. Call vlw_conn_flush after the last write of a batch.
 long vlw_conn_write(vlw_conn *c, const void *data, size_t len);
