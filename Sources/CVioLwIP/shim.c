@@ -274,7 +274,7 @@ size_t vlw_conn_read(vlw_conn *c, void *buf, size_t max) {
 size_t vlw_conn_writable(vlw_conn *c) {
     if (!c->pcb) return 0;
     size_t room = tcp_sndqueuelen(c->pcb) >= TCP_SND_QUEUELEN - 2 ? 0 : tcp_sndbuf(c->pcb);
-    if (room == 0) c->want_write = 1;   // whoever finds no room hears when acknowledgements make some
+    if (room == 0) { c->want_write = 1; g_stats.write_would_block++; }   // woken when ACKs make room
     return room;
 }
 
@@ -282,7 +282,7 @@ long vlw_conn_write(vlw_conn *c, const void *data, size_t len) {
     if (!c->pcb || (c->state & VLW_EV_ERROR)) return -1;
     size_t room = vlw_conn_writable(c);
     if (len > room) len = room;
-    if (len == 0) { c->want_write = 1; g_stats.write_would_block++; return 0; }
+    if (len == 0) return 0;   // no room: vlw_conn_writable armed the event and counted it
     err_t e = tcp_write(c->pcb, data, (u16_t)len, TCP_WRITE_FLAG_COPY);
     if (e == ERR_MEM) { c->want_write = 1; g_stats.write_would_block++; return 0; }
     if (e != ERR_OK) return -1;

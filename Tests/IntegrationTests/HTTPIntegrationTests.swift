@@ -276,6 +276,48 @@ final class HTTPIntegrationTests: XCTestCase {
         stopServer()
     }
 
+    /// Backpressure: a client with a tiny receive buffer that reads slowly gets the whole 10 MiB
+    /// file intact, then a pipelined request behind it is answered; the server meanwhile serves
+    /// others.
+    func testSlowReaderGetsWholeFileThenPipelinedAnswer() throws {
+        try start()
+        let r = try ns!.python("""
+            import hashlib, socket, sys, threading, time, urllib.request
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.settimeout(60)
+            s.connect(("198.18.0.2", 8080))
+            s.sendall(b"GET /big.bin HTTP/1.1\\r\\nHost: x\\r\\n\\r\\nGET /hello HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n")
+            data = bytearray()
+            other = []
+            n = 0
+            while True:
+                d = s.recv(4096)
+                if not d: break
+                data += d
+                n += 1
+                if n % 256 == 0:
+                    time.sleep(0.01)
+                if n == 512:
+                    other.append(urllib.request.urlopen("http://198.18.0.2:8080/hello", timeout=30).read())
+            head, _, rest = bytes(data).partition(b"\\r\\n\\r\\n")
+            size = 10 << 20
+            body, tail = rest[:size], rest[size:]
+            print(head.split(b"\\r\\n")[0].decode(), len(body), hashlib.sha256(body).hexdigest(),
+                  tail.split(b"\\r\\n")[0].decode().replace(" ", "_"), tail.endswith(b"hello from swift-virtio\\n"),
+                  other == [b"hello from swift-virtio\\n"])
+            """, timeout: 180)
+        XCTAssertEqual(r.status, 0, r.stderr)
+        let sum = try runCommand(["/usr/bin/sha256sum", dir.path("www/big.bin")], timeout: 30, dir: dir)
+        let digest = sum.text.split(separator: " ").first.map(String.init) ?? "?"
+        XCTAssertEqual(digest.count, 64, sum.stderr)
+        XCTAssertEqual(r.text.trimmingCharacters(in: .whitespacesAndNewlines),
+                       "HTTP/1.1 200 OK \(10 << 20) \(digest) HTTP/1.1_200_OK True True", r.stderr)
+        let json = try stats()
+        XCTAssertGreaterThan(number(json, "stack", "writeWouldBlock"), 0, "the client never filled the window")
+        stopServer()
+    }
+
     /// Bad arguments exit 64 with a message; a socket nobody serves exits 1 with the reason.
     func testBadArgumentsAndMissingDevice() throws {
         let dir = try TempDir()
