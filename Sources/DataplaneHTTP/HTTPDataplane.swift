@@ -27,6 +27,10 @@ public struct HTTPDataplaneConfig: Sendable {
     }
 }
 
+/// The port type `run` opens. When VirtioNetPort is generic over its ring, this becomes
+/// `VirtioNetPort<SplitVirtqueue>` (import VirtioCore).
+public typealias HTTPDataplanePort = VirtioNetPort
+
 public enum HTTPDataplaneError: Error, CustomStringConvertible {
     case setup(String)
     case linkLost(String)
@@ -96,8 +100,8 @@ public enum HTTPDataplane {
         }
         var opts = VirtioNetOptions()
         opts.ringSize = config.ringSize
-        var port: VirtioNetPort
-        do { port = try VirtioNetPort(vhostUserPath: config.vhostUserPath, pool: pool, options: opts, logger: logger) } catch {
+        var port: HTTPDataplanePort
+        do { port = try HTTPDataplanePort(vhostUserPath: config.vhostUserPath, pool: pool, options: opts, logger: logger) } catch {
             throw HTTPDataplaneError.setup("port vhost:\(config.vhostUserPath): \(error)")
         }
         var stackConfig = NetStackConfig(interface: config.interface, gateway: config.gateway)

@@ -100,7 +100,7 @@ public final class NetStack {
     var nextTick: UInt64
 
     /// Starts lwIP (once per process) with the port's MAC address and `config`'s address.
-    public init(port: borrowing VirtioNetPort, config: NetStackConfig) throws {
+    public init<Port: PacketPort & ~Copyable>(port: borrowing Port, config: NetStackConfig) throws {
         guard (576...1500).contains(config.mtu) else { throw NetStackError.invalidMTU(config.mtu) }
         self.config = config
         mac = port.mac
@@ -171,7 +171,7 @@ public final class NetStack {
     /// One turn of the loop: receive, run the stack and the handlers, send. Returns the frames
     /// received. Takes the core lock only when there is something to do.
     @discardableResult
-    public func poll(_ port: inout VirtioNetPort) -> Int {
+    public func poll<Port: PacketPort & ~Copyable>(_ port: inout Port) -> Int {
         let n = port.rxBurst(rxBufs, max: burst)
         let now = TSC.now()
         let tick = now >= nextTick
@@ -203,7 +203,7 @@ public final class NetStack {
     }
 
     /// Sends the staged frames; what the ring does not take waits for the next poll.
-    func flushTX(_ port: inout VirtioNetPort) {
+    func flushTX<Port: PacketPort & ~Copyable>(_ port: inout Port) {
         guard txCount > 0 else { vlw_set_tx_pending(0); return }
         let sent = port.txBurst(txStage, count: txCount)
         if sent < txCount {
@@ -233,7 +233,7 @@ public final class NetStack {
     }
 
     /// Polls until `keepGoing` returns false (checked every 1024 turns).
-    public func run(_ port: inout VirtioNetPort, while keepGoing: () -> Bool) {
+    public func run<Port: PacketPort & ~Copyable>(_ port: inout Port, while keepGoing: () -> Bool) {
         var turns = 0
         while true {
             poll(&port)
