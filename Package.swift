@@ -47,7 +47,7 @@ let package = Package(
         .target(name: "CVioLwIP", dependencies: ["CLwIP"]),
         .target(name: "NetStack", dependencies: ["CVioLwIP", "VirtioNet", "DPDK"]),
         .target(name: "DataplaneHTTP", dependencies: [
-            "NetStack", "VirtioNet", "DPDK",
+            "NetStack", "VirtioNet", "VirtioCore", "DPDK",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOEmbedded", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"),
