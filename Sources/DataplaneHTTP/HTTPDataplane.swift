@@ -5,6 +5,7 @@ import NetStack
 import Synchronization
 import NIOCore
 import NIOHTTP1
+import VirtioCore
 import VirtioNet
 
 /// Everything needed to serve HTTP on a vhost-user virtio-net port.
