@@ -16,12 +16,15 @@ let package = Package(
         .library(name: "VirtioPCI", targets: ["VirtioPCI"]),
         .library(name: "DPDK", targets: ["DPDK"]),
         .library(name: "VirtioTestSupport", targets: ["VirtioTestSupport"]),
+        .library(name: "NetStack", targets: ["NetStack"]),
+        .library(name: "DataplaneHTTP", targets: ["DataplaneHTTP"]),
         .executable(name: "vio", targets: ["vio"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
         .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
         .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift", from: "0.1.0"),
+        .package(url: "https://github.com/apple/swift-nio", from: "2.80.0"),
     ],
     targets: [
         .systemLibrary(name: "CDPDK", pkgConfig: "vio-dpdk",
@@ -42,8 +45,20 @@ let package = Package(
             "VirtioCore", "VhostUser", "DPDK", .product(name: "Logging", package: "swift-log"),
         ]),
         .target(name: "VirtioTestSupport", dependencies: ["VirtioCore"]),
+        // TCP/IP on a virtio-net port: lwIP (Debian's liblwip) behind a small C glue, then a
+        // Swift listener/connection API, then HTTP/1.1 with NIOHTTP1's codecs.
+        .systemLibrary(name: "CLwIP", pkgConfig: "lwip", providers: [.apt(["liblwip-dev"])]),
+        .target(name: "CVioLwIP", dependencies: ["CLwIP"]),
+        .target(name: "NetStack", dependencies: ["CVioLwIP", "VirtioNet", "DPDK"]),
+        .target(name: "DataplaneHTTP", dependencies: [
+            "NetStack", "VirtioNet", "VirtioCore", "DPDK",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOEmbedded", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
         .executableTarget(name: "vio", dependencies: [
-            "VirtioNet", "VirtioBlk", "VirtioCore", "DPDK", "VhostUser", "VirtioPCI", "CVioLinux",
+            "VirtioNet", "VirtioBlk", "VirtioCore", "DPDK", "VhostUser", "VirtioPCI", "CVioLinux", "NetStack", "DataplaneHTTP",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
             .product(name: "Histogram", package: "hdrhistogram-swift"),
@@ -53,6 +68,11 @@ let package = Package(
         .testTarget(name: "DPDKTests", dependencies: ["DPDK"]),
         .testTarget(name: "VirtioPCITests", dependencies: ["VirtioPCI", "VirtioCore"]),
         .testTarget(name: "IntegrationTests", dependencies: ["vio"]),
+        .testTarget(name: "DataplaneHTTPTests", dependencies: [
+            "DataplaneHTTP", "NetStack",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
+        ]),
     ],
     swiftLanguageModes: [.v5]
 )

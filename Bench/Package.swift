@@ -12,6 +12,7 @@ let package = Package(
     dependencies: [
         .package(path: ".."),
         .package(url: "https://github.com/ordo-one/benchmark", from: "1.38.0", traits: ["MallocInterposer"]),
+        .package(url: "https://github.com/apple/swift-nio", from: "2.80.0"),
     ],
     targets: [
         .executableTarget(
@@ -31,5 +32,18 @@ let package = Package(
                 .product(name: "VirtioTestSupport", package: library),
             ],
             path: "Sources/RingCallgrind"),
+        // The vio httpd handlers (DataplaneHTTP's router) behind a plain SwiftNIO server on the
+        // kernel's TCP/IP, for Bench/httpd.py.
+        .executableTarget(
+            name: "vio-nio-httpd",
+            dependencies: [
+                .product(name: "DataplaneHTTP", package: library),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+            ],
+            path: "Sources/vio-nio-httpd",
+            // Top-level closures would be main-actor isolated in Swift 6 mode (the handlers run on NIO's loop).
+            swiftSettings: [.swiftLanguageMode(.v5)]),
     ]
 )

@@ -5,5 +5,5 @@ struct Vio: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "vio",
         abstract: "swift-virtio: poll-mode virtio drivers on DPDK memory.",
-        subcommands: [Fwd.self, Pktgen.self, Blkbench.self, Blkio.self])
+        subcommands: [Fwd.self, Pktgen.self, Blkbench.self, Blkio.self, Httpd.self])
 }

@@ -220,3 +220,125 @@ final class Vio {
 extension VioRun: CustomStringConvertible {
     var description: String { "status \(status)\(timedOut ? " (timed out)" : "")\nstdout: \(stdout.suffix(1500))\nstderr: \(stderr.suffix(1500))" }
 }
+
+// MARK: Network namespaces (HTTP tests)
+
+/// The output of a finished command.
+struct CommandResult {
+    var status: Int32
+    var stdout: Data
+    var stderr: String
+    var timedOut: Bool
+    var text: String { String(decoding: stdout, as: UTF8.self) }
+}
+
+/// Runs a command to completion (stdout and stderr into files, so large outputs cannot block
+/// it); killed after `timeout` seconds.
+func runCommand(_ args: [String], timeout: Double = 60, dir: TempDir) throws -> CommandResult {
+    let p = Process()
+    let tag = UUID().uuidString.prefix(8)
+    let out = dir.path("cmd-\(tag).out"), err = dir.path("cmd-\(tag).err")
+    FileManager.default.createFile(atPath: out, contents: nil)
+    FileManager.default.createFile(atPath: err, contents: nil)
+    defer { try? FileManager.default.removeItem(atPath: out); try? FileManager.default.removeItem(atPath: err) }
+    p.executableURL = URL(fileURLWithPath: args[0])
+    p.arguments = Array(args.dropFirst())
+    p.standardOutput = FileHandle(forWritingAtPath: out)
+    p.standardError = FileHandle(forWritingAtPath: err)
+    p.standardInput = FileHandle.nullDevice
+    try p.run()
+    let deadline = Date().addingTimeInterval(timeout)
+    while p.isRunning && Date() < deadline { usleep(10_000) }
+    var timedOut = false
+    if p.isRunning { timedOut = true; kill(p.processIdentifier, SIGKILL) }
+    p.waitUntilExit()
+    return CommandResult(status: p.terminationStatus, stdout: FileManager.default.contents(atPath: out) ?? Data(),
+                         stderr: (try? String(contentsOfFile: err, encoding: .utf8)) ?? "", timedOut: timedOut)
+}
+
+nonisolated(unsafe) private var namespaceCounter = 0
+
+/// A network namespace of the test's own (`ip netns add`), deleted by `remove()` or at deinit.
+final class NetNamespace {
+    let name: String
+    let dir: TempDir
+    private var removed = false
+
+    init(dir: TempDir) throws {
+        guard getuid() == 0 else { throw XCTSkip("network namespaces need root") }
+        guard FileManager.default.isExecutableFile(atPath: "/usr/sbin/ip") || FileManager.default.isExecutableFile(atPath: "/sbin/ip") else {
+            throw XCTSkip("iproute2 is not installed (run Scripts/setup.sh)")
+        }
+        namespaceCounter += 1
+        name = "viot\(getpid())n\(namespaceCounter)"
+        self.dir = dir
+        let r = try runCommand([Self.ip, "netns", "add", name], timeout: 10, dir: dir)
+        guard r.status == 0 else { throw TestFailure("ip netns add \(name): \(r.stderr)") }
+    }
+
+    static var ip: String { FileManager.default.isExecutableFile(atPath: "/usr/sbin/ip") ? "/usr/sbin/ip" : "/sbin/ip" }
+
+    /// The command line that runs `args` inside the namespace.
+    func wrap(_ args: [String]) -> [String] { [Self.ip, "netns", "exec", name] + args }
+
+    /// Runs `args` inside the namespace.
+    func run(_ args: [String], timeout: Double = 60) throws -> CommandResult {
+        try runCommand(wrap(args), timeout: timeout, dir: dir)
+    }
+
+    /// Runs a Python 3 program inside the namespace.
+    func python(_ program: String, _ args: [String] = [], timeout: Double = 60) throws -> CommandResult {
+        try run(["/usr/bin/python3", "-c", program] + args, timeout: timeout)
+    }
+
+    /// Deletes the namespace (its TAP device goes with the process that owns it).
+    func remove() {
+        guard !removed else { return }
+        removed = true
+        _ = try? runCommand([Self.ip, "netns", "delete", name], timeout: 10, dir: dir)
+    }
+
+    deinit { remove() }
+}
+
+nonisolated(unsafe) private var tapCounter = 0
+
+/// `dpdk-testpmd` inside a namespace bridging a kernel TAP device (port 0) to a vhost-user
+/// socket (port 1) in `io` mode: whatever the kernel sends out of the TAP reaches the virtio-net
+/// driver and back. The TAP gets `hostAddress` in the namespace.
+final class TapBridge {
+    let server: SocketServerProcess
+    let tap: String
+    var socket: String { server.socket }
+
+    init(namespace ns: NetNamespace, dir: TempDir, hostAddress: String) throws {
+        guard FileManager.default.isExecutableFile(atPath: Tools.testpmd) else {
+            throw XCTSkip("dpdk-testpmd is not installed (run Scripts/setup.sh)")
+        }
+        tapCounter += 1
+        tap = "viotap\(tapCounter)"
+        let socket = dir.path("bridge\(tapCounter).sock")
+        server = try SocketServerProcess(
+            socket: socket, log: dir.path("bridge\(tapCounter).log"),
+            command: ns.wrap([Tools.testpmd, "--lcores", "0@0,1@0", "--no-pci", "--no-huge", "-m", "256",
+                              "--file-prefix", "viohttp-\(getpid())-\(tapCounter)", "--no-telemetry",
+                              "--vdev", "net_tap0,iface=\(tap)", "--vdev", "net_vhost0,iface=\(socket)", "--",
+                              "--forward-mode=io", "--stats-period", "1", "--auto-start", "--total-num-mbufs", "16384"]),
+            name: "testpmd TAP bridge")
+        // The TAP appears when testpmd probes it; give it the kernel side's address.
+        let deadline = Date().addingTimeInterval(20)
+        while true {
+            let r = try ns.run([NetNamespace.ip, "link", "show", tap], timeout: 10)
+            if r.status == 0 { break }
+            guard Date() < deadline else { server.kill(); throw TestFailure("TAP \(tap) did not appear: \(server.tail())") }
+            usleep(100_000)
+        }
+        for args in [["addr", "add", hostAddress, "dev", tap], ["link", "set", tap, "up"], ["link", "set", "lo", "up"]] {
+            let r = try ns.run([NetNamespace.ip] + args, timeout: 10)
+            guard r.status == 0 else { server.kill(); throw TestFailure("ip \(args.joined(separator: " ")): \(r.stderr)") }
+        }
+    }
+
+    func tail(_ n: Int = 2000) -> String { server.tail(n) }
+    func stop() { server.interrupt() }
+}

@@ -1,0 +1,163 @@
+#!/usr/bin/env python3
+"""HTTP through the dataplane against the same handlers on the kernel, in one run.
+
+Two network namespaces of the bench's own:
+  client (C): wrk; a TAP device 198.18.0.1/24 that dpdk-testpmd (CPU 0, io mode) bridges to a
+              vhost-user socket; and one end of a veth pair, 198.19.0.1/24.
+  server (S): the other veth end, 198.19.0.2/24.
+(a) dataplane: `vio httpd` (release, CPU 1) on the vhost-user socket as 198.18.0.2: lwIP on the
+    virtio-net driver, HTTP by DataplaneHTTP.
+(b) kernel: `vio-nio-httpd` (Bench package, release, CPU 1, one event loop) in S on 198.19.0.2:
+    the same HTTPRouter handlers behind a plain SwiftNIO server, over the kernel's TCP and the veth.
+For each target and each path (/hello, a 64 KiB file): `wrk -t2 -c50 -d{seconds}s --latency`,
+`--rounds` times alternating; the median round (by requests/s) is reported with its latency
+percentiles. Writes Bench/results/httpd-latest.json and prints a Markdown table for RESULTS.md.
+"""
+import argparse, json, os, re, signal, statistics, subprocess, sys, tempfile, time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VIO = os.path.join(ROOT, ".build/release/vio")
+NIO = os.path.join(ROOT, "Bench/.build/release/vio-nio-httpd")
+TESTPMD = "/usr/bin/dpdk-testpmd"
+
+
+def sh(*args, check=True, **kw):
+    return subprocess.run(list(args), check=check, capture_output=True, text=True, **kw)
+
+
+def parse_wrk(text):
+    out = {"errors": None}
+    m = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    out["rps"] = float(m.group(1)) if m else 0.0
+    m = re.search(r"Transfer/sec:\s+([\d.]+)(\w+)", text)
+    if m:
+        mult = {"B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30}.get(m.group(2), 1)
+        out["bytes_per_s"] = float(m.group(1)) * mult
+    for p in ("50", "75", "90", "99"):
+        m = re.search(r"\s%s%%\s+([\d.]+)(us|ms|s)\b" % p, text)
+        if m:
+            v = float(m.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[m.group(2)]
+            out["p" + p + "_ms"] = v
+    m = re.search(r"Socket errors: (.*)", text)
+    out["errors"] = m.group(1).strip() if m else "none"
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    out["non2xx"] = int(m.group(1)) if m else 0
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--connections", type=int, default=50)
+    ap.add_argument("--no-build", action="store_true")
+    a = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("httpd.py: needs root (network namespaces)")
+    if not a.no_build:
+        subprocess.run(["swift", "build", "-c", "release", "--product", "vio"], cwd=ROOT, check=True)
+        subprocess.run(["swift", "build", "-c", "release", "--product", "vio-nio-httpd"], cwd=os.path.join(ROOT, "Bench"), check=True)
+
+    tag = str(os.getpid())
+    nsc, nss = "viobc" + tag, "viobs" + tag
+    tmp = tempfile.mkdtemp(prefix="vio-httpd-bench-")
+    sock = os.path.join(tmp, "vhost.sock")
+    www = os.path.join(tmp, "www")
+    os.makedirs(www)
+    with open(os.path.join(www, "64k.bin"), "wb") as f:
+        f.write(os.urandom(64 * 1024))
+    procs = []
+
+    def cleanup():
+        for p in reversed(procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+        for ns in (nsc, nss):
+            sh("ip", "netns", "delete", ns, check=False)
+
+    try:
+        sh("ip", "netns", "add", nsc)
+        sh("ip", "netns", "add", nss)
+        sh("ip", "link", "add", "vbc" + tag[-6:], "netns", nsc, "type", "veth", "peer", "name", "vbs" + tag[-6:], "netns", nss)
+        for ns, dev, addr in ((nsc, "vbc" + tag[-6:], "198.19.0.1/24"), (nss, "vbs" + tag[-6:], "198.19.0.2/24")):
+            sh("ip", "netns", "exec", ns, "ip", "addr", "add", addr, "dev", dev)
+            sh("ip", "netns", "exec", ns, "ip", "link", "set", dev, "up")
+            sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
+        tap = "viobt" + tag[-6:]
+        pmd = subprocess.Popen(
+            ["taskset", "-c", "0", "ip", "netns", "exec", nsc, TESTPMD, "--lcores", "0@0,1@0", "--no-pci", "--no-huge", "-m", "256",
+             "--file-prefix", "viobench" + tag, "--no-telemetry", "--vdev", "net_tap0,iface=" + tap,
+             "--vdev", "net_vhost0,iface=" + sock, "--", "--forward-mode=io", "--stats-period", "5", "--auto-start",
+             "--total-num-mbufs", "16384"], stdout=open(os.path.join(tmp, "pmd.log"), "w"), stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL)
+        procs.append(pmd)
+        for _ in range(200):
+            if os.path.exists(sock) and sh("ip", "netns", "exec", nsc, "ip", "link", "show", tap, check=False).returncode == 0:
+                break
+            time.sleep(0.1)
+        sh("ip", "netns", "exec", nsc, "ip", "addr", "add", "198.18.0.1/24", "dev", tap)
+        sh("ip", "netns", "exec", nsc, "ip", "link", "set", tap, "up")
+
+        targets = {
+            "dataplane (vio httpd, lwIP on virtio-net)": (
+                ["taskset", "-c", "1", VIO, "httpd", "--port", "vhost:" + sock, "--ip", "198.18.0.2/24", "--listen", "8080",
+                 "--root", www, "--memory-mb", "256"], "http://198.18.0.2:8080", "httpd: listening"),
+            "kernel (SwiftNIO on a veth)": (
+                ["taskset", "-c", "1", "ip", "netns", "exec", nss, NIO, "198.19.0.2", "8080", www, "1"],
+                "http://198.19.0.2:8080", "vio-nio-httpd: listening"),
+        }
+        paths = ["/hello", "/64k.bin"]
+        runs = {t: {p: [] for p in paths} for t in targets}
+        for r in range(a.rounds):
+            for name, (cmd, base, ready) in targets.items():
+                log = os.path.join(tmp, "server.log")
+                p = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                procs.append(p)
+                for _ in range(300):
+                    if ready in open(log).read() or p.poll() is not None:
+                        break
+                    time.sleep(0.1)
+                if ready not in open(log).read():
+                    sys.exit("server did not start: " + open(log).read()[-2000:])
+                sh("ip", "netns", "exec", nsc, "curl", "-sS", "-o", "/dev/null", base + "/hello")  # ARP, warm-up
+                for path in paths:
+                    w = sh("ip", "netns", "exec", nsc, "wrk", "-t2", "-c%d" % a.connections, "-d%ds" % a.seconds, "--latency", base + path,
+                           timeout=a.seconds + 60)
+                    res = parse_wrk(w.stdout)
+                    if res["rps"] == 0:
+                        res["wrk_output"] = w.stdout + w.stderr
+                    res["round"] = r
+                    runs[name][path].append(res)
+                    print("%-45s %-9s round %d: %9.0f req/s  p50 %.2f ms  p99 %.2f ms  errors: %s" % (
+                        name, path, r, res["rps"], res.get("p50_ms", 0), res.get("p99_ms", 0), res["errors"]), flush=True)
+                if name.startswith("dataplane"):
+                    stats = sh("ip", "netns", "exec", nsc, "curl", "-sS", base + "/stats").stdout
+                    with open(os.path.join(ROOT, "Bench/results/httpd-stats-latest.json"), "w") as f:
+                        f.write(stats)
+                p.send_signal(signal.SIGINT)
+                p.wait(20)
+        summary = {}
+        print()
+        print("| server | path | req/s (median round of %d) | p50 | p75 | p90 | p99 | socket errors |" % a.rounds)
+        print("|---|---|---:|---:|---:|---:|---:|---|")
+        for name in targets:
+            for path in paths:
+                rs = sorted(runs[name][path], key=lambda x: x["rps"])
+                med = rs[(len(rs) - 1) // 2]   # the lower middle round when the count is even
+                summary.setdefault(name, {})[path] = {"median": med, "all_rps": [x["rps"] for x in runs[name][path]]}
+                print("| %s | %s | %.0f | %.2f ms | %.2f ms | %.2f ms | %.2f ms | %s |" % (
+                    name, path, med["rps"], med.get("p50_ms", 0), med.get("p75_ms", 0), med.get("p90_ms", 0),
+                    med.get("p99_ms", 0), med["errors"]))
+        os.makedirs(os.path.join(ROOT, "Bench/results"), exist_ok=True)
+        with open(os.path.join(ROOT, "Bench/results/httpd-latest.json"), "w") as f:
+            json.dump({"seconds": a.seconds, "rounds": a.rounds, "connections": a.connections, "results": summary}, f, indent=2)
+    finally:
+        cleanup()
+
+
+if __name__ == "__main__":
+    main()
