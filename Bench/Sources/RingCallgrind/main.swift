@@ -26,27 +26,34 @@ let packed = args.count > 2 && args[2] == "packed"
 let batched = args.count > 3 && args[3] == "batched"
 let cookies = UnsafeMutablePointer<UnsafeMutableRawPointer?>.allocate(capacity: 32)
 let lengths = UnsafeMutablePointer<UInt32>.allocate(capacity: 32)
+/// `n` bursts through `q`; `device` pops what was posted and completes it (each or batched).
+func bursts<Q: Virtqueue & ~Copyable>(_ q: inout Q, _ n: Int, _ cookies: UnsafeMutablePointer<UnsafeMutableRawPointer?>,
+                                      _ lengths: UnsafeMutablePointer<UInt32>, device: () -> Void) {
+    for _ in 0..<n {
+        driverPost(&q)
+        device()
+        driverHarvest(&q, cookies, lengths)
+    }
+    precondition(q.failure == nil && q.inFlight == 0)
+}
+
 if packed {
     let (memory, layout) = try PackedDeviceModel.allocateRing(size: 256)
     var queue = PackedVirtqueue(memory: memory, layout: layout, inOrder: true)
     let device = PackedDeviceModel(memory: memory, layout: layout)
-    for _ in 0..<n {
-        driverPost(&queue)
+    bursts(&queue, n, cookies, lengths) {
         _ = device.popAvailable()
         if batched { device.completeBatchAsOne(count: 32) } else { device.completeInOrder(count: 32) }
-        driverHarvest(&queue, cookies, lengths)
     }
-    precondition(queue.failure == nil && queue.inFlight == 0 && device.violations.isEmpty)
+    precondition(device.violations.isEmpty)
 } else {
     let (memory, layout) = try SplitDeviceModel.allocateRing(size: 256)
     var queue = SplitVirtqueue(memory: memory, layout: layout, inOrder: true)
     let device = SplitDeviceModel(memory: memory, layout: layout, inOrder: true)
-    for _ in 0..<n {
-        driverPost(&queue)
+    bursts(&queue, n, cookies, lengths) {
         _ = device.popAvailable()
         if batched { device.completeBatchAsOne(count: 32) } else { device.completeInOrder(count: 32) }
-        driverHarvest(&queue, cookies, lengths)
     }
-    precondition(queue.failure == nil && queue.inFlight == 0 && device.violations.isEmpty)
+    precondition(device.violations.isEmpty)
 }
 print("\(n) bursts of 32 (\(packed ? "packed" : "split"), \(batched ? "one used entry per burst" : "one used entry per buffer"))")

@@ -259,6 +259,36 @@ public struct PackedVirtqueue: ~Copyable {
             .pointee.load(ordering: .acquiring)
     }
 
+    /// Used in this lap: AVAIL = USED = the wrap counter (`expected` holds both bits). AVAIL ≠
+    /// USED: not used yet. Both equal but for the other lap: the device broke §2.8.1.
+    @inlinable @inline(__always)
+    mutating func isUsed(_ flags: UInt16, _ expected: UInt16, at pos: UInt16) -> Bool {
+        let mask = PackedDesc.flagAvail | PackedDesc.flagUsed
+        let bits = flags & mask
+        if _fastPath(bits == expected) { return true }
+        if bits == 0 || bits == mask { fail(.usedWrapMismatch(position: pos, expectedWrap: expected != 0)) }
+        return false
+    }
+
+    /// Moves a used-side position past `count` descriptors, flipping the expected wrap bits at the
+    /// end of the ring.
+    @inlinable @inline(__always)
+    static func skip(_ count: UInt16, _ pos: inout UInt16, _ expected: inout UInt16, size: UInt16) {
+        pos &+= count
+        if pos >= size { pos &-= size; expected ^= PackedDesc.flagAvail | PackedDesc.flagUsed }
+    }
+
+    /// In order: the oldest buffer is done; its descriptors are free again and the next used
+    /// descriptor follows them.
+    @inlinable @inline(__always)
+    static func pass(_ slot: SlotInfo, _ pos: inout UInt16, _ expected: inout UInt16, _ freed: inout Int,
+                     _ oldest: inout UInt16, size: UInt16) {
+        skip(slot.ndesc, &pos, &expected, size: size)
+        freed &+= Int(slot.ndesc)
+        oldest &+= 1
+        if oldest == size { oldest = 0 }
+    }
+
     /// In order, a used descriptor names the last buffer of a run that starts at the oldest one
     /// in flight (a run of one unless the device batched, §2.8.11). The run is handed out in a
     /// tight loop; a run cut short by `max` carries over to the next call (`inBatch`).
@@ -267,8 +297,7 @@ public struct PackedVirtqueue: ~Copyable {
         // Counters in locals for the loop (see `addBurst`); written back once at the end.
         let desc = self.desc, slots = self.slots, size = self.size, size16 = UInt16(truncatingIfNeeded: size)
         var pos = nextUsed, oldest = oldestID
-        let usedMask = PackedDesc.flagAvail | PackedDesc.flagUsed
-        var usedBits = usedWrap ? usedMask : 0
+        var usedBits = usedWrap ? PackedDesc.flagAvail | PackedDesc.flagUsed : 0
         let limit = Swift.min(max, outstanding)
         // Buffers left in the current run, and the length the device wrote into its last one.
         var runLeft = 0
@@ -282,12 +311,7 @@ public struct PackedVirtqueue: ~Copyable {
         while i < limit {
             if runLeft == 0 {
                 let f = usedFlags(at: pos)
-                // Used in this lap: AVAIL = USED = the wrap counter. AVAIL ≠ USED: not used yet.
-                let bits = f & usedMask
-                if _slowPath(bits != usedBits) {
-                    if bits == 0 || bits == usedMask { fail(.usedWrapMismatch(position: pos, expectedWrap: usedBits != 0)) }
-                    break
-                }
+                guard isUsed(f, usedBits, at: pos) else { break }
                 let d = desc[Int(pos)]
                 // §2.8.4: the length means something only with VIRTQ_DESC_F_WRITE; otherwise 0.
                 let written = f & VirtqDesc.flagWrite != 0 ? d.len : 0
@@ -297,11 +321,7 @@ public struct PackedVirtqueue: ~Copyable {
                     guard written <= slot.writable else {
                         fail(.usedLengthTooLarge(id: UInt32(d.id), length: written, posted: slot.writable)); break
                     }
-                    pos &+= slot.ndesc
-                    if pos >= size16 { pos &-= size16; usedBits ^= usedMask }
-                    freed &+= Int(slot.ndesc)
-                    oldest &+= 1
-                    if oldest == size16 { oldest = 0 }
+                    Self.pass(slot, &pos, &usedBits, &freed, &oldest, size: size16)
                     body(i, slot.cookie, written)
                     i &+= 1
                     continue
@@ -321,12 +341,7 @@ public struct PackedVirtqueue: ~Copyable {
                 runLeft &-= 1
                 // Buffers before the run's last one count as fully written.
                 let len = runLeft == 0 ? lastLen : slot.writable
-                // The buffer's descriptors are free again; the next used descriptor follows them.
-                pos &+= slot.ndesc
-                if pos >= size16 { pos &-= size16; usedBits ^= usedMask }
-                freed &+= Int(slot.ndesc)
-                oldest &+= 1
-                if oldest == size16 { oldest = 0 }
+                Self.pass(slot, &pos, &usedBits, &freed, &oldest, size: size16)
                 body(i &+ j, slot.cookie, len)
             }
             i &+= n
@@ -349,18 +364,13 @@ public struct PackedVirtqueue: ~Copyable {
     mutating func harvestOutOfOrder(_ max: Int, _ body: (Int, UnsafeMutableRawPointer?, UInt32) -> Void) -> Int {
         let desc = self.desc, slots = self.slots, freeIDs = self.freeIDs, size16 = UInt16(truncatingIfNeeded: size)
         var pos = nextUsed, top = freeIDCount
-        let usedMask = PackedDesc.flagAvail | PackedDesc.flagUsed
-        var usedBits = usedWrap ? usedMask : 0
+        var usedBits = usedWrap ? PackedDesc.flagAvail | PackedDesc.flagUsed : 0
         let limit = Swift.min(max, outstanding)
         var freed = 0
         var i = 0
         while i < limit {
             let f = usedFlags(at: pos)
-            let bits = f & usedMask
-            if _slowPath(bits != usedBits) {
-                if bits == 0 || bits == usedMask { fail(.usedWrapMismatch(position: pos, expectedWrap: usedBits != 0)) }
-                break
-            }
+            guard isUsed(f, usedBits, at: pos) else { break }
             let d = desc[Int(pos)]
             guard d.id < size16 else { fail(.usedIDOutOfRange(id: UInt32(d.id), size: size)); break }
             let written = f & VirtqDesc.flagWrite != 0 ? d.len : 0
@@ -372,8 +382,7 @@ public struct PackedVirtqueue: ~Copyable {
             slots[Int(d.id)].ndesc = 0
             freeIDs[top] = d.id
             top &+= 1
-            pos &+= slot.ndesc
-            if pos >= size16 { pos &-= size16; usedBits ^= usedMask }
+            Self.skip(slot.ndesc, &pos, &usedBits, size: size16)
             freed &+= Int(slot.ndesc)
             body(i, slot.cookie, written)
             i &+= 1
