@@ -323,14 +323,14 @@ public struct VirtioNetPort<Ring: Virtqueue & ~Copyable>: ~Copyable {
     /// they still hold. The ring memory itself is released with the port.
     func shutdown() -> Int {
         try? transport.stop()
-        var reclaimed = 0
-        let free: (UnsafeMutableRawPointer?) -> Void = { c in
-            if let m = Mbuf(cookie: c) { m.free() }
-        }
-        reclaimed += rx.forEachInFlight(free)
-        reclaimed += tx.forEachInFlight(free)
+        var reclaimed = rx.forEachInFlight(Self.freeMbuf) + tx.forEachInFlight(Self.freeMbuf)
         if let p = partialHead { p.free(); reclaimed += 1 }
         return reclaimed
+    }
+
+    /// A ring cookie is an mbuf: back to its pool.
+    static func freeMbuf(_ cookie: UnsafeMutableRawPointer?) {
+        if let m = Mbuf(cookie: cookie) { m.free() }
     }
 
     /// Stops both queues and starts them again on the same connection, each continuing from the
@@ -351,12 +351,7 @@ public struct VirtioNetPort<Ring: Virtqueue & ~Copyable>: ~Copyable {
         if reported != nil && txIdle && bases[1] != txExpected {
             throw VirtioNetError.restartInconsistent(queue: "TX", device: bases[1], driver: txExpected)
         }
-        var reclaimed = 0
-        let free: (UnsafeMutableRawPointer?) -> Void = { c in
-            if let m = Mbuf(cookie: c) { m.free() }
-        }
-        reclaimed += rx.reclaimAll(free)
-        reclaimed += tx.reclaimAll(free)
+        var reclaimed = rx.reclaimAll(Self.freeMbuf) + tx.reclaimAll(Self.freeMbuf)
         if let p = partialHead { p.free(); reclaimed += 1; partialHead = nil; partialTail = nil; partialRemaining = 0 }
         rx.restart(at: bases[0])
         tx.restart(at: bases[1])

@@ -101,11 +101,7 @@ public final class SplitDeviceModel {
     /// layout. Release it with `freeRing`.
     public static func allocateRing(size: Int) throws -> (UnsafeMutableRawPointer, SplitRingLayout) {
         let layout = try SplitRingLayout(size: size)
-        var raw: UnsafeMutableRawPointer?
-        let rc = posix_memalign(&raw, SplitRingLayout.alignment, layout.totalBytes)
-        guard rc == 0, let memory = raw else { fatalError("posix_memalign(\(layout.totalBytes)) failed: \(rc)") }
-        memory.initializeMemory(as: UInt8.self, repeating: 0, count: layout.totalBytes)
-        return (memory, layout)
+        return (zeroedRingMemory(bytes: layout.totalBytes), layout)
     }
 
     /// Frees memory from `allocateRing`.
@@ -333,4 +329,13 @@ public final class SplitDeviceModel {
     private func violation(_ message: String) {
         violations.append(message)
     }
+}
+
+/// Zeroed, 4 KiB-aligned heap memory for a stand-in device's ring (split or packed); `free` it.
+func zeroedRingMemory(bytes: Int) -> UnsafeMutableRawPointer {
+    var raw: UnsafeMutableRawPointer?
+    let rc = posix_memalign(&raw, 4096, bytes)
+    guard rc == 0, let memory = raw else { fatalError("posix_memalign(\(bytes)) failed: \(rc)") }
+    memory.initializeMemory(as: UInt8.self, repeating: 0, count: bytes)
+    return memory
 }

@@ -115,11 +115,7 @@ public final class PackedDeviceModel {
     /// layout. Release it with `freeRing`.
     public static func allocateRing(size: Int) throws -> (UnsafeMutableRawPointer, PackedRingLayout) {
         let layout = try PackedRingLayout(size: size)
-        var raw: UnsafeMutableRawPointer?
-        let rc = posix_memalign(&raw, 4096, layout.totalBytes)
-        guard rc == 0, let memory = raw else { fatalError("posix_memalign(\(layout.totalBytes)) failed: \(rc)") }
-        memory.initializeMemory(as: UInt8.self, repeating: 0, count: layout.totalBytes)
-        return (memory, layout)
+        return (zeroedRingMemory(bytes: layout.totalBytes), layout)
     }
 
     /// Frees memory from `allocateRing`.

@@ -14,57 +14,39 @@ let benchmarks: @Sendable () -> Void = {
             defer { SplitDeviceModel.freeRing(memory) }
             var queue = SplitVirtqueue(memory: memory, layout: layout, inOrder: inOrder)
             let device = SplitDeviceModel(memory: memory, layout: layout, inOrder: inOrder)
-            var cookies = [UnsafeMutableRawPointer?](repeating: nil, count: 32)
-            var lengths = [UInt32](repeating: 0, count: 32)
-            benchmark.startMeasurement()
-            for _ in benchmark.scaledIterations {
-                RingBurst.run(&queue, device, &cookies, &lengths)
-            }
-            benchmark.stopMeasurement()
-            precondition(queue.failure == nil && queue.inFlight == 0)
+            RingBurst.measure(benchmark, &queue) { _ = device.echoAvailable() }
         }
         Benchmark("packed ring: enqueue + recycle 32-buffer burst (\(name))") { benchmark in
             let (memory, layout) = try PackedDeviceModel.allocateRing(size: 256)
             defer { PackedDeviceModel.freeRing(memory) }
             var queue = PackedVirtqueue(memory: memory, layout: layout, inOrder: inOrder)
             let device = PackedDeviceModel(memory: memory, layout: layout)
-            var cookies = [UnsafeMutableRawPointer?](repeating: nil, count: 32)
-            var lengths = [UInt32](repeating: 0, count: 32)
-            benchmark.startMeasurement()
-            for _ in benchmark.scaledIterations {
-                RingBurst.run(&queue, device, &cookies, &lengths)
-            }
-            benchmark.stopMeasurement()
-            precondition(queue.failure == nil && queue.inFlight == 0 && device.violations.isEmpty)
+            RingBurst.measure(benchmark, &queue) { _ = device.echoAvailable() }
+            precondition(device.violations.isEmpty)
         }
     }
 }
 
 /// One burst: 32 adds, one publish, the device uses them, one harvest.
 enum RingBurst {
-    @inline(never)
-    static func run(_ q: inout PackedVirtqueue, _ device: PackedDeviceModel,
-                    _ cookies: inout [UnsafeMutableRawPointer?], _ lengths: inout [UInt32]) {
-        q.addBurst(count: 32, deviceWritable: true) { i in (0x1000 * UInt64(i + 1), 2048, UnsafeMutableRawPointer(bitPattern: i + 1)) }
-        _ = q.publish()
-        _ = device.echoAvailable()
-        cookies.withUnsafeMutableBufferPointer { c in
-            lengths.withUnsafeMutableBufferPointer { l in
-                _ = q.harvest(into: c.baseAddress!, lengths: l.baseAddress!, max: 32)
-            }
+    static func measure<Q: Virtqueue & ~Copyable>(_ benchmark: Benchmark, _ q: inout Q, device: () -> Void) {
+        let cookies = UnsafeMutablePointer<UnsafeMutableRawPointer?>.allocate(capacity: 32)
+        let lengths = UnsafeMutablePointer<UInt32>.allocate(capacity: 32)
+        defer { cookies.deallocate(); lengths.deallocate() }
+        benchmark.startMeasurement()
+        for _ in benchmark.scaledIterations {
+            run(&q, cookies, lengths, device: device)
         }
+        benchmark.stopMeasurement()
+        precondition(q.failure == nil && q.inFlight == 0)
     }
 
     @inline(never)
-    static func run(_ q: inout SplitVirtqueue, _ device: SplitDeviceModel,
-                    _ cookies: inout [UnsafeMutableRawPointer?], _ lengths: inout [UInt32]) {
+    static func run<Q: Virtqueue & ~Copyable>(_ q: inout Q, _ cookies: UnsafeMutablePointer<UnsafeMutableRawPointer?>,
+                                             _ lengths: UnsafeMutablePointer<UInt32>, device: () -> Void) {
         q.addBurst(count: 32, deviceWritable: true) { i in (0x1000 * UInt64(i + 1), 2048, UnsafeMutableRawPointer(bitPattern: i + 1)) }
         _ = q.publish()
-        _ = device.echoAvailable()
-        cookies.withUnsafeMutableBufferPointer { c in
-            lengths.withUnsafeMutableBufferPointer { l in
-                _ = q.harvest(into: c.baseAddress!, lengths: l.baseAddress!, max: 32)
-            }
-        }
+        device()
+        _ = q.harvest(into: cookies, lengths: lengths, max: 32)
     }
 }

@@ -103,6 +103,22 @@ public struct PackedVirtqueue: ~Copyable {
         return f | (wrap ? PackedDesc.flagAvail : PackedDesc.flagUsed)
     }
 
+    /// The flags word of descriptor `d`: the device reads it with acquire, so it is stored last,
+    /// with release, after the address, length and ID (§2.8.21).
+    @inlinable @inline(__always)
+    static func flagsWord(_ d: UnsafeMutablePointer<PackedDesc>) -> UnsafeMutablePointer<Atomic<UInt16>> {
+        UnsafeMutableRawPointer(d).advanced(by: 14).assumingMemoryBound(to: Atomic<UInt16>.self)
+    }
+
+    /// Writes one descriptor and makes it available (the flags store, with release, comes last).
+    @inlinable @inline(__always)
+    static func post(_ d: UnsafeMutablePointer<PackedDesc>, addr: UInt64, len: UInt32, id: UInt16, flags: UInt16) {
+        d.pointee.addr = addr
+        d.pointee.len = len
+        d.pointee.id = id
+        flagsWord(d).pointee.store(flags, ordering: .releasing)
+    }
+
     @inlinable @inline(__always)
     mutating func takeID() -> UInt16 {
         if inOrder {
@@ -137,14 +153,8 @@ public struct PackedVirtqueue: ~Copyable {
             var id = nextID
             for i in 0..<count {
                 let b = buffer(i)
-                let p = desc + Int(pos)
-                p.pointee.addr = b.addr
-                p.pointee.len = b.len
-                p.pointee.id = id
+                Self.post(desc + Int(pos), addr: b.addr, len: b.len, id: id, flags: flags)
                 slots[Int(id)] = SlotInfo(cookie: b.cookie, writable: deviceWritable ? b.len : 0, ndesc: 1, last: pos)
-                // Release: address, length and ID are visible before the device sees the flags.
-                UnsafeMutableRawPointer(p).advanced(by: 14).assumingMemoryBound(to: Atomic<UInt16>.self)
-                    .pointee.store(flags, ordering: .releasing)
                 id &+= 1
                 if id == size16 { id = 0 }
                 pos &+= 1
@@ -161,13 +171,8 @@ public struct PackedVirtqueue: ~Copyable {
                 let b = buffer(i)
                 top &-= 1
                 let id = freeIDs[top]
-                let p = desc + Int(pos)
-                p.pointee.addr = b.addr
-                p.pointee.len = b.len
-                p.pointee.id = id
+                Self.post(desc + Int(pos), addr: b.addr, len: b.len, id: id, flags: flags)
                 slots[Int(id)] = SlotInfo(cookie: b.cookie, writable: deviceWritable ? b.len : 0, ndesc: 1, last: pos)
-                UnsafeMutableRawPointer(p).advanced(by: 14).assumingMemoryBound(to: Atomic<UInt16>.self)
-                    .pointee.store(flags, ordering: .releasing)
                 pos &+= 1
                 if pos == size16 {
                     pos = 0; wrap.toggle()
@@ -195,21 +200,20 @@ public struct PackedVirtqueue: ~Copyable {
         var writable: UInt32 = 0
         for i in 0..<count {
             let s = segment(i)
-            let pos = Int(nextAvail)
-            desc[pos].addr = s.addr
-            desc[pos].len = s.len
-            desc[pos].id = id
+            let d = desc + Int(nextAvail)
             if s.deviceWritable { writable &+= s.len }
             let f = flags(writable: s.deviceWritable, next: i < count - 1, wrap: availWrap)
-            if i == 0 { headFlags = f } else {
-                UnsafeMutableRawPointer(desc + pos).advanced(by: 14).assumingMemoryBound(to: Atomic<UInt16>.self)
-                    .pointee.store(f, ordering: .releasing)
+            if i == 0 {
+                // The head goes last, so the device never sees a partial chain.
+                d.pointee.addr = s.addr; d.pointee.len = s.len; d.pointee.id = id
+                headFlags = f
+            } else {
+                Self.post(d, addr: s.addr, len: s.len, id: id, flags: f)
             }
             advanceAvail()
         }
         slots[Int(id)] = SlotInfo(cookie: cookie, writable: writable, ndesc: UInt16(count), last: UInt16(head))
-        UnsafeMutableRawPointer(desc + head).advanced(by: 14).assumingMemoryBound(to: Atomic<UInt16>.self)
-            .pointee.store(headFlags, ordering: .releasing)
+        Self.flagsWord(desc + head).pointee.store(headFlags, ordering: .releasing)
         freeDescs &-= count
         outstanding &+= 1
         addedSincePublish &+= count
@@ -255,8 +259,7 @@ public struct PackedVirtqueue: ~Copyable {
     /// The flags of the descriptor at `pos`, read with acquire: its ID and length are read after.
     @inlinable @inline(__always)
     func usedFlags(at pos: UInt16) -> UInt16 {
-        UnsafeMutableRawPointer(desc + Int(pos)).advanced(by: 14).assumingMemoryBound(to: Atomic<UInt16>.self)
-            .pointee.load(ordering: .acquiring)
+        Self.flagsWord(desc + Int(pos)).pointee.load(ordering: .acquiring)
     }
 
     /// Used in this lap: AVAIL = USED = the wrap counter (`expected` holds both bits). AVAIL ≠
