@@ -66,6 +66,7 @@ let package = Package(
         .testTarget(name: "VirtioCoreTests", dependencies: ["VirtioCore", "VirtioTestSupport"]),
         .testTarget(name: "VhostUserTests", dependencies: ["VhostUser", "VirtioCore", "CVioLinux"]),
         .testTarget(name: "DPDKTests", dependencies: ["DPDK"]),
+        .testTarget(name: "VirtioBlkTests", dependencies: ["VirtioBlk", "VirtioCore", "DPDK", "VirtioTestSupport"]),
         .testTarget(name: "VirtioPCITests", dependencies: ["VirtioPCI", "VirtioCore"]),
         .testTarget(name: "IntegrationTests", dependencies: ["vio"]),
         .testTarget(name: "DataplaneHTTPTests", dependencies: [

@@ -7,12 +7,14 @@ public enum VirtioBlkError: Error, CustomStringConvertible {
     case missingFeatures(VirtioFeatures)
     case noConfigSpace
     case invalidQueueSize(Int)
+    case layoutNotOffered(RingLayoutChoice)
 
     public var description: String {
         switch self {
         case .missingFeatures(let f): return "the virtio-blk device lacks required features: \(f)"
         case .noConfigSpace: return "the device has no config space (vhost-user: VHOST_USER_PROTOCOL_F_CONFIG not offered); capacity unknown"
         case .invalidQueueSize(let s): return "queue size \(s) must be a power of two from 4 to 4096"
+        case .layoutNotOffered(let l): return "the device does not offer \(l) virtqueues (VIRTIO_F_RING_PACKED)"
         }
     }
 }
@@ -24,6 +26,8 @@ public struct VirtioBlkOptions: Sendable {
     public var allowInOrder = true
     public var allowIndirect = true
     public var allowEventIndex = true
+    /// Ring layout: `auto` takes packed when the device offers VIRTIO_F_RING_PACKED.
+    public var ring: RingLayoutChoice = .auto
     public init() {}
 }
 
@@ -37,6 +41,8 @@ public final class VirtioBlkDevice {
     public let config: BlkConfig
     public let queueCount: Int
     public let queueSize: Int
+    /// The layout every queue uses (`.split` or `.packed`); `makeQueue(_:as:)` takes the matching type.
+    public let ringLayout: RingLayoutChoice
     /// Data segments per request the device accepts (seg_max, or what fits the ring).
     public let maxSegments: Int
     /// Bytes per data segment, or nil for no limit (size_max 0 is "no limit", as SPDK treats it).
@@ -63,8 +69,11 @@ public final class VirtioBlkDevice {
         guard offered.contains(.version1) || t.isLegacy else { throw VirtioBlkError.missingFeatures(.version1) }
         var wanted: VirtioFeatures = [.version1, .blkSizeMax, .blkSegMax, .blkBlockSize, .blkFlush, .blkDiscard,
                                       .blkWriteZeroes, .blkReadOnly, .blkMultiQueue, .blkTopology]
+        guard let layout = options.ring.resolve(offered: offered) else { throw VirtioBlkError.layoutNotOffered(options.ring) }
         if options.allowInOrder { wanted.insert(.inOrder) }
-        if options.allowIndirect { wanted.insert(.indirectDescriptors) }
+        // Indirect tables are used with split rings only; a packed request is a descriptor chain.
+        if options.allowIndirect && layout == .split { wanted.insert(.indirectDescriptors) }
+        if layout == .packed { wanted.insert(.ringPacked) }
         // EVENT_IDX (§2.7.10): the device says at which avail index it wants the next kick, so a
         // kick is skipped while it is still working through what we published before.
         if options.allowEventIndex { wanted.insert(.eventIndex) }
@@ -77,24 +86,28 @@ public final class VirtioBlkDevice {
         if let m = t.maxQueues { queues = min(queues, m) }
         try t.negotiate(chosen, queueCount: queues)
 
-        let layout = try SplitRingLayout(size: options.queueSize)
+        let ringBytes = try layout == .packed ? PackedVirtqueue.ringBytes(size: options.queueSize)
+                                              : SplitVirtqueue.ringBytes(size: options.queueSize)
         let segMax = chosen.contains(.blkSegMax) && cfg.segMax > 0 ? Int(cfg.segMax) : options.queueSize - 2
         let indirect = chosen.contains(.indirectDescriptors)
-        // Without indirect descriptors a request's chain must fit the ring.
+        // Without indirect descriptors a request's chain (header, data, status) must fit the ring.
         maxSegments = indirect ? segMax : min(segMax, options.queueSize - 2)
         maxSegmentBytes = chosen.contains(.blkSizeMax) && cfg.sizeMax > 0 ? Int(cfg.sizeMax) : nil
         var rings: [DMAMemory] = [], slabs: [DMAMemory] = [], tables: [DMAMemory?] = []
         for _ in 0..<queues {
-            rings.append(try DMAMemory(size: layout.totalBytes))
-            slabs.append(try DMAMemory(size: options.queueSize * VirtioBlkQueue.slotBytes))
+            rings.append(try DMAMemory(size: ringBytes))
+            slabs.append(try DMAMemory(size: options.queueSize * BlkSlot.bytes))
             tables.append(indirect ? try DMAMemory(size: IndirectTables.bytes(queueSize: options.queueSize,
                                                                               entriesPerTable: maxSegments + 2)) : nil)
         }
         try t.setMemory(try DPDKMemory.regions())
         for q in 0..<queues {
-            let base = UInt64(UInt(bitPattern: rings[q].pointer))
-            try t.setupQueue(q, addresses: QueueAddresses(size: layout.size, desc: base + UInt64(layout.descOffset),
-                                                          avail: base + UInt64(layout.availOffset), used: base + UInt64(layout.usedOffset)))
+            // Where a fresh ring of this layout has its areas and starts (the queue `makeQueue`
+            // lays over the same memory later starts at the same base).
+            let addresses = try layout == .packed
+                ? PackedVirtqueue(memory: rings[q].pointer, size: options.queueSize, inOrder: false, eventIndex: false).addresses
+                : SplitVirtqueue(memory: rings[q].pointer, size: options.queueSize, inOrder: false, eventIndex: false).addresses
+            try t.setupQueue(q, addresses: addresses)
         }
         try t.start()
         transport = t
@@ -103,22 +116,26 @@ public final class VirtioBlkDevice {
         config = cfg
         queueCount = queues
         queueSize = options.queueSize
+        ringLayout = layout
         self.rings = rings; self.slabs = slabs; self.tables = tables
         taken = Array(repeating: false, count: queues)
         self.logger = logger
-        logger.info("virtio-blk \(t.deviceDescription): \(cfg.capacity) sectors (\(cfg.capacity * 512 / 1_048_576) MiB), block \(cfg.blockSize), seg_max \(cfg.segMax), size_max \(cfg.sizeMax), \(queues) queue(s) of \(layout.size), features \(chosen)")
+        logger.info("virtio-blk \(t.deviceDescription): \(cfg.capacity) sectors (\(cfg.capacity * 512 / 1_048_576) MiB), block \(cfg.blockSize), seg_max \(cfg.segMax), size_max \(cfg.sizeMax), \(queues) \(layout) queue(s) of \(options.queueSize), features \(chosen)")
     }
 
-    /// Queue `index`, once. The device must outlive it.
-    public func makeQueue(_ index: Int) -> VirtioBlkQueue {
+    /// Queue `index`, once, with the ring type of `ringLayout` (`SplitVirtqueue` or
+    /// `PackedVirtqueue`). The device must outlive it.
+    public func makeQueue<Ring: Virtqueue & ~Copyable>(_ index: Int, as _: Ring.Type) -> VirtioBlkQueue<Ring> {
         precondition(index < queueCount && !taken[index], "queue \(index) does not exist or was already taken")
+        precondition(Ring.layoutName == ringLayout.rawValue, "the device's queues are \(ringLayout), not \(Ring.layoutName)")
         taken[index] = true
-        let layout = try! SplitRingLayout(size: queueSize)
-        var vq = SplitVirtqueue(memory: rings[index].pointer, layout: layout, inOrder: features.contains(.inOrder),
-                                eventIndex: features.contains(.eventIndex))
+        var vq = try! Ring(memory: rings[index].pointer, size: queueSize, inOrder: features.contains(.inOrder),
+                           eventIndex: features.contains(.eventIndex))
         if let t = tables[index] {
-            vq.useIndirect(IndirectTables(base: t.pointer.bindMemory(to: VirtqDesc.self, capacity: queueSize * (maxSegments + 2)),
-                                          baseAddress: usesIOVA ? t.iova : UInt64(UInt(bitPattern: t.pointer)), entriesPerTable: maxSegments + 2))
+            let tables = IndirectTables(base: t.pointer.bindMemory(to: VirtqDesc.self, capacity: queueSize * (maxSegments + 2)),
+                                        baseAddress: usesIOVA ? t.iova : UInt64(UInt(bitPattern: t.pointer)), entriesPerTable: maxSegments + 2)
+            let used = vq.useIndirect(tables)
+            precondition(used, "indirect descriptors are negotiated for split rings only")
         }
         let slab = slabs[index]
         return VirtioBlkQueue(index: index, queue: vq, slab: slab.pointer,

@@ -2,19 +2,22 @@ import DPDK
 import VhostUser
 import VirtioCore
 
-/// One virtio-blk request queue, polled by one lcore (non-copyable; pass it `inout`).
+/// One request's slot in a queue's slab: header (16) · discard/write-zeroes range (16) · status (1) · padding.
+enum BlkSlot {
+    static let bytes = 64
+    static let rangeOffset = 16
+    static let statusOffset = 32
+}
+
+/// One virtio-blk request queue, polled by one lcore (non-copyable; pass it `inout`), on a split
+/// or packed ring (`Ring`, chosen once by the device's `ringLayout`; every call is specialised).
 ///
 /// SPDK's four steps on the shared queue core: a request gets a slot (header, optional discard
 /// range, status byte, in DPDK memory) and a descriptor chain — header, the caller's data
 /// segments, status — or one indirect descriptor when negotiated; `commit` publishes everything
 /// submitted since the last call with at most one notification; `poll` hands back completions
 /// with the caller's tag. Nothing is hidden: a full queue is an error the caller sees.
-public struct VirtioBlkQueue: ~Copyable {
-    /// Bytes per request slot: header (16) · discard/write-zeroes range (16) · status (1) · padding.
-    static let slotBytes = 64
-    static let rangeOffset = 16
-    static let statusOffset = 32
-
+public struct VirtioBlkQueue<Ring: Virtqueue & ~Copyable>: ~Copyable {
     @usableFromInline struct Context {
         var tag: UInt64
         var operation: BlkOperation
@@ -23,7 +26,7 @@ public struct VirtioBlkQueue: ~Copyable {
 
     public let index: Int
     let device: VirtioBlkDevice
-    var vq: SplitVirtqueue
+    var vq: Ring
     let slab: UnsafeMutableRawPointer
     /// The slab's address as the device sees it (IOVA for virtio-pci, else `slab`).
     let slabAddress: UInt64
@@ -47,7 +50,7 @@ public struct VirtioBlkQueue: ~Copyable {
     let maxDiscardSectors: UInt32
     let maxWriteZeroesSectors: UInt32
 
-    init(index: Int, queue: consuming SplitVirtqueue, slab: UnsafeMutableRawPointer, slabAddress: UInt64, device: VirtioBlkDevice) {
+    init(index: Int, queue: consuming Ring, slab: UnsafeMutableRawPointer, slabAddress: UInt64, device: VirtioBlkDevice) {
         self.index = index
         self.device = device
         let size = queue.size
@@ -155,23 +158,23 @@ public struct VirtioBlkQueue: ~Copyable {
         freeTop -= 1
         let ctx = Int(freeContexts[freeTop])
         contexts[ctx] = Context(tag: tag, operation: op, bytes: UInt32(bytes))
-        let slot = slab + ctx * Self.slotBytes
+        let slot = slab + ctx * BlkSlot.bytes
         slot.storeBytes(of: op.rawValue.littleEndian, as: UInt32.self)
         slot.storeBytes(of: UInt32(0), toByteOffset: 4, as: UInt32.self)
         slot.storeBytes(of: sector.littleEndian, toByteOffset: 8, as: UInt64.self)
         if hasRange {
-            slot.storeBytes(of: sector.littleEndian, toByteOffset: Self.rangeOffset, as: UInt64.self)
-            slot.storeBytes(of: rangeSectors.littleEndian, toByteOffset: Self.rangeOffset + 8, as: UInt32.self)
-            slot.storeBytes(of: UInt32(unmap ? 1 : 0).littleEndian, toByteOffset: Self.rangeOffset + 12, as: UInt32.self)
+            slot.storeBytes(of: sector.littleEndian, toByteOffset: BlkSlot.rangeOffset, as: UInt64.self)
+            slot.storeBytes(of: rangeSectors.littleEndian, toByteOffset: BlkSlot.rangeOffset + 8, as: UInt32.self)
+            slot.storeBytes(of: UInt32(unmap ? 1 : 0).littleEndian, toByteOffset: BlkSlot.rangeOffset + 12, as: UInt32.self)
         }
         // A status the device never wrote reads as invalid, not as OK.
-        slot.storeBytes(of: UInt8(0xff), toByteOffset: Self.statusOffset, as: UInt8.self)
-        let slotAddress = slabAddress + UInt64(ctx * Self.slotBytes)
+        slot.storeBytes(of: UInt8(0xff), toByteOffset: BlkSlot.statusOffset, as: UInt8.self)
+        let slotAddress = slabAddress + UInt64(ctx * BlkSlot.bytes)
         let dataWritable = op == .read || op == .getID
         let ok = vq.addChain(count: segments, cookie: UnsafeMutableRawPointer(bitPattern: ctx + 1)) { i in
             if i == 0 { return VirtqSegment(addr: slotAddress, len: UInt32(BlkRequestHeader.size), deviceWritable: false) }
-            if i == segments - 1 { return VirtqSegment(addr: slotAddress + UInt64(Self.statusOffset), len: 1, deviceWritable: true) }
-            if hasRange { return VirtqSegment(addr: slotAddress + UInt64(Self.rangeOffset), len: 16, deviceWritable: false) }
+            if i == segments - 1 { return VirtqSegment(addr: slotAddress + UInt64(BlkSlot.statusOffset), len: 1, deviceWritable: true) }
+            if hasRange { return VirtqSegment(addr: slotAddress + UInt64(BlkSlot.rangeOffset), len: 16, deviceWritable: false) }
             let b = buffers[i - 1]
             let addr = usesIOVA ? busAddresses[i - 1] : UInt64(UInt(bitPattern: b.address))
             return VirtqSegment(addr: addr, len: UInt32(b.length), deviceWritable: dataWritable)
@@ -194,7 +197,7 @@ public struct VirtioBlkQueue: ~Copyable {
         for i in 0..<n {
             let ctx = Int(bitPattern: cookies[i]) - 1
             let c = contexts[ctx]
-            let status = BlkStatus(byte: slab.load(fromByteOffset: ctx * Self.slotBytes + Self.statusOffset, as: UInt8.self))
+            let status = BlkStatus(byte: slab.load(fromByteOffset: ctx * BlkSlot.bytes + BlkSlot.statusOffset, as: UInt8.self))
             out[i] = BlkCompletion(tag: c.tag, operation: c.operation, status: status, bytes: status == .ok ? c.bytes : 0)
             freeContexts[freeTop] = UInt16(ctx)
             freeTop += 1
@@ -220,9 +223,8 @@ public struct VirtioBlkQueue: ~Copyable {
         device.stop()
         let dying = self.dying
         var k = 0
-        vq.forEachInFlight { cookie in dying[k] = UInt16(Int(bitPattern: cookie) - 1); k += 1 }
+        vq.reclaimAll { cookie in dying[k] = UInt16(Int(bitPattern: cookie) - 1); k += 1 }
         dyingCount = k
-        vq.resetRing()
     }
 
     mutating func drainDying(into out: UnsafeMutablePointer<BlkCompletion>, max: Int) -> Int {

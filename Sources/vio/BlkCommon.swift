@@ -3,6 +3,7 @@ import DPDK
 import Foundation
 import Logging
 import VirtioBlk
+import VirtioCore
 import VirtioPCI
 
 /// `--dev vhost-user-blk:PATH` or `--dev pci:DDDD:BB:DD.F` (a virtio-blk PCI function bound to uio_pci_generic).
@@ -30,7 +31,9 @@ struct BlkOptions: ParsableArguments {
     var memory: MemoryMode = .auto
     @Option(help: "MiB of DPDK memory.")
     var memoryMb = 256
-    @Flag(help: "Do not negotiate VIRTIO_F_INDIRECT_DESC.")
+    @Option(help: "Ring layout: auto (packed when the device offers it), split or packed.")
+    var ring: RingLayoutChoice = .auto
+    @Flag(help: "Do not negotiate VIRTIO_F_INDIRECT_DESC (split rings; packed rings never use it).")
     var noIndirect = false
     @Flag(help: "Do not negotiate VIRTIO_F_IN_ORDER.")
     var noInOrder = false
@@ -62,6 +65,7 @@ struct BlkSetup {
         opts.queueSize = o.queueSize
         opts.allowIndirect = !o.noIndirect
         opts.allowInOrder = !o.noInOrder
+        opts.ring = o.ring
         do {
             if dev.isPCI {
                 let t = try VirtioPCITransport(address: dev.path, expecting: .block, logger: logger)
@@ -71,6 +75,20 @@ struct BlkSetup {
             }
         } catch {
             throw VioFailure(description: "\(dev): \(error)")
+        }
+    }
+}
+
+/// Something to run with the queues of a device, specialised for its ring layout.
+protocol BlkLayoutGeneric {
+    func run<Ring: Virtqueue & ~Copyable>(_ device: VirtioBlkDevice, _ ring: Ring.Type) throws
+}
+
+extension BlkLayoutGeneric {
+    func run(_ device: VirtioBlkDevice) throws {
+        switch device.ringLayout {
+        case .packed: try run(device, PackedVirtqueue.self)
+        case .split, .auto: try run(device, SplitVirtqueue.self)
         }
     }
 }

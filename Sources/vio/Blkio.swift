@@ -2,6 +2,7 @@ import ArgumentParser
 import DPDK
 import Foundation
 import VirtioBlk
+import VirtioCore
 
 /// The byte `vio blkio` writes at absolute device offset `offset` for pattern `seed`. Tests that
 /// read the backing image compute the same function.
@@ -18,7 +19,7 @@ struct BlkioResult: Codable {
 }
 
 /// `vio blkio`: single requests, one after another, for tests and inspection (like qemu-io).
-struct Blkio: ParsableCommand {
+struct Blkio: ParsableCommand, BlkLayoutGeneric {
     static let configuration = CommandConfiguration(
         abstract: "Run single virtio-blk requests in order and report each result.",
         discussion: """
@@ -44,7 +45,12 @@ struct Blkio: ParsableCommand {
 
     func execute() throws {
         let setup = try BlkSetup(blk, queues: 1)
-        var q = setup.device.makeQueue(0)
+        try run(setup.device)
+        EAL.cleanup()
+    }
+
+    func run<Ring: Virtqueue & ~Copyable>(_ device: VirtioBlkDevice, _: Ring.Type) throws {
+        var q = device.makeQueue(0, as: Ring.self)
         let arena = try DMAMemory(size: 8 << 20)
         let completions = UnsafeMutablePointer<BlkCompletion>.allocate(capacity: 8)
         defer { completions.deallocate() }
@@ -120,9 +126,8 @@ struct Blkio: ParsableCommand {
             results.append(r)
             if q.isStopped { break }
         }
-        setup.device.stop()
+        device.stop()
         try writeJSON(results, to: json)
-        EAL.cleanup()
     }
 
     /// `segments` buffers of together `bytes`, spread over the arena with gaps between them.
@@ -142,7 +147,7 @@ struct Blkio: ParsableCommand {
         return out
     }
 
-    func waitFor(_ q: inout VirtioBlkQueue, tag: UInt64, _ out: UnsafeMutablePointer<BlkCompletion>) throws -> BlkCompletion {
+    func waitFor<Ring: Virtqueue & ~Copyable>(_ q: inout VirtioBlkQueue<Ring>, tag: UInt64, _ out: UnsafeMutablePointer<BlkCompletion>) throws -> BlkCompletion {
         let deadline = TSC.now() + TSC.hz * 10
         while TSC.now() < deadline {
             let n = q.poll(into: out, max: 8)

@@ -215,5 +215,21 @@ final class BlkIntegrationTests: XCTestCase {
             XCTAssertTrue(f.contains(name), "\(name) in \(f)")
         }
         XCTAssertFalse(f.contains("IN_ORDER"), f)
+        // The daemon does not offer RING_PACKED, so `--ring auto` (the default) takes split.
+        XCTAssertFalse(f.contains("RING_PACKED"), f)
+        XCTAssertEqual(r.json?["ring"] as? String, "split", "\(r)")
+    }
+
+    /// A packed ring forced on a device that does not offer one is refused before any I/O.
+    func testForcedPackedRingNotOffered() throws {
+        let dir = try TempDir()
+        let dev = try StorageDaemon(.null(megabytes: 64), dir: dir)
+        let r = try Vio.run(["blkbench", "--dev", "vhost-user-blk:\(dev.socket)", "--runtime", "0.2s", "--ring", "packed"] + noHuge,
+                            dir: dir, timeout: 60, json: false)
+        XCTAssertEqual(r.status, 1, "\(r)")
+        XCTAssertTrue(r.stderr.contains("does not offer packed virtqueues"), r.stderr)
+        let bad = try Vio.run(["blkio", "--dev", "vhost-user-blk:\(dev.socket)", "--cmd", "flush", "--ring", "ring"] + noHuge,
+                              dir: dir, timeout: 60, json: false)
+        XCTAssertEqual(bad.status, 64, "\(bad)")
     }
 }

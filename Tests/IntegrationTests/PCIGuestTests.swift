@@ -143,6 +143,8 @@ final class PCIGuestTests: XCTestCase {
     static let imageSectors: UInt64 = 131_072  // 64 MiB
     /// Pattern writes through `vio blkio` (sector, sectors, seed, segments), checked in the image file.
     static let patternWrites: [(sector: UInt64, sectors: UInt64, seed: UInt64, segments: Int)] = [(40_000, 64, 7, 3), (100_001, 17, 9, 1)]
+    /// Written with `--ring split` on the modern function (which runs packed by default).
+    static let splitWrite: (sector: UInt64, sectors: UInt64, seed: UInt64, segments: Int) = (70_000, 40, 11, 5)
     static let packets = 20_000
     /// 9000-byte frames: mbuf chains out (descriptor chains, one IOVA per segment), MRG_RXBUF back.
     static let jumboPackets = 300
@@ -171,7 +173,8 @@ final class PCIGuestTests: XCTestCase {
                     // backend supports them), which `--ring auto` then takes; legacy cannot.
                     "-device", "virtio-net-pci,netdev=n0,\(flags)\(legacy ? "" : ",packed=on"),addr=0x4",
                     "-drive", "file=\(image),format=raw,if=none,id=d0,cache=writethrough",
-                    "-device", "virtio-blk-pci,drive=d0,\(flags),addr=0x5"]
+                    // The modern blk function offers packed rings too (QEMU's own virtio-blk device).
+                    "-device", "virtio-blk-pci,drive=d0,\(flags)\(legacy ? "" : ",packed=on"),addr=0x5"]
         var script = Self.prelude
         script += """
         # Clear errors before binding: an unbound function, a missing address, a non-virtio function
@@ -195,6 +198,13 @@ final class PCIGuestTests: XCTestCase {
         let cmds = writes.map { "--cmd \"write \($0.sector) \($0.sectors) \($0.seed) \($0.segments)\"" }
             + writes.map { "--cmd \"verify \($0.sector) \($0.sectors) \($0.seed) \($0.segments % 3 + 1)\"" } + ["--cmd flush"]
         script += "run_json blkio vio blkio --dev pci:0000:00:05.0 \(cmds.joined(separator: " "))\n"
+        script += "check blkio-ring grep -q \"1 \(legacy ? "split" : "packed") queue(s)\" /tmp/blkio.out\n"
+        if !legacy {
+            // The split ring on the same (packed-capable) function, with indirect descriptors.
+            let w = Self.splitWrite
+            script += "run_json blkio-split vio blkio --dev pci:0000:00:05.0 --ring split --cmd \"write \(w.sector) \(w.sectors) \(w.seed) \(w.segments)\" --cmd \"verify \(w.sector) \(w.sectors) \(w.seed) 1\"\n"
+            script += "check blkio-split-ring grep -q \"1 split queue(s)\" /tmp/blkio-split.out\n"
+        }
         if !legacy {
             // DEVICE_NEEDS_RESET (§2.1.2): QEMU sets it (virtio_error "wrong value for queue_enable")
             // when queue_enable is written with 0. Done from outside vio, through /dev/mem, while vio
@@ -243,7 +253,8 @@ final class PCIGuestTests: XCTestCase {
         XCTAssertEqual(run.exitStatus, 0, run.tail)
         XCTAssertTrue(run.serial.contains("VIO-GUEST-BOOTED"), run.tail)
         var expected = ["unbound", "nonexistent", "not-virtio", "wrong-type", "bind-net", "bind-blk", "pktgen", "net-says-\(kind)", "pktgen-split", "jumbo", "fwd",
-                        "blkbench", "blk-says-\(kind)", "blkio"]
+                        "blkbench", "blk-says-\(kind)", "blkio", "blkio-ring"]
+        if !legacy { expected += ["blkio-split", "blkio-split-ring"] }
         expected += legacy ? ["bind-transitional", "transitional", "transitional-picks-modern"] : ["blk-needs-reset", "net-needs-reset"]
         XCTAssertEqual(run.checks.map(\.name), expected, run.tail)
         for c in run.checks where !c.passed { XCTFail("guest check \(c.name) failed: \(c.detail)\n\(run.tail)") }
@@ -288,14 +299,25 @@ final class PCIGuestTests: XCTestCase {
         XCTAssertEqual(n(bb, "errors"), 0, "\(bb ?? [:])")
         XCTAssertGreaterThan(n(bb, "verified") ?? 0, 100, "\(bb ?? [:])")
         XCTAssertGreaterThan(n(bb, "writes") ?? 0, 100, "\(bb ?? [:])")
+        // Modern: packed rings (auto), requests as descriptor chains; legacy: split.
+        XCTAssertEqual(bb?["ring"] as? String, legacy ? "split" : "packed", "\(bb ?? [:])")
+        XCTAssertEqual(n(bb, "slotsOutstandingAtExit"), 0, "\(bb ?? [:])")
         let results = run.json["blkio"] as? [[String: Any]] ?? []
         XCTAssertEqual(results.count, writes.count * 2 + 1, run.tail)
         for r in results { XCTAssertEqual(r["status"] as? String, "ok", "\(r)") }
+        for r in results where r["mismatches"] != nil { XCTAssertEqual(r["mismatches"] as? Int, 0, "\(r)") }
+        var imageWrites = writes
+        if !legacy {
+            let split = run.json["blkio-split"] as? [[String: Any]] ?? []
+            XCTAssertEqual(split.map { $0["status"] as? String }, ["ok", "ok"], run.tail)
+            XCTAssertEqual(split.last?["mismatches"] as? Int, 0, "\(split)")
+            imageWrites.append(Self.splitWrite)
+        }
 
         // The image file: the guest's patterns at exactly their offsets, zeros right around them.
         let data = try Data(contentsOf: URL(fileURLWithPath: image))
         XCTAssertEqual(UInt64(data.count), Self.imageSectors * 512)
-        for w in writes {
+        for w in imageWrites {
             let start = Int(w.sector * 512), end = Int((w.sector + w.sectors) * 512)
             var bad = 0
             for off in start..<end where data[off] != pattern(seed: w.seed, offset: UInt64(off)) { bad += 1 }

@@ -99,9 +99,10 @@ public struct SplitVirtqueue: ~Copyable {
     public private(set) var indirect: IndirectTables?
 
     /// Uses `tables` for every chain of two or more descriptors (after VIRTIO_F_INDIRECT_DESC).
-    public mutating func useIndirect(_ tables: IndirectTables) {
+    @discardableResult public mutating func useIndirect(_ tables: IndirectTables) -> Bool {
         precondition(tables.entriesPerTable >= 2)
         indirect = tables
+        return true
     }
 
     /// Ring descriptors a chain of `count` segments takes.

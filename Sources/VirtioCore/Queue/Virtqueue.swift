@@ -31,6 +31,12 @@ public protocol Virtqueue: ~Copyable {
     /// `count` single-descriptor buffers: `buffer(i)` gives the i-th (address, length, cookie).
     mutating func addBurst(count: Int, deviceWritable: Bool,
                            _ buffer: (Int) -> (addr: UInt64, len: UInt32, cookie: UnsafeMutableRawPointer?))
+    /// Puts chains of two or more segments into `tables` from now on (after
+    /// VIRTIO_F_INDIRECT_DESC); false when the layout does not implement indirect descriptors
+    /// (packed), so the caller must not negotiate them.
+    mutating func useIndirect(_ tables: IndirectTables) -> Bool
+    /// Ring descriptors a buffer of `count` segments takes (split with indirect tables: one).
+    func descriptorsNeeded(forSegments count: Int) -> Int
     /// One buffer of `count` descriptors; false (adding nothing) when there is no room.
     mutating func addChain(count: Int, cookie: UnsafeMutableRawPointer?, _ segment: (Int) -> VirtqSegment) -> Bool
     /// Makes what was added visible (if the layout defers that) and says whether to notify.
@@ -48,6 +54,13 @@ public protocol Virtqueue: ~Copyable {
     mutating func restart(at base: UInt32)
     /// Where a ring starts after a device reset (split: 0; packed: position 0, wrap counter 1).
     static var resetBase: UInt32 { get }
+}
+
+extension Virtqueue where Self: ~Copyable {
+    /// Without indirect tables every segment takes a ring descriptor.
+    @inlinable public func descriptorsNeeded(forSegments count: Int) -> Int { count }
+    /// Indirect tables are not implemented for this layout.
+    public mutating func useIndirect(_ tables: IndirectTables) -> Bool { false }
 }
 
 /// The ring layout a driver asks for: `auto` takes packed when the device offers it.

@@ -1,0 +1,406 @@
+import DPDK
+import Foundation
+import VirtioBlk
+import VirtioCore
+import VirtioTestSupport
+import XCTest
+
+/// EAL once per test process, with --no-huge memory (the queues' rings and slabs are DPDK memory).
+enum TestEAL {
+    static let ready: Result<Void, Error> = Result {
+        _ = try EAL.initialize(mode: .nohuge, memoryMB: 64, filePrefix: "vio-blk-unit-\(getpid())")
+    }
+    static func require() throws {
+        if case .failure(let e) = ready { throw XCTSkip("DPDK EAL could not start here: \(e)") }
+    }
+}
+
+/// A virtio-blk device in this process: the transport side records what the driver negotiated and
+/// where its ring is; the test then plays the device on that ring with the split or packed
+/// device model, executing requests against an in-memory disk.
+final class FakeBlkTransport: VirtioTransport {
+    let offered: VirtioFeatures
+    let config: [UInt8]
+    private(set) var negotiated: VirtioFeatures = []
+    private(set) var queueAddresses: [QueueAddresses] = []
+    private(set) var notifications = 0
+    private(set) var stops = 0
+    var connected = true
+
+    init(offered: VirtioFeatures, capacitySectors: UInt64, segMax: UInt32 = 0) {
+        self.offered = offered
+        var c = [UInt8](repeating: 0, count: BlkConfig.size)
+        func put<T: FixedWidthInteger>(_ v: T, at o: Int) { for k in 0..<(T.bitWidth / 8) { c[o + k] = UInt8(truncatingIfNeeded: v >> (8 * k)) } }
+        put(capacitySectors, at: 0)
+        put(segMax, at: 12)
+        put(UInt32(512), at: 20)
+        config = c
+    }
+
+    var deviceFeatures: VirtioFeatures { offered }
+    var maxQueues: Int? { 1 }
+    var hasConfigSpace: Bool { true }
+    var deviceDescription: String { "in-process fake" }
+    func readConfig(offset: Int, count: Int) throws -> [UInt8] { Array(config[offset..<(offset + count)]) }
+    func negotiate(_ features: VirtioFeatures, queueCount: Int) throws { negotiated = features }
+    func setMemory(_ regions: [MemoryRegion]) throws {}
+    func setupQueue(_ index: Int, addresses: QueueAddresses) throws { queueAddresses.append(addresses) }
+    func start() throws {}
+    func stop() throws { stops += 1 }
+    func notify(queue index: Int) { notifications += 1 }
+    var isConnected: Bool { connected }
+    var disconnectReason: String? { connected ? nil : "the fake device was unplugged" }
+}
+
+/// The device side of either layout, reduced to what these tests need.
+struct RingDevice {
+    typealias Segment = SplitDeviceModel.Segment
+    /// Available buffers: ID, segments, and descriptors taken in the ring (1 for an indirect table).
+    var pop: () -> [(id: UInt16, segments: [Segment], ringDescriptors: Int)]
+    var complete: ([UInt16], [UInt32]) -> Void
+    var completeBatchAsOne: (Int, UInt32) -> Void
+    var injectUsed: (UInt16, UInt32) -> Void
+    var violations: () -> [String]
+
+    static func split(_ a: QueueAddresses, indirect: Bool, inOrder: Bool) throws -> RingDevice {
+        let layout = try SplitRingLayout(size: a.size)
+        let m = SplitDeviceModel(memory: UnsafeMutableRawPointer(bitPattern: UInt(a.desc))! - layout.descOffset, layout: layout, inOrder: inOrder)
+        m.indirectNegotiated = indirect
+        return RingDevice(pop: { m.popAvailable().map { ($0.headId, $0.segments, $0.descriptors.count) } },
+                          complete: { m.complete(ids: $0, lengths: $1) },
+                          completeBatchAsOne: { m.completeBatchAsOne(count: $0, lastLength: $1) },
+                          injectUsed: { m.injectUsed(id: UInt32($0), len: $1) },
+                          violations: { m.violations })
+    }
+
+    static func packed(_ a: QueueAddresses) throws -> RingDevice {
+        let layout = try PackedRingLayout(size: a.size)
+        let m = PackedDeviceModel(memory: UnsafeMutableRawPointer(bitPattern: UInt(a.desc))! - layout.descOffset, layout: layout)
+        return RingDevice(pop: { m.popAvailable().map { ($0.id, $0.segments, $0.descriptorCount) } },
+                          complete: { m.complete(ids: $0, lengths: $1) },
+                          completeBatchAsOne: { m.completeBatchAsOne(count: $0, lastLength: $1) },
+                          injectUsed: { m.injectUsed(id: $0, len: $1) },
+                          violations: { m.violations })
+    }
+}
+
+/// What the device did with one request.
+struct Served {
+    var id: UInt16
+    var operation: UInt32
+    var sector: UInt64
+    var dataSegments: Int
+    /// Bytes written into device-writable buffers (data read + the status byte).
+    var written: UInt32
+}
+
+/// `VirtioBlkDevice`/`VirtioBlkQueue` on both ring layouts against an in-process device: the
+/// request layout on the ring (header, data, status as one chain; split may use an indirect
+/// table, packed never does), completions in any order and as in-order batches, many laps of a
+/// small ring, and a device that breaks the ring or disappears with requests in flight.
+final class BlkQueueTests: XCTestCase {
+    static let capacity: UInt64 = 2048  // 1 MiB
+    var disk = [UInt8](repeating: 0, count: Int(capacity) * 512)
+
+    override func setUpWithError() throws { try TestEAL.require() }
+
+    let base: VirtioFeatures = [.version1, .blkFlush, .blkSegMax, .eventIndex]
+
+    func open(offered: VirtioFeatures, ring: RingLayoutChoice = .auto, queueSize: Int = 16, segMax: UInt32 = 0,
+              inOrder: Bool = true) throws -> (FakeBlkTransport, VirtioBlkDevice) {
+        let t = FakeBlkTransport(offered: offered, capacitySectors: Self.capacity, segMax: segMax)
+        var o = VirtioBlkOptions()
+        o.queueSize = queueSize
+        o.ring = ring
+        o.allowInOrder = inOrder
+        return (t, try VirtioBlkDevice(transport: t, options: o))
+    }
+
+    func ringDevice(_ t: FakeBlkTransport, _ d: VirtioBlkDevice) throws -> RingDevice {
+        let a = try XCTUnwrap(t.queueAddresses.first)
+        return d.ringLayout == .packed ? try .packed(a)
+            : try .split(a, indirect: d.features.contains(.indirectDescriptors), inOrder: d.features.contains(.inOrder))
+    }
+
+    /// Executes one request the way a device does: header, data, status byte.
+    func serve(_ id: UInt16, _ segs: [RingDevice.Segment], writeStatus: Bool = true) -> Served {
+        func ptr(_ a: UInt64) -> UnsafeMutableRawPointer { UnsafeMutableRawPointer(bitPattern: UInt(a))! }
+        XCTAssertGreaterThanOrEqual(segs.count, 2)
+        XCTAssertEqual(segs.first?.len, 16, "the header comes first, 16 bytes")
+        XCTAssertEqual(segs.first?.writable, false)
+        XCTAssertEqual(segs.last?.len, 1, "the status byte comes last")
+        XCTAssertEqual(segs.last?.writable, true)
+        let header = ptr(segs[0].addr)
+        let op = header.load(as: UInt32.self), sector = header.load(fromByteOffset: 8, as: UInt64.self)
+        let data = segs.dropFirst().dropLast()
+        var offset = Int(sector) * 512
+        var written: UInt32 = 0
+        for s in data {
+            switch op {
+            case BlkOperation.read.rawValue:
+                XCTAssertTrue(s.writable, "read buffers are device-writable")
+                disk.withUnsafeBytes { ptr(s.addr).copyMemory(from: $0.baseAddress! + offset, byteCount: Int(s.len)) }
+                written += s.len
+            case BlkOperation.write.rawValue:
+                XCTAssertFalse(s.writable, "write buffers are device-readable")
+                disk.withUnsafeMutableBytes { ($0.baseAddress! + offset).copyMemory(from: ptr(s.addr), byteCount: Int(s.len)) }
+            default: break
+            }
+            offset += Int(s.len)
+        }
+        if writeStatus { ptr(segs.last!.addr).storeBytes(of: UInt8(0), as: UInt8.self) }
+        return Served(id: id, operation: op, sector: sector, dataSegments: data.count, written: written + (writeStatus ? 1 : 0))
+    }
+
+    /// Pops everything available and serves it.
+    func serveAll(_ dev: RingDevice) -> [Served] { dev.pop().map { serve($0.id, $0.segments) } }
+
+    func poll<Ring: Virtqueue & ~Copyable>(_ q: inout VirtioBlkQueue<Ring>, upTo n: Int) -> [BlkCompletion] {
+        let out = UnsafeMutablePointer<BlkCompletion>.allocate(capacity: 64)
+        defer { out.deallocate() }
+        var all: [BlkCompletion] = []
+        for _ in 0..<8 where all.count < n {
+            let k = q.poll(into: out, max: 64)
+            all += (0..<k).map { out[$0] }
+        }
+        return all
+    }
+
+    // MARK: Negotiation
+
+    func testLayoutFollowsTheOfferAndTheChoice() throws {
+        // Packed offered: auto takes it, without indirect descriptors, whose chains must fit the ring.
+        let (t, d) = try open(offered: base.union([.ringPacked, .indirectDescriptors, .inOrder]), queueSize: 16, segMax: 126)
+        XCTAssertEqual(d.ringLayout, .packed)
+        XCTAssertTrue(t.negotiated.contains(.ringPacked))
+        XCTAssertFalse(t.negotiated.contains(.indirectDescriptors))
+        XCTAssertEqual(d.maxSegments, 14)
+        XCTAssertEqual(t.queueAddresses.first?.base, PackedVirtqueue.resetBase)
+        // Split forced on the same offer: indirect tables, so seg_max is the limit.
+        let (t2, d2) = try open(offered: base.union([.ringPacked, .indirectDescriptors]), ring: .split, queueSize: 16, segMax: 126)
+        XCTAssertEqual(d2.ringLayout, .split)
+        XCTAssertFalse(t2.negotiated.contains(.ringPacked))
+        XCTAssertTrue(t2.negotiated.contains(.indirectDescriptors))
+        XCTAssertEqual(d2.maxSegments, 126)
+        // Packed forced on a device without it: a clear error.
+        XCTAssertThrowsError(try open(offered: base, ring: .packed)) { e in
+            XCTAssertEqual("\(e)", "the device does not offer packed virtqueues (VIRTIO_F_RING_PACKED)")
+        }
+        XCTAssertEqual(try open(offered: base).1.ringLayout, .split)
+    }
+
+    // MARK: Requests on both layouts
+
+    /// Writes and reads over scattered buffers, completed in reverse order; the device sees one
+    /// chain per request and the data lands where it should.
+    func roundTrip<Ring: Virtqueue & ~Copyable>(_ ring: Ring.Type, offered: VirtioFeatures, expectIndirect: Bool) throws {
+        let (t, d) = try open(offered: offered, ring: ring == PackedVirtqueue.self ? .packed : .split, queueSize: 32)
+        let dev = try ringDevice(t, d)
+        var q = d.makeQueue(0, as: Ring.self)
+        let arena = try DMAMemory(size: 1 << 20)
+        // Four writes of 8 sectors in 1, 2, 3 and 4 pieces, at sectors 100, 200, 300, 400.
+        var tag: UInt64 = 0
+        for k in 0..<4 {
+            let base = arena.pointer + k * 65536
+            for i in 0..<4096 { base.storeBytes(of: UInt8(truncatingIfNeeded: i &* 7 &+ k), toByteOffset: i, as: UInt8.self) }
+            let pieces = k + 1
+            let lens = (0..<pieces).map { $0 == 0 ? 4096 - (4096 / pieces) * (pieces - 1) : 4096 / pieces }
+            var off = 0
+            let bufs = lens.map { len -> BlkBuffer in defer { off += len }; return BlkBuffer(base + off, length: len) }
+            tag += 1
+            try bufs.withUnsafeBufferPointer { (p) throws(BlkRequestError) in try q.write(sector: UInt64(100 * (k + 1)), from: p, tag: tag) }
+        }
+        q.commit()
+        XCTAssertEqual(q.inFlight, 4)
+        let avail = dev.pop()
+        XCTAssertEqual(avail.count, 4, "each request is one buffer")
+        for (k, a) in avail.enumerated() {
+            // Split with indirect tables reads the chain from the table; packed always has it in the ring.
+            XCTAssertEqual(a.segments.count, 2 + k + 1)
+            XCTAssertEqual(a.ringDescriptors, expectIndirect ? 1 : a.segments.count)
+            _ = serve(a.id, a.segments)
+        }
+        dev.complete(avail.reversed().map(\.id), avail.reversed().map { _ in 1 })
+        let done = poll(&q, upTo: 4)
+        XCTAssertEqual(done.map(\.tag), [4, 3, 2, 1], "completions come back in the device's order")
+        XCTAssertTrue(done.allSatisfy { $0.status == .ok && $0.operation == .write && $0.bytes == 4096 })
+        for k in 0..<4 {
+            let at = 100 * (k + 1) * 512
+            XCTAssertTrue((0..<4096).allSatisfy { disk[at + $0] == UInt8(truncatingIfNeeded: $0 &* 7 &+ k) }, "write \(k) in the disk")
+        }
+        // Read them back into 3 pieces each; complete two, then the other two in one go.
+        let readBase = arena.pointer + 4 * 65536
+        readBase.initializeMemory(as: UInt8.self, repeating: 0xA5, count: 4 * 4096)
+        for k in 0..<4 {
+            let b = readBase + k * 4096
+            let bufs = [BlkBuffer(b, length: 512), BlkBuffer(b + 512, length: 1536), BlkBuffer(b + 2048, length: 2048)]
+            tag += 1
+            try bufs.withUnsafeBufferPointer { (p) throws(BlkRequestError) in try q.read(sector: UInt64(100 * (k + 1)), into: p, tag: tag) }
+        }
+        q.commit()
+        let reads = dev.pop()
+        let served = reads.map { serve($0.id, $0.segments) }
+        XCTAssertEqual(served.map(\.written), [4097, 4097, 4097, 4097], "data and status")
+        dev.complete([reads[2].id, reads[0].id], [4097, 4097])
+        let first = poll(&q, upTo: 2)
+        XCTAssertEqual(first.map(\.tag), [7, 5])
+        dev.complete([reads[3].id, reads[1].id], [4097, 4097])
+        let second = poll(&q, upTo: 2)
+        XCTAssertEqual(second.map(\.tag), [8, 6])
+        XCTAssertTrue((first + second).allSatisfy { $0.status == .ok && $0.bytes == 4096 })
+        for k in 0..<4 {
+            let b = readBase + k * 4096
+            XCTAssertTrue((0..<4096).allSatisfy { b.load(fromByteOffset: $0, as: UInt8.self) == UInt8(truncatingIfNeeded: $0 &* 7 &+ k) }, "read \(k)")
+        }
+        XCTAssertEqual(q.inFlight, 0)
+        XCTAssertEqual(dev.violations(), [])
+    }
+
+    func testRoundTripPacked() throws {
+        try roundTrip(PackedVirtqueue.self, offered: base.union([.ringPacked, .indirectDescriptors]), expectIndirect: false)
+    }
+    func testRoundTripSplitIndirect() throws {
+        try roundTrip(SplitVirtqueue.self, offered: base.union([.indirectDescriptors]), expectIndirect: true)
+    }
+    func testRoundTripSplitChains() throws {
+        try roundTrip(SplitVirtqueue.self, offered: base, expectIndirect: false)
+    }
+
+    /// Thousands of requests of 3 to 5 descriptors through an 8-entry ring: the packed wrap
+    /// counters flip hundreds of times, requests straddle the end of the ring, and an in-order
+    /// device answers batches with one used entry.
+    func laps<Ring: Virtqueue & ~Copyable>(_ ring: Ring.Type, offered: VirtioFeatures, inOrder: Bool) throws {
+        let (t, d) = try open(offered: offered, ring: ring == PackedVirtqueue.self ? .packed : .split, queueSize: 8, inOrder: inOrder)
+        XCTAssertEqual(d.features.contains(.inOrder), inOrder)
+        let dev = try ringDevice(t, d)
+        var q = d.makeQueue(0, as: Ring.self)
+        let arena = try DMAMemory(size: 64 * 1024)
+        var tag: UInt64 = 0, completed = 0, rounds = 0
+        var rng: UInt64 = 0x1234_5678
+        func next() -> Int { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; return Int(rng % 1000) }
+        while completed < 3000 {
+            rounds += 1
+            // Fill what fits: 1 to 3 data segments per write, each of a different sector.
+            var submitted = 0
+            while true {
+                let pieces = 1 + next() % 3
+                let sector = UInt64(next() % 2000)
+                let bufs = (0..<pieces).map { BlkBuffer(arena.pointer + Int(tag % 8) * 8192 + $0 * 512, length: 512) }
+                let refused = bufs.withUnsafeBufferPointer { p -> BlkRequestError? in
+                    do throws(BlkRequestError) { try q.write(sector: sector, from: p, tag: tag); return nil } catch { return error }
+                }
+                if let refused {
+                    XCTAssertEqual(refused, .queueFull)
+                    break
+                }
+                tag += 1; submitted += 1
+            }
+            q.commit()
+            XCTAssertGreaterThan(submitted, 0)
+            let avail = dev.pop()
+            XCTAssertEqual(avail.count, submitted)
+            for a in avail { _ = serve(a.id, a.segments) }
+            if inOrder && rounds % 2 == 0 {
+                dev.completeBatchAsOne(avail.count, 1)
+            } else if inOrder {
+                dev.complete(avail.map(\.id), avail.map { _ in 1 })
+            } else {
+                let order = avail.indices.sorted { ($0 * 7919 + rounds) % 13 < ($1 * 7919 + rounds) % 13 }
+                dev.complete(order.map { avail[$0].id }, order.map { _ in 1 })
+            }
+            let done = poll(&q, upTo: submitted)
+            XCTAssertEqual(done.count, submitted, "round \(rounds)")
+            XCTAssertTrue(done.allSatisfy { $0.status == .ok }, "round \(rounds)")
+            completed += done.count
+            if q.isStopped { XCTFail("stopped: \(q.stopReason ?? "")"); return }
+        }
+        XCTAssertEqual(q.inFlight, 0)
+        XCTAssertEqual(dev.violations(), [])
+        XCTAssertGreaterThan(t.notifications, 0)
+    }
+
+    func testManyLapsPackedInOrderWithBatches() throws {
+        try laps(PackedVirtqueue.self, offered: base.union([.ringPacked, .inOrder]), inOrder: true)
+    }
+    func testManyLapsPackedOutOfOrder() throws {
+        try laps(PackedVirtqueue.self, offered: base.union([.ringPacked]), inOrder: false)
+    }
+    func testManyLapsSplitInOrderWithBatches() throws {
+        try laps(SplitVirtqueue.self, offered: base.union([.inOrder]), inOrder: true)
+    }
+
+    // MARK: A device that misbehaves
+
+    /// A used entry with an ID that was never posted stops the queue; every request in flight
+    /// comes back failed, nothing is lost, and nothing new is taken.
+    func brokenRing<Ring: Virtqueue & ~Copyable>(_ ring: Ring.Type, offered: VirtioFeatures,
+                                                  fault: (RingDevice, [(id: UInt16, segments: [RingDevice.Segment], ringDescriptors: Int)]) -> Void,
+                                                  expect: String) throws {
+        let (t, d) = try open(offered: offered, ring: ring == PackedVirtqueue.self ? .packed : .split, queueSize: 16, inOrder: false)
+        let dev = try ringDevice(t, d)
+        var q = d.makeQueue(0, as: Ring.self)
+        let arena = try DMAMemory(size: 65536)
+        for k in 0..<3 {
+            let b = [BlkBuffer(arena.pointer + k * 4096, length: 4096)]
+            try b.withUnsafeBufferPointer { (p) throws(BlkRequestError) in try q.read(sector: UInt64(k * 8), into: p, tag: UInt64(10 + k)) }
+        }
+        q.commit()
+        let avail = dev.pop()
+        for a in avail { _ = serve(a.id, a.segments) }
+        fault(dev, avail)
+        let out = poll(&q, upTo: 3)
+        XCTAssertTrue(q.isStopped)
+        XCTAssertTrue(q.stopReason?.contains(expect) == true, q.stopReason ?? "not stopped")
+        XCTAssertEqual(t.stops, 1, "the device was stopped")
+        XCTAssertEqual(Set(out.map(\.tag)), [10, 11, 12], "every request comes back once")
+        XCTAssertTrue(out.allSatisfy { $0.status == .deviceGone })
+        XCTAssertEqual(q.inFlight, 0)
+        XCTAssertThrowsError(try q.flush(tag: 99)) { XCTAssertEqual($0 as? BlkRequestError, .queueStopped(q.stopReason!)) }
+    }
+
+    func testPackedUnknownIDStopsTheQueue() throws {
+        try brokenRing(PackedVirtqueue.self, offered: base.union(.ringPacked), fault: { dev, _ in dev.injectUsed(15, 1) }, expect: "not in flight")
+    }
+    func testPackedOutOfRangeIDStopsTheQueue() throws {
+        try brokenRing(PackedVirtqueue.self, offered: base.union(.ringPacked), fault: { dev, _ in dev.injectUsed(16, 1) }, expect: "outside")
+    }
+    func testPackedLengthPastTheBufferStopsTheQueue() throws {
+        try brokenRing(PackedVirtqueue.self, offered: base.union(.ringPacked),
+                       fault: { dev, a in dev.complete([a[1].id], [4098]) }, expect: "4098")
+    }
+    func testSplitLengthPastTheBufferStopsTheQueue() throws {
+        try brokenRing(SplitVirtqueue.self, offered: base, fault: { dev, a in dev.complete([a[0].id], [5000]) }, expect: "5000")
+    }
+
+    /// A completion whose status byte the device never wrote is not taken for success.
+    func testUnwrittenStatusIsNotSuccess() throws {
+        let (t, d) = try open(offered: base.union(.ringPacked), queueSize: 16)
+        let dev = try ringDevice(t, d)
+        var q = d.makeQueue(0, as: PackedVirtqueue.self)
+        try q.flush(tag: 1)
+        q.commit()
+        let a = dev.pop()
+        XCTAssertEqual(a.count, 1)
+        XCTAssertEqual(serve(a[0].id, a[0].segments, writeStatus: false).operation, BlkOperation.flush.rawValue)
+        dev.complete([a[0].id], [0])
+        let c = poll(&q, upTo: 1)
+        XCTAssertEqual(c.first?.status, .badStatus(0xff))
+        XCTAssertFalse(q.isStopped)
+    }
+
+    /// The device disappears with requests in flight: they come back failed after `checkDevice`.
+    func testDeviceGoneFailsRequestsInFlight() throws {
+        let (t, d) = try open(offered: base.union(.ringPacked), queueSize: 16)
+        var q = d.makeQueue(0, as: PackedVirtqueue.self)
+        try q.flush(tag: 1)
+        try q.flush(tag: 2)
+        q.commit()
+        t.connected = false
+        q.checkDevice()
+        XCTAssertEqual(q.stopReason, "the fake device was unplugged")
+        let c = poll(&q, upTo: 2)
+        XCTAssertEqual(Set(c.map(\.tag)), [1, 2])
+        XCTAssertTrue(c.allSatisfy { $0.status == .deviceGone })
+        XCTAssertEqual(q.inFlight, 0)
+    }
+}
