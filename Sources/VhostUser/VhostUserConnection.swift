@@ -51,7 +51,9 @@ public final class VhostUserConnection: VirtioTransport, @unchecked Sendable {
     public private(set) var negotiatedFeatures: VirtioFeatures = []
     let logger: Logger
     let fd: Int32
-    private var kickFDs: [Int32] = []
+    /// Filled during setup, before the device starts; `notify` (the one data-path call) only reads
+    /// it, from the lcore that owns the queues, so it needs no dynamic exclusivity check.
+    @exclusivity(unchecked) private var kickFDs: [Int32] = []
     private var callFDs: [Int32] = []
     /// What GET_VRING_BASE returned for each ring at the last stop.
     public private(set) var stoppedBases: [UInt32]?

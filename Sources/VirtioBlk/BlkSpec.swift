@@ -62,7 +62,7 @@ public enum BlkStatus: Equatable, Sendable, CustomStringConvertible {
     /// The device went away (or broke its ring) with the request in flight.
     case deviceGone
 
-    init(byte: UInt8) {
+    @inlinable init(byte: UInt8) {
         switch byte { case 0: self = .ok; case 1: self = .ioError; case 2: self = .unsupported; default: self = .badStatus(byte) }
     }
     public var description: String {
@@ -101,8 +101,8 @@ public struct BlkConfig: Sendable, Equatable {
 }
 
 /// Header of every request (§5.2.6): type, reserved, sector — 16 bytes, device-readable.
-enum BlkRequestHeader {
-    static let size = 16
+@usableFromInline enum BlkRequestHeader {
+    @usableFromInline static let size = 16
 }
 
 /// Sector size of the protocol: offsets and counts are always in 512-byte units.

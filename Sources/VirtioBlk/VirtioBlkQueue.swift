@@ -3,10 +3,10 @@ import VhostUser
 import VirtioCore
 
 /// One request's slot in a queue's slab: header (16) · discard/write-zeroes range (16) · status (1) · padding.
-enum BlkSlot {
-    static let bytes = 64
-    static let rangeOffset = 16
-    static let statusOffset = 32
+@usableFromInline enum BlkSlot {
+    @usableFromInline static let bytes = 64
+    @usableFromInline static let rangeOffset = 16
+    @usableFromInline static let statusOffset = 32
 }
 
 /// One virtio-blk request queue, polled by one lcore (non-copyable; pass it `inout`), on a split
@@ -19,40 +19,47 @@ enum BlkSlot {
 /// with the caller's tag. Nothing is hidden: a full queue is an error the caller sees.
 public struct VirtioBlkQueue<Ring: Virtqueue & ~Copyable>: ~Copyable {
     @usableFromInline struct Context {
-        var tag: UInt64
-        var operation: BlkOperation
-        var bytes: UInt32
+        @usableFromInline var tag: UInt64
+        @usableFromInline var operation: BlkOperation
+        @usableFromInline var bytes: UInt32
+        @inlinable init(tag: UInt64, operation: BlkOperation, bytes: UInt32) { self.tag = tag; self.operation = operation; self.bytes = bytes }
     }
 
     public let index: Int
-    let device: VirtioBlkDevice
-    var vq: Ring
-    let slab: UnsafeMutableRawPointer
+    @usableFromInline let device: VirtioBlkDevice
+    /// The device's transport, held here so a notification is a direct call (no reference counting).
+    @usableFromInline let transport: any VirtioTransport
+    @usableFromInline var vq: Ring
+    @usableFromInline let slab: UnsafeMutableRawPointer
     /// The slab's address as the device sees it (IOVA for virtio-pci, else `slab`).
-    let slabAddress: UInt64
-    let usesIOVA: Bool
+    @usableFromInline let slabAddress: UInt64
+    @usableFromInline let usesIOVA: Bool
     /// Bus addresses of one request's data segments (virtio-pci), allocated once.
-    let busAddresses: UnsafeMutablePointer<UInt64>
-    let contexts: UnsafeMutablePointer<Context>
-    let freeContexts: UnsafeMutablePointer<UInt16>
-    var freeTop: Int
-    let cookies: UnsafeMutablePointer<UnsafeMutableRawPointer?>
-    let lengths: UnsafeMutablePointer<UInt32>
+    @usableFromInline let busAddresses: UnsafeMutablePointer<UInt64>
+    @usableFromInline let contexts: UnsafeMutablePointer<Context>
+    @usableFromInline let freeContexts: UnsafeMutablePointer<UInt16>
+    @usableFromInline var freeTop: Int
+    @usableFromInline let cookies: UnsafeMutablePointer<UnsafeMutableRawPointer?>
+    @usableFromInline let lengths: UnsafeMutablePointer<UInt32>
     /// Contexts of requests failed by a stop, still to be reported.
-    let dying: UnsafeMutablePointer<UInt16>
-    var dyingCount = 0
-    var idlePolls = 0
-    public private(set) var stopReason: String?
-    let capacity: UInt64
-    let features: VirtioFeatures
-    let maxSegments: Int
-    let maxSegmentBytes: Int
-    let maxDiscardSectors: UInt32
-    let maxWriteZeroesSectors: UInt32
+    @usableFromInline let dying: UnsafeMutablePointer<UInt16>
+    @usableFromInline var dyingCount = 0
+    @usableFromInline var idlePolls = 0
+    public internal(set) var stopReason: String?
+    @usableFromInline let capacity: UInt64
+    /// Operations the device did not negotiate (bit `1 << type`), and those a read-only device
+    /// refuses: worked out once, so a request tests a bit instead of the feature set.
+    @usableFromInline let unsupportedOperations: UInt32
+    @usableFromInline let readOnlyRefuses: UInt32
+    @usableFromInline let maxSegments: Int
+    @usableFromInline let maxSegmentBytes: Int
+    @usableFromInline let maxDiscardSectors: UInt32
+    @usableFromInline let maxWriteZeroesSectors: UInt32
 
     init(index: Int, queue: consuming Ring, slab: UnsafeMutableRawPointer, slabAddress: UInt64, device: VirtioBlkDevice) {
         self.index = index
         self.device = device
+        transport = device.transport
         let size = queue.size
         vq = queue
         self.slab = slab
@@ -67,7 +74,11 @@ public struct VirtioBlkQueue<Ring: Virtqueue & ~Copyable>: ~Copyable {
         lengths = .allocate(capacity: size)
         dying = .allocate(capacity: size)
         capacity = device.config.capacity
-        features = device.features
+        let f = device.features
+        func bit(_ op: BlkOperation) -> UInt32 { 1 << op.rawValue }
+        unsupportedOperations = (f.contains(.blkFlush) ? 0 : bit(.flush)) | (f.contains(.blkDiscard) ? 0 : bit(.discard))
+            | (f.contains(.blkWriteZeroes) ? 0 : bit(.writeZeroes))
+        readOnlyRefuses = f.contains(.blkReadOnly) ? bit(.write) | bit(.discard) | bit(.writeZeroes) : 0
         maxSegments = device.maxSegments
         maxSegmentBytes = device.maxSegmentBytes ?? Int.max
         maxDiscardSectors = device.config.maxDiscardSectors
@@ -80,28 +91,36 @@ public struct VirtioBlkQueue<Ring: Virtqueue & ~Copyable>: ~Copyable {
     }
 
     /// Requests submitted and not yet completed.
+    @inlinable
     public var inFlight: Int { vq.inFlight + dyingCount }
     /// True once the queue has stopped (device gone or ring broken); see `stopReason`.
+    @inlinable
     public var isStopped: Bool { stopReason != nil }
 
     // MARK: Submit
 
+    @inlinable
     public mutating func read(sector: UInt64, into buffers: UnsafeBufferPointer<BlkBuffer>, tag: UInt64) throws(BlkRequestError) {
         try submit(.read, sector: sector, buffers: buffers, sectors: 0, unmap: false, tag: tag)
     }
+    @inlinable
     public mutating func write(sector: UInt64, from buffers: UnsafeBufferPointer<BlkBuffer>, tag: UInt64) throws(BlkRequestError) {
         try submit(.write, sector: sector, buffers: buffers, sectors: 0, unmap: false, tag: tag)
     }
+    @inlinable
     public mutating func flush(tag: UInt64) throws(BlkRequestError) {
         try submit(.flush, sector: 0, buffers: UnsafeBufferPointer(start: nil, count: 0), sectors: 0, unmap: false, tag: tag)
     }
+    @inlinable
     public mutating func discard(sector: UInt64, sectors: UInt32, tag: UInt64) throws(BlkRequestError) {
         try submit(.discard, sector: sector, buffers: UnsafeBufferPointer(start: nil, count: 0), sectors: sectors, unmap: false, tag: tag)
     }
+    @inlinable
     public mutating func writeZeroes(sector: UInt64, sectors: UInt32, unmap: Bool = false, tag: UInt64) throws(BlkRequestError) {
         try submit(.writeZeroes, sector: sector, buffers: UnsafeBufferPointer(start: nil, count: 0), sectors: sectors, unmap: unmap, tag: tag)
     }
     /// The device's identifier string (up to 20 bytes) into `buffer` (at least 20 bytes).
+    @inlinable
     public mutating func getID(into buffer: BlkBuffer, tag: UInt64) throws(BlkRequestError) {
         var b = buffer
         try withUnsafePointer(to: &b) { (p) throws(BlkRequestError) in
@@ -109,16 +128,15 @@ public struct VirtioBlkQueue<Ring: Virtqueue & ~Copyable>: ~Copyable {
         }
     }
 
+    // Inlinable so callers get it specialised for their ring; never inlined, so each request
+    // costs one call and Bench/blk.py can attribute the driver's instructions (submit/poll/commit).
+    @inlinable @inline(never)
     mutating func submit(_ op: BlkOperation, sector: UInt64, buffers: UnsafeBufferPointer<BlkBuffer>, sectors rangeSectors: UInt32,
                          unmap: Bool, tag: UInt64) throws(BlkRequestError) {
-        if let r = stopReason { throw .queueStopped(r) }
-        switch op {
-        case .flush where !features.contains(.blkFlush): throw .unsupported(op)
-        case .discard where !features.contains(.blkDiscard): throw .unsupported(op)
-        case .writeZeroes where !features.contains(.blkWriteZeroes): throw .unsupported(op)
-        default: break
-        }
-        if features.contains(.blkReadOnly), op == .write || op == .discard || op == .writeZeroes { throw .readOnly }
+        if stopReason != nil { throw stoppedError() }
+        let opBit: UInt32 = 1 << op.rawValue
+        if unsupportedOperations & opBit != 0 { throw .unsupported(op) }
+        if readOnlyRefuses & opBit != 0 { throw .readOnly }
         var bytes = 0
         if op == .read || op == .write || op == .getID {
             guard buffers.count >= 1 else { throw .misaligned("\(op) needs at least one data buffer") }
@@ -183,14 +201,16 @@ public struct VirtioBlkQueue<Ring: Virtqueue & ~Copyable>: ~Copyable {
     }
 
     /// Publishes what was submitted since the last commit; notifies the device if it asked.
+    @inlinable @inline(never)
     public mutating func commit() {
-        if vq.publish() { device.transport.notify(queue: index) }
+        if vq.publish() { transport.notify(queue: index) }
     }
 
     // MARK: Complete
 
     /// Completed requests into `out` (at most `max`). After the device goes away every request
     /// still in flight comes back here with `.deviceGone`.
+    @inlinable @inline(never)
     public mutating func poll(into out: UnsafeMutablePointer<BlkCompletion>, max: Int) -> Int {
         if dyingCount > 0 || stopReason != nil { return drainDying(into: out, max: max) }
         let n = vq.harvest(into: cookies, lengths: lengths, max: Swift.min(max, vq.size))
@@ -203,20 +223,28 @@ public struct VirtioBlkQueue<Ring: Virtqueue & ~Copyable>: ~Copyable {
             freeTop += 1
         }
         if let e = vq.failure {
-            stop(because: "the device broke the ring: \(e)")
+            stopBrokenRing(e)
         } else if n == 0 && vq.inFlight > 0 {
             // Checking the connection is an atomic load; do it now and then, not per poll.
             idlePolls &+= 1
-            if idlePolls & 4095 == 0 && !device.transport.isConnected {
-                stop(because: device.transport.disconnectReason ?? "device disconnected")
-            }
+            if idlePolls & 4095 == 0 && !transport.isConnected { stopDisconnected() }
         } else {
             idlePolls = 0
         }
         return n
     }
 
+    // Cold paths, out of line: building a message is no work for the hot functions.
+    @usableFromInline
+    mutating func stopBrokenRing(_ e: VirtqueueError) { stop(because: "the device broke the ring: \(e)") }
+
+    @usableFromInline
+    mutating func stopDisconnected() { stop(because: transport.disconnectReason ?? "device disconnected") }
+
+    @usableFromInline func stoppedError() -> BlkRequestError { .queueStopped(stopReason ?? "") }
+
     /// Fails every request in flight (their buffers are the caller's again once reported).
+    @usableFromInline
     mutating func stop(because reason: String) {
         guard stopReason == nil else { return }
         stopReason = reason
@@ -227,6 +255,7 @@ public struct VirtioBlkQueue<Ring: Virtqueue & ~Copyable>: ~Copyable {
         dyingCount = k
     }
 
+    @usableFromInline
     mutating func drainDying(into out: UnsafeMutablePointer<BlkCompletion>, max: Int) -> Int {
         var n = 0
         while dyingCount > 0 && n < max {
@@ -243,8 +272,6 @@ public struct VirtioBlkQueue<Ring: Virtqueue & ~Copyable>: ~Copyable {
 
     /// Checks the connection now (off the data path), stopping the queue if the device is gone.
     public mutating func checkDevice() {
-        if stopReason == nil && !device.transport.isConnected {
-            stop(because: device.transport.disconnectReason ?? "device disconnected")
-        }
+        if stopReason == nil && !transport.isConnected { stopDisconnected() }
     }
 }

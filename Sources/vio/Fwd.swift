@@ -86,7 +86,7 @@ struct Fwd: ParsableCommand {
         let t0 = Frames.template(src: p0.mac, size: size)
         let template0 = UnsafeMutableRawBufferPointer.allocate(byteCount: size, alignment: 64)
         defer { template0.deallocate() }
-        template0.copyMemory(from: UnsafeRawBufferPointer(start: t0, count: size))
+        t0.withUnsafeBytes { template0.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[..<size])) }
         let hz = Double(TSC.hz)
         var failure: String?
         var meter = CycleMeter()
@@ -122,7 +122,7 @@ struct Fwd: ParsableCommand {
             let t1 = Frames.template(src: p1.mac, size: size)
             let template1 = UnsafeMutableRawBufferPointer.allocate(byteCount: size, alignment: 64)
             defer { template1.deallocate() }
-            template1.copyMemory(from: UnsafeRawBufferPointer(start: t1, count: size))
+            t1.withUnsafeBytes { template1.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[..<size])) }
             for _ in 0..<txFirst {
                 _ = sendGenerated(&p0, bufs, burst, UnsafeRawBufferPointer(template0))
                 _ = sendGenerated(&p1, bufs, burst, UnsafeRawBufferPointer(template1))

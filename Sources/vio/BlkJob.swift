@@ -1,0 +1,287 @@
+import DPDK
+import Foundation
+import Histogram
+import VirtioBlk
+import VirtioCore
+
+/// What `vio blkbench` was asked to do, resolved from flags and the job file.
+struct BlkJobParameters {
+    var rw: BlkPattern
+    var bs: Int
+    var iodepth: Int
+    /// Read share of randrw, percent.
+    var mix: Int
+    var verify: Bool
+    /// Blocks of `bs` in the region used.
+    var blocks: Int
+    /// A size-limited job issues exactly this many bytes after the ramp (nil: run for `runtime`).
+    var limitBytes: UInt64?
+    var segmentBytes: Int
+    var segmentsPerIO: Int
+    var ramp: Double
+    var runtime: Double?
+    var seed: UInt64
+}
+
+/// One blkbench job on every queue of a device, specialised for its ring layout.
+///
+/// The loop's state lives in this struct and in raw memory allocated once (the queues themselves
+/// sit in one buffer, not in class boxes): no closures capture anything, so a request costs no
+/// reference counting, copy-on-write check or allocation. `Bench/blk.py` counts runtime calls.
+struct BlkJob<Ring: Virtqueue & ~Copyable>: ~Copyable {
+    let p: BlkJobParameters
+    let queueCount: Int
+    let slots: Int
+    let queues: UnsafeMutablePointer<VirtioBlkQueue<Ring>>
+    /// `slots` buffers of `bs`, one per slot, in DMA memory owned by the caller.
+    let data: UnsafeMutableRawPointer
+    let scratch: UnsafeMutableRawPointer
+    let completions: UnsafeMutablePointer<BlkCompletion>
+    let segments: UnsafeMutablePointer<BlkBuffer>
+    // Per slot: what is in flight.
+    let slotBlock: UnsafeMutableBufferPointer<Int>
+    let slotWrite: UnsafeMutableBufferPointer<Bool>
+    let slotStart: UnsafeMutableBufferPointer<UInt64>
+    let slotVerifyPass: UnsafeMutableBufferPointer<Bool>
+    let slotCounted: UnsafeMutableBufferPointer<Bool>
+    /// Slots with nothing in flight (a stack).
+    let idle: UnsafeMutablePointer<Int>
+    var idleCount = 0
+    // --verify: generation last written per block (0: never), and blocks with a request out.
+    let generation: UnsafeMutableBufferPointer<UInt32>
+    let busy: UnsafeMutableBufferPointer<Bool>
+    var nextGeneration: UInt32 = 1
+    var rng: UInt64
+    var cursor = 0
+    var latency = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
+    let nsPerCycle: Double
+    var bytesDone: UInt64 = 0
+    var bytesIssued: UInt64 = 0
+    var outstanding = 0
+    var measuring: Bool
+    var issuing = true
+    var verifyPass = false
+    var verifyCursor = 0
+    var r: BlkbenchReport
+    var failure: String?
+
+    init(device: VirtioBlkDevice, params: BlkJobParameters, data: UnsafeMutableRawPointer, memory: String) {
+        p = params
+        queueCount = device.queueCount
+        slots = queueCount * params.iodepth
+        queues = .allocate(capacity: queueCount)
+        for i in 0..<queueCount { (queues + i).initialize(to: device.makeQueue(i, as: Ring.self)) }
+        self.data = data
+        scratch = .allocate(byteCount: params.bs, alignment: 64)
+        completions = .allocate(capacity: 64)
+        segments = .allocate(capacity: params.segmentsPerIO)
+        segments.initialize(repeating: BlkBuffer(data, length: 0), count: params.segmentsPerIO)
+        slotBlock = .allocate(capacity: slots); slotBlock.initialize(repeating: -1)
+        slotWrite = .allocate(capacity: slots); slotWrite.initialize(repeating: false)
+        slotStart = .allocate(capacity: slots); slotStart.initialize(repeating: 0)
+        slotVerifyPass = .allocate(capacity: slots); slotVerifyPass.initialize(repeating: false)
+        slotCounted = .allocate(capacity: slots); slotCounted.initialize(repeating: false)
+        idle = .allocate(capacity: slots)
+        generation = .allocate(capacity: params.verify ? params.blocks : 0); generation.initialize(repeating: 0)
+        busy = .allocate(capacity: params.verify ? params.blocks : 0); busy.initialize(repeating: false)
+        rng = params.seed | 1
+        nsPerCycle = 1e9 / Double(TSC.hz)
+        measuring = params.ramp == 0
+        r = BlkbenchReport(rw: params.rw, bs: params.bs, iodepth: params.iodepth, queues: queueCount, seconds: 0, reads: 0, writes: 0,
+                           iops: 0, mibPerSecond: 0, errors: 0, verified: 0, verifyErrors: 0, failedInFlight: 0,
+                           slotsOutstandingAtExit: 0, memory: memory, features: device.features.description, ring: Ring.layoutName)
+    }
+
+    deinit {
+        queues.deinitialize(count: queueCount); queues.deallocate()
+        scratch.deallocate(); completions.deallocate(); segments.deallocate()
+        slotBlock.deallocate(); slotWrite.deallocate(); slotStart.deallocate(); slotVerifyPass.deallocate(); slotCounted.deallocate()
+        idle.deallocate(); generation.deallocate(); busy.deallocate()
+    }
+
+    mutating func random() -> UInt64 {
+        rng ^= rng >> 12; rng ^= rng << 25; rng ^= rng >> 27
+        return rng &* 2_685_821_657_736_338_717
+    }
+
+    func buffer(_ slot: Int) -> UnsafeMutableRawPointer { data + slot * p.bs }
+
+    /// Fills a block with data derived from (block, generation); every sector starts with both.
+    func stamp(_ to: UnsafeMutableRawPointer, block: Int, gen: UInt32) {
+        var s = UInt64(block) &* 0x9E37_79B9_7F4A_7C15 ^ UInt64(gen)
+        var i = 0
+        while i < p.bs {
+            if i % blkSectorSize == 0 {
+                to.storeBytes(of: UInt64(block), toByteOffset: i, as: UInt64.self)
+                to.storeBytes(of: UInt64(gen), toByteOffset: i + 8, as: UInt64.self)
+                i += 16; continue
+            }
+            s ^= s >> 12; s ^= s << 25; s ^= s >> 27
+            to.storeBytes(of: s, toByteOffset: i, as: UInt64.self)
+            i += 8
+        }
+    }
+
+    /// The next request for a slot, or nil when the job has issued all it should.
+    mutating func plan() -> (block: Int, write: Bool)? {
+        // A size-limited job issues exactly `size` bytes (after the ramp), as fio does.
+        if let limit = p.limitBytes, measuring, bytesIssued >= limit { return nil }
+        var write: Bool
+        switch p.rw {
+        case .read, .randread: write = false
+        case .write, .randwrite: write = true
+        case .randrw: write = Int(random() % 100) >= p.mix
+        }
+        for _ in 0..<64 {
+            let b: Int
+            if p.rw.random { b = Int(random() % UInt64(p.blocks)) } else { b = cursor; cursor = (cursor + 1) % p.blocks }
+            if p.verify && busy[b] { continue }
+            if p.verify && !write && generation[b] == 0 && p.rw == .randrw { write = true }
+            return (b, write)
+        }
+        return nil
+    }
+
+    /// Submits a request for `slot` on queue `q`; false when the queue is full.
+    mutating func submit(queue q: Int, slot: Int, block: Int, write: Bool) throws -> Bool {
+        let buf = buffer(slot)
+        if write && p.verify { stamp(buf, block: block, gen: nextGeneration) }
+        for k in 0..<p.segmentsPerIO {
+            segments[k] = BlkBuffer(buf + k * p.segmentBytes, length: min(p.segmentBytes, p.bs - k * p.segmentBytes))
+        }
+        let sector = UInt64(block * (p.bs / blkSectorSize))
+        let b = UnsafeBufferPointer(start: segments, count: p.segmentsPerIO)
+        do {
+            if write { try queues[q].write(sector: sector, from: b, tag: UInt64(slot)) }
+            else { try queues[q].read(sector: sector, into: b, tag: UInt64(slot)) }
+        } catch .queueFull {
+            return false
+        } catch {
+            throw VioFailure(description: "request rejected: \(error)")
+        }
+        if write && p.verify { generation[block] = nextGeneration; nextGeneration &+= 1 }
+        if p.verify { busy[block] = true }
+        slotBlock[slot] = block; slotWrite[slot] = write; slotStart[slot] = TSC.now()
+        slotCounted[slot] = measuring
+        if measuring { bytesIssued &+= UInt64(p.bs) }
+        outstanding += 1
+        return true
+    }
+
+    /// The next block of the read-back after a --verify job, submitted on `slot`; false if none.
+    mutating func submitReadBack(queue q: Int, slot: Int) throws -> Bool {
+        while verifyCursor < p.blocks && generation[verifyCursor] == 0 { verifyCursor += 1 }
+        guard verifyCursor < p.blocks, try submit(queue: q, slot: slot, block: verifyCursor, write: false) else { return false }
+        slotVerifyPass[slot] = true
+        verifyCursor += 1
+        return true
+    }
+
+    /// Completions of one queue, and the next request on every slot that freed up; one commit.
+    mutating func service(queue q: Int) throws {
+        let n = queues[q].poll(into: completions, max: 64)
+        if n == 0 { return }
+        let now = TSC.now()
+        for i in 0..<n {
+            let c = completions[i]
+            let slot = Int(c.tag)
+            outstanding -= 1
+            let block = slotBlock[slot]
+            if c.status == .deviceGone { r.failedInFlight += 1; continue }
+            if p.verify { busy[block] = false }
+            if c.status != .ok { r.errors += 1 } else {
+                if slotVerifyPass[slot] || (p.verify && !slotWrite[slot] && generation[block] != 0) {
+                    stamp(scratch, block: block, gen: generation[block])
+                    r.verified += 1
+                    if memcmp(scratch, buffer(slot), p.bs) != 0 { r.verifyErrors += 1 }
+                }
+                if slotCounted[slot] && !slotVerifyPass[slot] {
+                    if slotWrite[slot] { r.writes += 1 } else { r.reads += 1 }
+                    bytesDone &+= UInt64(p.bs)
+                    _ = latency.record(UInt64(Double(now &- slotStart[slot]) * nsPerCycle))
+                }
+            }
+            slotVerifyPass[slot] = false
+            if issuing, let next = plan(), try submit(queue: q, slot: slot, block: next.block, write: next.write) {
+            } else if verifyPass, try submitReadBack(queue: q, slot: slot) {
+            } else {
+                idle[idleCount] = slot; idleCount += 1
+            }
+        }
+        queues[q].commit()
+    }
+
+    /// Runs the job to its end (time, size, a signal or a failed device); the results are in `r`
+    /// and `failure`.
+    mutating func run() throws {
+        let hz = Double(TSC.hz)
+        let start = TSC.now()
+        let rampEnd = start + UInt64(p.ramp * hz)
+        var measureStart = start
+        let end = p.runtime.map { rampEnd + UInt64($0 * hz) } ?? .max
+        var clock = Clock(start: start, end: .max, period: UInt64(hz))
+        var beforeIOs: UInt64 = 0, beforeBytes: UInt64 = 0
+
+        // Fill every slot.
+        for q in 0..<queueCount {
+            for d in 0..<p.iodepth {
+                let slot = q * p.iodepth + d
+                if let next = plan(), try submit(queue: q, slot: slot, block: next.block, write: next.write) {} else {
+                    idle[idleCount] = slot; idleCount += 1
+                }
+            }
+            queues[q].commit()
+        }
+
+        while true {
+            for q in 0..<queueCount { try service(queue: q) }
+            guard let tick = clock.tick() else { continue }
+            let now = TSC.now()
+            if !measuring && now >= rampEnd {
+                measuring = true; measureStart = now
+            }
+            // Slots idle because the job had issued all it should stay idle; a size limit ends the
+            // job once everything issued is back.
+            if issuing, p.limitBytes != nil, idleCount == slots, outstanding == 0 { issuing = false; r.seconds = Double(now - measureStart) / hz }
+            for q in 0..<queueCount {
+                queues[q].checkDevice()
+                if let reason = queues[q].stopReason, failure == nil { failure = "virtio-blk queue \(q): \(reason)" }
+            }
+            if failure != nil && outstanding == 0 { break }
+            if failure != nil { issuing = false; verifyPass = false; continue }
+            if issuing && (now >= end || tick.done || (p.limitBytes.map { bytesDone >= $0 } ?? false)) {
+                issuing = false
+                r.seconds = Double(now - measureStart) / hz
+                if p.verify && !tick.done {
+                    verifyPass = true
+                    // Idle slots start the read-back.
+                    let waiting = Array(UnsafeBufferPointer(start: idle, count: idleCount))
+                    idleCount = 0
+                    for slot in waiting {
+                        if try !submitReadBack(queue: slot / p.iodepth, slot: slot) { idle[idleCount] = slot; idleCount += 1 }
+                    }
+                    for q in 0..<queueCount { queues[q].commit() }
+                }
+            }
+            if !issuing && outstanding == 0 && (!verifyPass || verifyCursor >= p.blocks) { break }
+            if tick.stats && measuring {
+                let ios = r.reads + r.writes
+                let s = tick.seconds
+                print(String(format: "%@ %dk qd%d: %.0f IOPS, %.1f MiB/s, latency p50 %.1f µs p99 %.1f µs",
+                             p.rw.rawValue, p.bs / 1024, p.iodepth, Double(ios - beforeIOs) / s, Double(bytesDone - beforeBytes) / s / 1_048_576,
+                             Double(latency.valueAtPercentile(50)) / 1000, Double(latency.valueAtPercentile(99)) / 1000))
+                beforeIOs = ios; beforeBytes = bytesDone
+            }
+        }
+        if r.seconds == 0 { r.seconds = Double(TSC.now() - measureStart) / hz }
+        let ios = r.reads + r.writes
+        r.iops = r.seconds > 0 ? Double(ios) / r.seconds : 0
+        r.mibPerSecond = r.seconds > 0 ? Double(bytesDone) / r.seconds / 1_048_576 : 0
+        if latency.totalCount > 0 {
+            r.latency = LatencyReport(samples: latency.totalCount, minNs: latency.min, p50Ns: latency.valueAtPercentile(50),
+                                      p99Ns: latency.valueAtPercentile(99), p999Ns: latency.valueAtPercentile(99.9),
+                                      maxNs: latency.max, meanNs: latency.mean)
+        }
+        r.slotsOutstandingAtExit = outstanding
+    }
+}
