@@ -15,7 +15,7 @@ function / packets.
 Writes Bench/results/latest.json, Bench/results/latest.png (if matplotlib is importable) and
 appends a dated entry with the exact command to Bench/RESULTS.md.
 """
-import argparse, json, os, re, shlex, signal, statistics, subprocess, sys, tempfile, time
+import argparse, atexit, json, os, re, shlex, signal, statistics, subprocess, sys, tempfile, time
 from datetime import datetime, timezone
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,6 +29,16 @@ SCENARIOS = {
     "echo": ("macswap", "io", "io", "rx"),
 }
 
+
+
+def remove_runtime_dirs():
+    """DPDK leaves /var/run/dpdk/PREFIX behind when a process is stopped; ours go at exit."""
+    import shutil
+    for prefix in (f"vio-bench-peer-{os.getpid()}", f"vio-bench-c-{os.getpid()}"):
+        shutil.rmtree(f"/var/run/dpdk/{prefix}", ignore_errors=True)
+
+
+atexit.register(remove_runtime_dirs)
 
 def hugepages_free_mb():
     try:

@@ -155,8 +155,12 @@ public enum EAL {
         }
         let r = EALReport(mode: chosen, memoryMB: memoryMB, lcoreCPUs: cpus, arguments: args, tscHz: rte_get_tsc_hz())
         report = r
+        // /var/run/dpdk/<prefix> (config, mp_socket…): ours alone, since the prefix is unique.
+        if let dir = rte_eal_get_runtime_dir().map({ String(cString: $0) }), dir.hasSuffix("/" + prefix) { runtimeDirectory = dir }
         return r
     }
+
+    nonisolated(unsafe) static var runtimeDirectory: String?
 
     nonisolated(unsafe) public private(set) static var isCleanedUp = false
 
@@ -166,8 +170,21 @@ public enum EAL {
         if report != nil && !isCleanedUp {
             isCleanedUp = true
             _ = rte_eal_cleanup()
+            // DPDK leaves its runtime directory behind; one per run would pile up in /var/run.
+            if let dir = runtimeDirectory { removeFlatDirectory(dir) }
         }
     }
+}
+
+/// Removes the files in `path` (no subdirectories expected) and then the directory.
+func removeFlatDirectory(_ path: String) {
+    guard let d = opendir(path) else { return }
+    while let e = readdir(d) {
+        let name = withUnsafeBytes(of: e.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+        if name != "." && name != ".." { unlink(path + "/" + name) }
+    }
+    closedir(d)
+    rmdir(path)
 }
 
 func readFile(_ path: String) -> String? {

@@ -26,6 +26,8 @@ struct VioFailure: Error, CustomStringConvertible {
 
 /// Runs a command body; a `VioFailure` becomes `vio: error: …` on stderr and its exit status.
 func reportingFailures(_ body: () throws -> Void) throws {
+    // However the command ends, DPDK's files go (EAL.cleanup is idempotent and a no-op before init).
+    defer { EAL.cleanup() }
     do { try body() } catch let f as VioFailure {
         FileHandle.standardError.write(Data("vio: error: \(f.description)\n".utf8))
         throw ExitCode(f.exitCode)

@@ -47,10 +47,13 @@ final class SocketServerProcess {
     let log: String
     let process = Process()
     private(set) var stopped = false
+    /// A DPDK process's runtime directory (/var/run/dpdk/PREFIX), removed once it has exited.
+    let runtimeDirectory: String?
 
     init(socket: String, log: String, command: [String], name: String) throws {
         self.socket = socket
         self.log = log
+        runtimeDirectory = command.firstIndex(of: "--file-prefix").flatMap { $0 + 1 < command.count ? "/var/run/dpdk/\(command[$0 + 1])" : nil }
         FileManager.default.createFile(atPath: log, contents: nil)
         process.executableURL = URL(fileURLWithPath: "/usr/bin/taskset")
         process.arguments = ["-c", "0"] + command
@@ -82,6 +85,11 @@ final class SocketServerProcess {
         while process.isRunning && Date() < deadline { usleep(50_000) }
         if process.isRunning { Glibc.kill(process.processIdentifier, SIGKILL) }
         process.waitUntilExit()
+        removeRuntimeDirectory()
+    }
+
+    private func removeRuntimeDirectory() {
+        if let d = runtimeDirectory { try? FileManager.default.removeItem(atPath: d) }
     }
 
     /// Kills it at once (the "device disappears" case).
@@ -90,6 +98,7 @@ final class SocketServerProcess {
         stopped = true
         Glibc.kill(process.processIdentifier, SIGKILL)
         process.waitUntilExit()
+        removeRuntimeDirectory()
     }
 
     deinit { kill() }

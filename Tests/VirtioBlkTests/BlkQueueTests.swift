@@ -103,6 +103,8 @@ final class BlkQueueTests: XCTestCase {
     var disk = [UInt8](repeating: 0, count: Int(capacity) * 512)
 
     override func setUpWithError() throws { try TestEAL.require() }
+    /// The last class to use the in-process EAL: release it (and its runtime directory).
+    override class func tearDown() { EAL.cleanup() }
 
     let base: VirtioFeatures = [.version1, .blkFlush, .blkSegMax, .eventIndex]
 
