@@ -34,9 +34,9 @@ def daemon(workdir, iothread):
     sys.exit("blk bench: qemu-storage-daemon did not start")
 
 
-def run(sock, rw, bs, qd, seconds, workdir, memory):
+def run(sock, rw, bs, qd, seconds, workdir, memory, binary=None):
     out = os.path.join(workdir, "r.json")
-    args = ["taskset", "-c", "1", VIO, "blkbench", "--dev", f"vhost-user-blk:{sock}", "--rw", rw, "--bs", bs, "--iodepth", str(qd),
+    args = ["taskset", "-c", "1", binary or VIO, "blkbench", "--dev", f"vhost-user-blk:{sock}", "--rw", rw, "--bs", bs, "--iodepth", str(qd),
             "--runtime", f"{seconds}s", "--ramp-time", "1s", "--memory", memory, "--json", out]
     subprocess.run(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=seconds + 60)
     return json.load(open(out))
@@ -128,6 +128,8 @@ def main():
     ap.add_argument("--iothread", action="store_true", help="run the export in a polling iothread")
     ap.add_argument("--no-callgrind", action="store_true")
     ap.add_argument("--no-record", action="store_true")
+    ap.add_argument("--against", metavar="VIO", help="another vio binary (e.g. an older commit's release build), run "
+                    "alternately with this build each round; adds its median IOPS and the ratio")
     args = ap.parse_args()
     if not os.path.exists(VIO):
         subprocess.run(["swift", "build", "-c", "release", "--product", "vio"], cwd=ROOT, check=True)
@@ -139,15 +141,20 @@ def main():
     rows = []
     try:
         for rw, bs, qd in JOBS:
-            reps = [run(sock, rw, bs, qd, args.seconds, workdir, memory) for _ in range(args.rounds)]
+            reps, other = [], []
+            for _ in range(args.rounds):
+                reps.append(run(sock, rw, bs, qd, args.seconds, workdir, memory))
+                if args.against:
+                    other.append(run(sock, rw, bs, qd, args.seconds, workdir, memory, binary=args.against)["iops"])
             reps.sort(key=lambda r: r["iops"])
+            other.sort()
             med = reps[len(reps) // 2]
             ins, rt = (None, None) if args.no_callgrind else instructions(sock, rw, bs, qd, workdir)
             lat = med.get("latency") or {}
             row = dict(rw=rw, bs=bs, iodepth=qd, iops=med["iops"], best_iops=reps[-1]["iops"], mib=med["mibPerSecond"],
                        p50_us=lat.get("p50Ns", 0) / 1000, p99_us=lat.get("p99Ns", 0) / 1000, p999_us=lat.get("p999Ns", 0) / 1000,
                        max_us=lat.get("maxNs", 0) / 1000, errors=med["errors"], instructions=ins, runtime_calls=rt, memory=memory,
-                       features=med["features"])
+                       features=med["features"], against=other[len(other) // 2] if other else None)
             rows.append(row)
             print(fmt(row), flush=True)
     finally:
@@ -164,6 +171,10 @@ def main():
     json.dump(dict(date=date, commit=rev + ("+local changes" if dirty else ""), command=cmd.strip(), iothread=args.iothread, results=rows),
               open(os.path.join(ROOT, "Bench/results/blk-latest.json"), "w"), indent=2)
     table = header() + "\n".join(fmt(r) for r in rows)
+    if args.against:
+        table += ("\n\nAlternating with `--against` each round (median IOPS):\n\n| job | this build | against | ratio |\n|---|---|---|---|\n"
+                  + "\n".join(f"| {r['rw']} {r['bs']} QD{r['iodepth']} | {r['iops']:,.0f} | {r['against']:,.0f} | {r['iops'] / r['against']:.2f} |"
+                               for r in rows if r["against"]))
     print(table)
     if not args.no_record:
         with open(os.path.join(ROOT, "Bench/RESULTS.md"), "a") as f:
