@@ -150,20 +150,26 @@ final class NetIntegrationTests: XCTestCase {
 
     /// A rate-limited run of N frames against a macswap peer: pktgen's counts agree with the
     /// peer's own. N sent and received by the peer; what pktgen received is what the peer sent
-    /// back (the freshly started testpmd peer now and then drops one burst on its side, seen as
-    /// peer RX > peer TX; the counts must still add up); a latency sample for every frame back.
+    /// back (the peer drops what finds our RX ring full, seen as peer RX > peer TX, which happens
+    /// when this VM stalls the driver's vCPU; the counts must still add up); a latency sample for
+    /// every frame back.
     func testPktgenRateLimitedCountsAgreeWithPeer() throws {
         let dir = try TempDir()
         let peer = try Peer(mode: "macswap", dir: dir)
+        // A 1024-entry RX ring holds 5 ms of the echo, so a stall of this VM's vCPU rarely fills it.
         let r = try Vio.run(["pktgen", "--port", "vhost:\(peer.socket)", "--count", "50000", "--rate", "200kpps",
-                             "--size", "imix", "--flows", "8", "--expect-macswap"] + noHuge, dir: dir)
+                             "--size", "imix", "--flows", "8", "--expect-macswap", "--ring-size", "1024"] + noHuge, dir: dir)
         let stats = try peer.stop()
         XCTAssertEqual(r.status, 0, "\(r)")
         XCTAssertEqual(r.int("sent"), 50_000, "\(r)")
         XCTAssertEqual(UInt64(r.int("sent") ?? -1), stats.rx, "pktgen's sent = the peer's received: \(peer.tail())")
         XCTAssertEqual(UInt64(r.int("received") ?? -1), stats.tx, "pktgen's received = the peer's sent: \(r) \(peer.tail())")
         XCTAssertEqual((r.int("received") ?? 0) + (r.int("lost") ?? 0), 50_000)
-        XCTAssertLessThanOrEqual(r.int("lost") ?? 99, 64, "at most a burst or two dropped by the peer: \(r)")
+        // What is lost, the peer dropped (its RX minus its TX, above), not us: we never ran out of
+        // mbufs for the RX ring. A stalled vCPU can still make the peer drop a few bursts; more than
+        // 1 % would be a real fault.
+        XCTAssertEqual(((r.json?["port"] as? [String: Any])?["rxNoMbuf"] as? NSNumber)?.intValue, 0, "\(r)")
+        XCTAssertLessThanOrEqual(r.int("lost") ?? 999, 500, "at most a few bursts dropped by the peer: \(r)")
         for key in ["reordered", "duplicates", "corrupt", "macMismatch", "foreign", "mbufsInUseAfterStop"] {
             XCTAssertEqual(r.int(key), 0, "\(key): \(r)")
         }
