@@ -351,3 +351,49 @@ final class TapBridge {
     func tail(_ n: Int = 2000) -> String { server.tail(n) }
     func stop() { server.interrupt() }
 }
+
+/// Checks shared by the split and packed net tests (each class passes its `--ring`).
+extension XCTestCase {
+    /// Every frame sent came back once, in order, intact, with swapped MACs, on the `ring`
+    /// layout; every mbuf is back in the pool.
+    func assertCleanEcho(_ r: VioRun, count: Int, ring: String, file: StaticString = #filePath, line: UInt = #line) {
+        XCTAssertEqual(r.status, 0, "\(r)", file: file, line: line)
+        XCTAssertEqual(r.int("sent"), count, "\(r)", file: file, line: line)
+        XCTAssertEqual(r.int("received"), count, "\(r)", file: file, line: line)
+        for key in ["lost", "reordered", "duplicates", "corrupt", "macMismatch", "foreign", "mbufsInUseAfterStop"] {
+            XCTAssertEqual(r.int(key), 0, "\(key): \(r)", file: file, line: line)
+        }
+        XCTAssertEqual(r.port(0)?["ring"] as? String, ring, "\(r)", file: file, line: line)
+        let features = r.port(0)?["features"] as? String ?? ""
+        XCTAssertEqual(features.contains("RING_PACKED"), ring == "packed", features, file: file, line: line)
+    }
+
+    /// `vio fwd --mode io` between a txonly and an rxonly peer on the `ring` layout: every packet
+    /// received on port 0 is sent or counted as dropped on port 1, and the sink's own counters
+    /// confirm what was sent (`exactSink`: all of it; otherwise all but at most one ring still
+    /// queued when vio stopped).
+    func assertTwoPortIO(ring: String, seconds: Int, memory: [String], atLeast minimum: UInt64, exactSink: Bool,
+                         file: StaticString = #filePath, line: UInt = #line) throws {
+        let dir = try TempDir()
+        let source = try Peer(mode: "txonly", dir: dir, name: "source")
+        let sink = try Peer(mode: "rxonly", dir: dir, name: "sink")
+        let r = try Vio.run(["fwd", "--mode", "io", "--ring", ring, "--port", "vhost:\(source.socket)",
+                             "--port", "vhost:\(sink.socket)", "--duration", "\(seconds)"] + memory, dir: dir, timeout: 60)
+        XCTAssertEqual(r.status, 0, "\(r)", file: file, line: line)
+        let rx0 = (r.port(0)?["rxPackets"] as? NSNumber)?.uint64Value ?? 0
+        let tx1 = (r.port(1)?["txPackets"] as? NSNumber)?.uint64Value ?? 0
+        let drops1 = (r.port(1)?["txDrops"] as? NSNumber)?.uint64Value ?? 0
+        XCTAssertGreaterThan(rx0, minimum, "\(r)", file: file, line: line)
+        XCTAssertEqual(rx0, tx1 + drops1, "every packet received on port 0 is sent or counted as dropped on port 1", file: file, line: line)
+        XCTAssertEqual(r.port(1)?["ring"] as? String, ring, file: file, line: line)
+        XCTAssertEqual(r.int("mbufsInUseAfterStop"), 0, "\(r)", file: file, line: line)
+        let sinkStats = try sink.stop()
+        _ = try source.stop()
+        if exactSink {
+            XCTAssertEqual(sinkStats.rx, tx1, sink.tail(), file: file, line: line)
+        } else {
+            XCTAssertLessThanOrEqual(sinkStats.rx, tx1, file: file, line: line)
+            XCTAssertGreaterThanOrEqual(sinkStats.rx + 256, tx1, sink.tail(), file: file, line: line)
+        }
+    }
+}

@@ -10,18 +10,6 @@ import Glibc
 final class PackedNetIntegrationTests: XCTestCase {
     let noHuge = ["--memory", "nohuge", "--memory-mb", "128"]
 
-    func assertCleanEcho(_ r: VioRun, count: Int, ring: String = "packed", file: StaticString = #filePath, line: UInt = #line) {
-        XCTAssertEqual(r.status, 0, "\(r)", file: file, line: line)
-        XCTAssertEqual(r.int("sent"), count, "\(r)", file: file, line: line)
-        XCTAssertEqual(r.int("received"), count, "\(r)", file: file, line: line)
-        for key in ["lost", "reordered", "duplicates", "corrupt", "macMismatch", "foreign", "mbufsInUseAfterStop"] {
-            XCTAssertEqual(r.int(key), 0, "\(key): \(r)", file: file, line: line)
-        }
-        XCTAssertEqual(r.port(0)?["ring"] as? String, ring, "\(r)", file: file, line: line)
-        let features = r.port(0)?["features"] as? String ?? ""
-        XCTAssertEqual(features.contains("RING_PACKED"), ring == "packed", features, file: file, line: line)
-    }
-
     /// 100 000 numbered, checksummed frames of 60…1514 bytes through a macswap peer on a packed
     /// ring: all back, in order, intact; the peer's counters agree; every mbuf back in the pool.
     func testPackedEchoOfMixedSizes() throws {
@@ -29,7 +17,7 @@ final class PackedNetIntegrationTests: XCTestCase {
         let peer = try Peer(mode: "macswap", dir: dir)
         let r = try Vio.run(["pktgen", "--port", "vhost:\(peer.socket)", "--ring", "packed", "--count", "100000", "--size", "mixed",
                              "--verify", "--window", "auto", "--expect-macswap"] + noHuge, dir: dir, timeout: 120)
-        assertCleanEcho(r, count: 100_000)
+        assertCleanEcho(r, count: 100_000, ring: "packed")
         XCTAssertTrue((r.port(0)?["features"] as? String ?? "").contains("IN_ORDER"))
         let stats = try peer.stop()
         XCTAssertEqual(stats.rx, 100_000, peer.tail())
@@ -42,7 +30,7 @@ final class PackedNetIntegrationTests: XCTestCase {
         let peer = try Peer(mode: "macswap", dir: dir)
         let r = try Vio.run(["pktgen", "--port", "vhost:\(peer.socket)", "--count", "1000", "--window", "auto",
                              "--expect-macswap"] + noHuge, dir: dir)
-        assertCleanEcho(r, count: 1000)
+        assertCleanEcho(r, count: 1000, ring: "packed")
         _ = try peer.stop()
     }
 
@@ -57,7 +45,7 @@ final class PackedNetIntegrationTests: XCTestCase {
         args += hugepages ? ["--memory", "hugepages", "--memory-mb", "256"] : noHuge
         if !inOrder { args.append("--no-in-order") }
         let r = try Vio.run(args, dir: dir, timeout: 180)
-        assertCleanEcho(r, count: 140_000)
+        assertCleanEcho(r, count: 140_000, ring: "packed")
         let features = r.port(0)?["features"] as? String ?? ""
         XCTAssertEqual(features.contains("IN_ORDER"), inOrder, features)
         let stats = try peer.stop()
@@ -74,27 +62,14 @@ final class PackedNetIntegrationTests: XCTestCase {
         let peer = try Peer(mode: "macswap", dir: dir)
         let r = try Vio.run(["pktgen", "--port", "vhost:\(peer.socket)", "--ring", "packed", "--count", "500", "--size", "9000",
                              "--verify", "--window", "auto", "--expect-macswap"] + noHuge, dir: dir)
-        assertCleanEcho(r, count: 500)
+        assertCleanEcho(r, count: 500, ring: "packed")
         XCTAssertGreaterThanOrEqual(r.int("maxSegments") ?? 0, 5, "\(r)")
         _ = try peer.stop()
     }
 
-    /// Two-port io forwarding on packed rings: what the source peer sends reaches the sink.
+    /// Two-port io forwarding on packed rings: what the source peer sends reaches the sink, all of it.
     func testPackedTwoPortIOForwarding() throws {
-        let dir = try TempDir()
-        let source = try Peer(mode: "txonly", dir: dir, name: "source")
-        let sink = try Peer(mode: "rxonly", dir: dir, name: "sink")
-        let r = try Vio.run(["fwd", "--mode", "io", "--ring", "packed", "--port", "vhost:\(source.socket)",
-                             "--port", "vhost:\(sink.socket)", "--duration", "2"] + noHuge, dir: dir, timeout: 60)
-        XCTAssertEqual(r.status, 0, "\(r)")
-        let forwarded = (r.port(0)?["rxPackets"] as? NSNumber)?.intValue ?? 0
-        XCTAssertGreaterThan(forwarded, 10_000, "\(r)")
-        XCTAssertEqual(r.port(1)?["ring"] as? String, "packed")
-        let sunk = try sink.stop()
-        _ = try source.stop()
-        let sent = (r.port(1)?["txPackets"] as? NSNumber)?.intValue ?? 0
-        XCTAssertEqual(Int(sunk.rx), sent, sink.tail())
-        XCTAssertEqual(r.int("mbufsInUseAfterStop"), 0, "\(r)")
+        try assertTwoPortIO(ring: "packed", seconds: 2, memory: noHuge, atLeast: 10_000, exactSink: true)
     }
 
     /// The peer dies mid-traffic on a packed ring: exit 2 within seconds, no mbuf lost.
