@@ -86,29 +86,21 @@ public final class VirtioBlkDevice {
         if let m = t.maxQueues { queues = min(queues, m) }
         try t.negotiate(chosen, queueCount: queues)
 
-        let ringBytes = try layout == .packed ? PackedVirtqueue.ringBytes(size: options.queueSize)
-                                              : SplitVirtqueue.ringBytes(size: options.queueSize)
         let segMax = chosen.contains(.blkSegMax) && cfg.segMax > 0 ? Int(cfg.segMax) : options.queueSize - 2
         let indirect = chosen.contains(.indirectDescriptors)
         // Without indirect descriptors a request's chain (header, data, status) must fit the ring.
         maxSegments = indirect ? segMax : min(segMax, options.queueSize - 2)
         maxSegmentBytes = chosen.contains(.blkSizeMax) && cfg.sizeMax > 0 ? Int(cfg.sizeMax) : nil
-        var rings: [DMAMemory] = [], slabs: [DMAMemory] = [], tables: [DMAMemory?] = []
+        let rings = try layout == .packed ? Self.rings(PackedVirtqueue.self, count: queues, size: options.queueSize)
+                                          : Self.rings(SplitVirtqueue.self, count: queues, size: options.queueSize)
+        var slabs: [DMAMemory] = [], tables: [DMAMemory?] = []
         for _ in 0..<queues {
-            rings.append(try DMAMemory(size: ringBytes))
             slabs.append(try DMAMemory(size: options.queueSize * BlkSlot.bytes))
             tables.append(indirect ? try DMAMemory(size: IndirectTables.bytes(queueSize: options.queueSize,
                                                                               entriesPerTable: maxSegments + 2)) : nil)
         }
         try t.setMemory(try DPDKMemory.regions())
-        for q in 0..<queues {
-            // Where a fresh ring of this layout has its areas and starts (the queue `makeQueue`
-            // lays over the same memory later starts at the same base).
-            let addresses = try layout == .packed
-                ? PackedVirtqueue(memory: rings[q].pointer, size: options.queueSize, inOrder: false, eventIndex: false).addresses
-                : SplitVirtqueue(memory: rings[q].pointer, size: options.queueSize, inOrder: false, eventIndex: false).addresses
-            try t.setupQueue(q, addresses: addresses)
-        }
+        for (q, ring) in rings.enumerated() { try t.setupQueue(q, addresses: ring.addresses) }
         try t.start()
         transport = t
         usesIOVA = t.bufferAddressing == .iova
@@ -117,10 +109,20 @@ public final class VirtioBlkDevice {
         queueCount = queues
         queueSize = options.queueSize
         ringLayout = layout
-        self.rings = rings; self.slabs = slabs; self.tables = tables
+        self.rings = rings.map(\.memory); self.slabs = slabs; self.tables = tables
         taken = Array(repeating: false, count: queues)
         self.logger = logger
         logger.info("virtio-blk \(t.deviceDescription): \(cfg.capacity) sectors (\(cfg.capacity * 512 / 1_048_576) MiB), block \(cfg.blockSize), seg_max \(cfg.segMax), size_max \(cfg.sizeMax), \(queues) \(layout) queue(s) of \(options.queueSize), features \(chosen)")
+    }
+
+    /// Memory for `count` rings of `Ring`, each with the addresses and base of a fresh ring on it
+    /// (the queue `makeQueue` lays over the same memory later starts there too).
+    static func rings<Ring: Virtqueue & ~Copyable>(_: Ring.Type, count: Int, size: Int) throws -> [(memory: DMAMemory, addresses: QueueAddresses)] {
+        let bytes = try Ring.ringBytes(size: size)
+        return try (0..<count).map { _ in
+            let m = try DMAMemory(size: bytes)
+            return (m, try Ring(memory: m.pointer, size: size, inOrder: false, eventIndex: false).addresses)
+        }
     }
 
     /// Queue `index`, once, with the ring type of `ringLayout` (`SplitVirtqueue` or

@@ -79,20 +79,6 @@ struct BlkSetup {
     }
 }
 
-/// Something to run with the queues of a device, specialised for its ring layout.
-protocol BlkLayoutGeneric {
-    func run<Ring: Virtqueue & ~Copyable>(_ device: VirtioBlkDevice, _ ring: Ring.Type) throws
-}
-
-extension BlkLayoutGeneric {
-    func run(_ device: VirtioBlkDevice) throws {
-        switch device.ringLayout {
-        case .packed: try run(device, PackedVirtqueue.self)
-        case .split, .auto: try run(device, SplitVirtqueue.self)
-        }
-    }
-}
-
 /// Size with an optional k/m/g suffix (powers of 1024): 4k, 128k, 1m, 64m.
 struct ByteSize: ExpressibleByArgument, CustomStringConvertible {
     var bytes: Int

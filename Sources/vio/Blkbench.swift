@@ -113,16 +113,8 @@ struct Blkbench: ParsableCommand {
                                       segmentBytes: segBytes, segmentsPerIO: segsPerIO, ramp: ramp, runtime: runtime, seed: seed)
         let data = try DMAMemory(size: dev.queueCount * iodepth * bs + 4096)
         // Specialised once for the device's ring layout.
-        var r: BlkbenchReport
-        var failure: String?
-        switch dev.ringLayout {
-        case .packed:
-            var job = BlkJob<PackedVirtqueue>(device: dev, params: params, data: data.pointer, memory: setup.eal.mode.rawValue)
-            try job.run(); r = job.r; failure = job.failure
-        case .split, .auto:
-            var job = BlkJob<SplitVirtqueue>(device: dev, params: params, data: data.pointer, memory: setup.eal.mode.rawValue)
-            try job.run(); r = job.r; failure = job.failure
-        }
+        var (r, failure) = try Run(device: dev, params: params, data: data.pointer, memory: setup.eal.mode.rawValue)
+            .run(layout: dev.ringLayout)
         r.error = failure
         dev.stop()
         print(String(format: "%@ bs=%d iodepth=%d queues=%d: %llu reads, %llu writes in %.2f s: %.0f IOPS, %.1f MiB/s, %llu errors",
@@ -138,5 +130,17 @@ struct Blkbench: ParsableCommand {
         if let failure { throw VioFailure(description: failure, exitCode: 2) }
         if r.verifyErrors > 0 { throw VioFailure(description: "verify found \(r.verifyErrors) mismatching blocks") }
         if r.errors > 0 { throw VioFailure(description: "\(r.errors) requests failed") }
+    }
+}
+
+extension Blkbench {
+    /// Runs a `BlkJob` on the device's queues; its report and failure, if any.
+    struct Run: LayoutGeneric {
+        let device: VirtioBlkDevice, params: BlkJobParameters, data: UnsafeMutableRawPointer, memory: String
+        func run<Ring: Virtqueue & ~Copyable>(_: Ring.Type) throws -> (BlkbenchReport, String?) {
+            var job = BlkJob<Ring>(device: device, params: params, data: data, memory: memory)
+            try job.run()
+            return (job.r, job.failure)
+        }
     }
 }

@@ -19,7 +19,7 @@ struct BlkioResult: Codable {
 }
 
 /// `vio blkio`: single requests, one after another, for tests and inspection (like qemu-io).
-struct Blkio: ParsableCommand, BlkLayoutGeneric {
+struct Blkio: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Run single virtio-blk requests in order and report each result.",
         discussion: """
@@ -45,11 +45,16 @@ struct Blkio: ParsableCommand, BlkLayoutGeneric {
 
     func execute() throws {
         let setup = try BlkSetup(blk, queues: 1)
-        try run(setup.device)
+        try Run(blkio: self, device: setup.device).run(layout: setup.device.ringLayout)
         EAL.cleanup()
     }
 
-    func run<Ring: Virtqueue & ~Copyable>(_ device: VirtioBlkDevice, _: Ring.Type) throws {
+    struct Run: LayoutGeneric {
+        let blkio: Blkio, device: VirtioBlkDevice
+        func run<Ring: Virtqueue & ~Copyable>(_: Ring.Type) throws { try blkio.execute(device, as: Ring.self) }
+    }
+
+    func execute<Ring: Virtqueue & ~Copyable>(_ device: VirtioBlkDevice, as _: Ring.Type) throws {
         var q = device.makeQueue(0, as: Ring.self)
         let arena = try DMAMemory(size: 8 << 20)
         let completions = UnsafeMutablePointer<BlkCompletion>.allocate(capacity: 8)

@@ -184,13 +184,15 @@ struct Dataplane {
     }
 }
 
-/// Something to run with ports of the layout `Dataplane.connect` picked, specialised for it.
+/// Something to run with the ring layout a device negotiated (`Dataplane.connect` for net
+/// ports, `VirtioBlkDevice.ringLayout` for blk), specialised for it.
 protocol LayoutGeneric {
-    func run<Ring: Virtqueue & ~Copyable>(_ ring: Ring.Type) throws
+    associatedtype Output = Void
+    func run<Ring: Virtqueue & ~Copyable>(_ ring: Ring.Type) throws -> Output
 }
 
 extension LayoutGeneric {
-    func run(layout: RingLayoutChoice) throws {
+    func run(layout: RingLayoutChoice) throws -> Output {
         switch layout {
         case .packed: try run(PackedVirtqueue.self)
         case .split, .auto: try run(SplitVirtqueue.self)
