@@ -357,6 +357,8 @@ final class HTTPConnection {
     /// Writes what the send buffer takes; true if anything was written.
     func writeOutput() -> Bool {
         var wrote = false
+        // Every return counts: a response that moved is not idle, even if the buffer filled mid-item.
+        defer { if wrote { lastProgress = server.nowMs; lastActivity = server.nowMs } }
         while outIndex < out.count {
             var room = conn.writableBytes
             if room == 0 { break }
@@ -389,7 +391,6 @@ final class HTTPConnection {
             }
         }
         if outIndex == out.count { out.removeAll(keepingCapacity: true); outIndex = 0 }
-        if wrote { lastProgress = server.nowMs; lastActivity = server.nowMs }
         return wrote
     }
 }
