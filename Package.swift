@@ -1,8 +1,9 @@
 // swift-tools-version:6.0
 import PackageDescription
 
-// The library graph: CDPDK → DPDK (memory) · VirtioCore (queues) · VhostUser (transport)
-// → VirtioNet (device) → vio (CLI). Only CDPDK sees DPDK headers; only CVioLinux sees the
+// The library graph: CDPDK → DPDK (memory) · VirtioCore (queues and the device core) ·
+// VhostUser, VirtioPCI (transports) · VirtioNet, VirtioBlk (devices, on the device core; they
+// import no transport) → NetStack → DataplaneHTTP → vio (CLI, which picks the transports). Only CDPDK sees DPDK headers; only CVioLinux sees the
 // Linux cmsg/affinity macros. No unsafeFlags anywhere, so `import VirtioNet` works from
 // another package once Scripts/setup.sh has installed Configs/pkgconfig/vio-dpdk.pc.
 let package = Package(
@@ -39,10 +40,10 @@ let package = Package(
             "VirtioCore", "DPDK", "CVioLinux", .product(name: "Logging", package: "swift-log"),
         ]),
         .target(name: "VirtioNet", dependencies: [
-            "VirtioCore", "VhostUser", "DPDK", .product(name: "Logging", package: "swift-log"),
+            "VirtioCore", "DPDK", .product(name: "Logging", package: "swift-log"),
         ]),
         .target(name: "VirtioBlk", dependencies: [
-            "VirtioCore", "VhostUser", "DPDK", .product(name: "Logging", package: "swift-log"),
+            "VirtioCore", "DPDK", .product(name: "Logging", package: "swift-log"),
         ]),
         .target(name: "VirtioTestSupport", dependencies: ["VirtioCore"]),
         // TCP/IP on a virtio-net port: lwIP (Debian's liblwip) behind a small C glue, then a
@@ -51,7 +52,7 @@ let package = Package(
         .target(name: "CVioLwIP", dependencies: ["CLwIP"]),
         .target(name: "NetStack", dependencies: ["CVioLwIP", "VirtioNet", "DPDK"]),
         .target(name: "DataplaneHTTP", dependencies: [
-            "NetStack", "VirtioNet", "VirtioCore", "DPDK",
+            "NetStack", "VirtioNet", "VirtioCore", "VhostUser", "DPDK",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOEmbedded", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"),

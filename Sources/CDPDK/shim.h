@@ -31,6 +31,10 @@ static inline uint16_t vio_pktmbuf_headroom(void) { return RTE_PKTMBUF_HEADROOM;
 // mbuf fields (struct rte_mbuf, DPDK 22.11 layout; all in the first cache line but `next`).
 static inline void *vio_mbuf_buf_addr(const struct rte_mbuf *m) { return m->buf_addr; }
 static inline uint64_t vio_mbuf_buf_iova(const struct rte_mbuf *m) { return m->buf_iova; }
+/* Where in struct rte_mbuf the buffer's address for the device lives: buf_addr (process virtual,
+   vhost-user) or buf_iova (bus address, virtio-pci). A port keeps one of the two, fixed at setup. */
+static inline size_t vio_mbuf_buf_addr_field_offset(void) { return offsetof(struct rte_mbuf, buf_addr); }
+static inline size_t vio_mbuf_buf_iova_field_offset(void) { return offsetof(struct rte_mbuf, buf_iova); }
 static inline uint16_t vio_mbuf_buf_len(const struct rte_mbuf *m) { return m->buf_len; }
 static inline uint16_t vio_mbuf_data_off(const struct rte_mbuf *m) { return m->data_off; }
 static inline void vio_mbuf_set_data_off(struct rte_mbuf *m, uint16_t v) { m->data_off = v; }

@@ -12,6 +12,8 @@ public enum DPDKError: Error, CustomStringConvertible, Sendable {
     case mempool(name: String, count: Int, errno: Int32, message: String)
     case allocation(bytes: Int)
     case memoryWalk(String)
+    case lcoreNotAllowed(cpu: Int, allowed: [Int])
+    case launch(lcore: Int, errno: Int32)
 
     public var description: String {
         switch self {
@@ -24,6 +26,8 @@ public enum DPDKError: Error, CustomStringConvertible, Sendable {
             return "cannot create mbuf pool \(name) of \(count) mbufs: \(m) (rte_errno \(e)); not enough DPDK memory? raise --memory-mb"
         case .allocation(let b): return "cannot allocate \(b) bytes of DPDK memory"
         case .memoryWalk(let m): return "cannot export DPDK memory to the device: \(m)"
+        case let .lcoreNotAllowed(c, a): return "CPU \(c) is not in this process's affinity (\(a.map(String.init).joined(separator: ",")))"
+        case let .launch(l, e): return "cannot launch work on worker lcore \(l) (error \(e))"
         }
     }
 }
@@ -133,7 +137,7 @@ public enum EAL {
     /// `--no-huge`. The main lcore runs on the first CPU of the process affinity.
     @discardableResult
     public static func initialize(mode: MemoryMode = .auto, memoryMB: Int = 512, preset: EALPreset? = nil,
-                                  filePrefix: String? = nil, extraArguments: [String] = []) throws -> EALReport {
+                                  filePrefix: String? = nil, lcoreCPUs: [Int]? = nil, extraArguments: [String] = []) throws -> EALReport {
         guard report == nil else { throw DPDKError.alreadyInitialized }
         let huge = hugepageStatus()
         var chosen = mode
@@ -141,8 +145,14 @@ public enum EAL {
         if chosen == .hugepages && (!huge.mounted || huge.freeMB < memoryMB) {
             throw DPDKError.noHugepages(neededMB: memoryMB, freeMB: huge.mounted ? huge.freeMB : 0)
         }
-        let cpus = affinityCPUs()
-        let lcores = cpus.count == 1 ? "0@\(cpus[0])" : "0@(\(cpus.map(String.init).joined(separator: ",")))"
+        var cpus = affinityCPUs()
+        var lcores = cpus.count == 1 ? "0@\(cpus[0])" : "0@(\(cpus.map(String.init).joined(separator: ",")))"
+        if let wanted = lcoreCPUs {
+            // One lcore per CPU given, lcore k on the k-th: the main lcore first, then workers.
+            for c in wanted where !cpus.contains(c) { throw DPDKError.lcoreNotAllowed(cpu: c, allowed: cpus) }
+            cpus = wanted
+            lcores = wanted.enumerated().map { "\($0.offset)@\($0.element)" }.joined(separator: ",")
+        }
         let prefix = filePrefix ?? "vio-\(getpid())"
         let p = preset ?? (chosen == .hugepages ? .hugepages : .nohuge)
         let args = ["vio"] + p.expanded(memoryMB: memoryMB, prefix: prefix, lcores: lcores) + extraArguments
@@ -162,6 +172,30 @@ public enum EAL {
 
     nonisolated(unsafe) static var runtimeDirectory: String?
 
+    /// The worker lcores (all but the main one), in order.
+    public static var workerLcores: [UInt32] {
+        var out: [UInt32] = []
+        var l = rte_get_next_lcore(UInt32.max, 1, 0)
+        while l < UInt32(RTE_MAX_LCORE) { out.append(l); l = rte_get_next_lcore(l, 1, 0) }
+        return out
+    }
+
+    /// Runs `body` on worker lcore `lcore` (`rte_eal_remote_launch`); `waitForWorkers` joins it.
+    public static func launch(onWorker lcore: UInt32, _ body: @escaping () -> Void) throws {
+        let ctx = Unmanaged.passRetained(LaunchedWork(body)).toOpaque()
+        let rc = rte_eal_remote_launch({ arg in
+            Unmanaged<LaunchedWork>.fromOpaque(arg!).takeRetainedValue().body()
+            return 0
+        }, ctx, lcore)
+        if rc != 0 { Unmanaged<LaunchedWork>.fromOpaque(ctx).release(); throw DPDKError.launch(lcore: Int(lcore), errno: -rc) }
+    }
+
+    /// Waits until every worker lcore has finished what `launch` gave it.
+    public static func waitForWorkers() { rte_eal_mp_wait_lcore() }
+
+    /// This thread's lcore id (`rte_lcore_id`).
+    public static var lcoreID: UInt32 { rte_lcore_id() }
+
     nonisolated(unsafe) public private(set) static var isCleanedUp = false
 
     /// Releases EAL resources (hugepage files). Call once at exit; DPDK memory must not be
@@ -174,6 +208,11 @@ public enum EAL {
             if let dir = runtimeDirectory { removeFlatDirectory(dir) }
         }
     }
+}
+
+private final class LaunchedWork {
+    let body: () -> Void
+    init(_ body: @escaping () -> Void) { self.body = body }
 }
 
 /// Removes the files in `path` (no subdirectories expected) and then the directory.

@@ -1,4 +1,5 @@
 import CDPDK
+import VirtioCore
 
 /// A DPDK packet buffer (`struct rte_mbuf *`). A plain value: copying it copies the pointer, so
 /// there is no reference counting on the data path. Field access inlines to single loads/stores.
@@ -16,6 +17,16 @@ import CDPDK
     /// The bus address of the buffer start (`buf_iova`): what a PCI device sees.
     @inlinable public var bufferIOVA: UInt64 { vio_mbuf_buf_iova(raw) }
     @inlinable public var bufferLength: UInt16 { vio_mbuf_buf_len(raw) }
+    /// The buffer start as the device sees it: the 8-byte field at `field` (one of
+    /// `Mbuf.addressField(for:)`), so a port that chose its address mode once reads one load.
+    @inlinable public func deviceBufferAddress(field: Int) -> UInt64 {
+        UnsafeRawPointer(raw).load(fromByteOffset: field, as: UInt64.self)
+    }
+    /// The offset of `buf_addr` (process virtual addresses) or `buf_iova` (bus addresses) in
+    /// `struct rte_mbuf` (DPDK's virtio PMD keeps the same choice in `mbuf_addr_offset`).
+    public static func addressField(for addressing: BufferAddressing) -> Int {
+        addressing == .iova ? Int(vio_mbuf_buf_iova_field_offset()) : Int(vio_mbuf_buf_addr_field_offset())
+    }
     @inlinable public var dataOffset: UInt16 {
         get { vio_mbuf_data_off(raw) }
         nonmutating set { vio_mbuf_set_data_off(raw, newValue) }

@@ -8,7 +8,7 @@ import Glibc
 /// (`RTE_MEMZONE_IOVA_CONTIG`), 4 KiB aligned and zeroed, freed when the object goes. Contiguity
 /// matters for a PCI device, which sees bus addresses (IOVAs): in a guest without an IOMMU those are
 /// physical, and a ring or buffer that spans two hugepages must not need two translations.
-public final class DMAMemory: @unchecked Sendable {
+public final class DMAMemory: DMARegion, @unchecked Sendable {
     public let pointer: UnsafeMutableRawPointer
     public let size: Int
     /// The IOVA of `pointer` (`rte_memzone.iova`): the process virtual address in DPDK's VA mode,
@@ -97,4 +97,12 @@ public enum DPDKMemory {
         if rc < 0 { throw DPDKError.memoryWalk("rte_memseg_walk failed") }
         return c.regions
     }
+}
+
+/// DPDK as the device core's memory: IOVA-contiguous memzones, and the memory table from the
+/// memseg walk (every pool and ring allocated so far).
+public struct DPDKDMAAllocator: DMAAllocator {
+    public init() {}
+    public func allocate(bytes: Int) throws -> any DMARegion { try DMAMemory(size: bytes) }
+    public func memoryTable() throws -> [MemoryRegion] { try DPDKMemory.regions() }
 }

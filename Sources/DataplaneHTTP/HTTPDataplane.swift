@@ -5,6 +5,7 @@ import NetStack
 import Synchronization
 import NIOCore
 import NIOHTTP1
+import VhostUser
 import VirtioCore
 import VirtioNet
 
@@ -101,7 +102,12 @@ public enum HTTPDataplane {
         var opts = VirtioNetOptions()
         opts.ringSize = config.ringSize
         var port: HTTPDataplanePort
-        do { port = try HTTPDataplanePort(vhostUserPath: config.vhostUserPath, pool: pool, options: opts, logger: logger) } catch {
+        let device: VirtioNetDevice<SplitVirtqueue>
+        do {
+            device = try VirtioNetDevice(transport: try VhostUserConnection(path: config.vhostUserPath, logger: logger),
+                                         pool: pool, options: opts, logger: logger)
+            port = try device.makePort(0)
+        } catch {
             throw HTTPDataplaneError.setup("port vhost:\(config.vhostUserPath): \(error)")
         }
         var stackConfig = NetStackConfig(interface: config.interface, gateway: config.gateway)
@@ -147,6 +153,7 @@ public enum HTTPDataplane {
             if shouldStop() || signalStop.load(ordering: .relaxed) { break }
         }
         _ = port.close()
+        withExtendedLifetime(device) {}
         if let e = linkError { throw HTTPDataplaneError.linkLost(e) }
     }
 }

@@ -47,7 +47,8 @@ public final class VhostUserConnection: VirtioTransport, @unchecked Sendable {
     public let path: String
     public private(set) var deviceFeatures: VirtioFeatures = []
     public private(set) var protocolFeatures: VhostUserProtocolFeatures = []
-    public private(set) var maxQueues: Int?
+    /// GET_QUEUE_NUM's answer (queue pairs for a net backend, queues for blk).
+    public private(set) var queueLimit: QueueLimit?
     public private(set) var negotiatedFeatures: VirtioFeatures = []
     let logger: Logger
     let fd: Int32
@@ -62,6 +63,7 @@ public final class VhostUserConnection: VirtioTransport, @unchecked Sendable {
     private let alive = Atomic<Bool>(true)
     private let reasonLock = Mutex<String?>(nil)
     private let stopLock = Mutex<Void>(())
+    private let deviceLink = Mutex<DeviceLink?>(nil)
     private let wakeFD: Int32
     private var monitor: pthread_t?
     /// Protocol features we use when the backend offers them.
@@ -116,6 +118,22 @@ public final class VhostUserConnection: VirtioTransport, @unchecked Sendable {
     private func lost(_ reason: String) {
         reasonLock.withLock { if $0 == nil { $0 = reason } }
         alive.store(false, ordering: .relaxed)
+        deviceLink.withLock { $0 }?.markDown(disconnectReason ?? reason)
+    }
+
+    public func attach(_ link: DeviceLink) {
+        deviceLink.withLock { $0 = link }
+        if !isConnected { link.markDown(disconnectReason ?? "vhost-user backend \(path) is gone") }
+    }
+
+    /// SET_VRING_ENABLE for one ring (vhost-user.rst "Ring states"); how VQ_PAIRS_SET reaches a
+    /// net backend, which never sees the control queue.
+    public func setQueueEnabled(_ index: Int, _ enabled: Bool) throws {
+        guard !protocolFeatures.isEmpty else {
+            throw VhostUserError.incompatibleFeatures(missing: "VHOST_USER_F_PROTOCOL_FEATURES (needed to enable single rings)")
+        }
+        guard index >= 0, index < queueCount else { throw VhostUserError.badReply(request: "SET_VRING_ENABLE", detail: "no ring \(index)") }
+        try send(.vringState(.setVringEnable, index: index, num: enabled ? 1 : 0))
     }
 
     private func handshake() throws {
@@ -134,7 +152,12 @@ public final class VhostUserConnection: VirtioTransport, @unchecked Sendable {
                 guard let q = try request(VhostUserMessage(.getQueueNum)).u64(at: 0) else {
                     throw VhostUserError.badReply(request: "GET_QUEUE_NUM", detail: "payload shorter than 8 bytes")
                 }
-                maxQueues = Int(q)
+                // A virtio device has at most 65 535 virtqueues (16-bit queue_select); anything
+                // else is a broken backend, refused before it is used as a count.
+                guard q >= 1, q <= 0xffff else {
+                    throw VhostUserError.badReply(request: "GET_QUEUE_NUM", detail: "\(q) queues (must be 1...65535)")
+                }
+                queueLimit = .deviceUnits(Int(q))
             }
         }
         deviceFeatures = all.subtracting(vhostUserProtocolFeaturesBit)
@@ -161,9 +184,17 @@ public final class VhostUserConnection: VirtioTransport, @unchecked Sendable {
     }
 
     public func negotiate(_ features: VirtioFeatures, queueCount: Int) throws {
+        try negotiate(features, queueCount: queueCount, queuesPerUnit: 1)
+    }
+
+    /// vhost-user.rst, "Multiple queue support": more queues than GET_QUEUE_NUM allows are
+    /// refused before any ring is configured. A net backend counts queue pairs (`queuesPerUnit` 2,
+    /// as QEMU and DPDK read it), a blk backend queues.
+    public func negotiate(_ features: VirtioFeatures, queueCount: Int, queuesPerUnit: Int) throws {
         precondition(deviceFeatures.isSuperset(of: features), "negotiating features the device does not offer")
-        if let max = maxQueues, queueCount > max {
-            throw VhostUserError.incompatibleFeatures(missing: "\(queueCount) queues (the backend supports \(max))")
+        if let max = queueLimit?.value, (queueCount + queuesPerUnit - 1) / queuesPerUnit > max {
+            let unit = queuesPerUnit == 2 ? "queue pairs" : "queues"
+            throw VhostUserError.incompatibleFeatures(missing: "\((queueCount + queuesPerUnit - 1) / queuesPerUnit) \(unit) (the backend supports \(max))")
         }
         self.queueCount = queueCount
         // Call descriptors first (as DPDK's virtio_user does): the device may signal on them, we

@@ -1,5 +1,4 @@
 import DPDK
-import VhostUser
 import VirtioCore
 
 /// One request's slot in a queue's slab: header (16) · discard/write-zeroes range (16) · status (1) · padding.
@@ -26,9 +25,12 @@ public struct VirtioBlkQueue<Ring: Virtqueue & ~Copyable>: ~Copyable {
     }
 
     public let index: Int
-    @usableFromInline let device: VirtioBlkDevice
+    @usableFromInline let device: VirtioBlkDevice<Ring>
     /// The device's transport, held here so a notification is a direct call (no reference counting).
     @usableFromInline let transport: any VirtioTransport
+    /// The device's link, shared by every queue: one relaxed load per poll tells whether any of
+    /// them failed or the device stopped. The device (which holds it) outlives the queue.
+    @usableFromInline unowned(unsafe) let link: DeviceLink
     @usableFromInline var vq: Ring
     @usableFromInline let slab: UnsafeMutableRawPointer
     /// The slab's address as the device sees it (IOVA for virtio-pci, else `slab`).
@@ -56,10 +58,11 @@ public struct VirtioBlkQueue<Ring: Virtqueue & ~Copyable>: ~Copyable {
     @usableFromInline let maxDiscardSectors: UInt32
     @usableFromInline let maxWriteZeroesSectors: UInt32
 
-    init(index: Int, queue: consuming Ring, slab: UnsafeMutableRawPointer, slabAddress: UInt64, device: VirtioBlkDevice) {
+    init(index: Int, queue: consuming Ring, slab: UnsafeMutableRawPointer, slabAddress: UInt64, device: VirtioBlkDevice<Ring>) {
         self.index = index
         self.device = device
         transport = device.transport
+        link = device.core.link
         let size = queue.size
         vq = queue
         self.slab = slab
@@ -213,6 +216,7 @@ public struct VirtioBlkQueue<Ring: Virtqueue & ~Copyable>: ~Copyable {
     @inlinable @inline(never)
     public mutating func poll(into out: UnsafeMutablePointer<BlkCompletion>, max: Int) -> Int {
         if dyingCount > 0 || stopReason != nil { return drainDying(into: out, max: max) }
+        if !link.isUp { stopLinkDown(); return drainDying(into: out, max: max) }
         let n = vq.harvest(into: cookies, lengths: lengths, max: Swift.min(max, vq.size))
         for i in 0..<n {
             let ctx = Int(bitPattern: cookies[i]) - 1
@@ -225,9 +229,9 @@ public struct VirtioBlkQueue<Ring: Virtqueue & ~Copyable>: ~Copyable {
         if let e = vq.failure {
             stopBrokenRing(e)
         } else if n == 0 && vq.inFlight > 0 {
-            // Checking the connection is an atomic load; do it now and then, not per poll.
+            // Asking the transport (virtio-pci: a register read) is for now and then, not per poll.
             idlePolls &+= 1
-            if idlePolls & 4095 == 0 && !transport.isConnected { stopDisconnected() }
+            if idlePolls & 4095 == 0 && !device.core.isLinkUp { stopLinkDown() }
         } else {
             idlePolls = 0
         }
@@ -238,17 +242,20 @@ public struct VirtioBlkQueue<Ring: Virtqueue & ~Copyable>: ~Copyable {
     @usableFromInline
     mutating func stopBrokenRing(_ e: VirtqueueError) { stop(because: "the device broke the ring: \(e)") }
 
+    /// Another queue failed, the device was stopped, or the transport lost it.
     @usableFromInline
-    mutating func stopDisconnected() { stop(because: transport.disconnectReason ?? "device disconnected") }
+    mutating func stopLinkDown() { stop(because: device.core.link.reason ?? transport.disconnectReason ?? "device disconnected") }
 
     @usableFromInline func stoppedError() -> BlkRequestError { .queueStopped(stopReason ?? "") }
 
-    /// Fails every request in flight (their buffers are the caller's again once reported).
+    /// Fails every request in flight (their buffers are the caller's again once reported). The
+    /// device is stopped first (so it touches none of them any more), which takes the link down
+    /// for every other queue of the device.
     @usableFromInline
     mutating func stop(because reason: String) {
         guard stopReason == nil else { return }
         stopReason = reason
-        device.stop()
+        device.stop(reason: "queue \(index): \(reason)")
         let dying = self.dying
         var k = 0
         vq.reclaimAll { cookie in dying[k] = UInt16(Int(bitPattern: cookie) - 1); k += 1 }
@@ -272,6 +279,6 @@ public struct VirtioBlkQueue<Ring: Virtqueue & ~Copyable>: ~Copyable {
 
     /// Checks the connection now (off the data path), stopping the queue if the device is gone.
     public mutating func checkDevice() {
-        if stopReason == nil && !transport.isConnected { stopDisconnected() }
+        if stopReason == nil && !device.core.isLinkUp { stopLinkDown() }
     }
 }

@@ -16,8 +16,12 @@ extension VirtioFeatures {
     public static let netStatus = VirtioFeatures(bit: 16)
     /// VIRTIO_NET_F_CTRL_VQ, bit 17.
     public static let netControlQueue = VirtioFeatures(bit: 17)
-    /// VIRTIO_NET_F_MQ, bit 22.
+    /// VIRTIO_NET_F_CTRL_RX, bit 18: RX mode commands (promiscuous, all-multicast) on the control queue.
+    public static let netControlRx = VirtioFeatures(bit: 18)
+    /// VIRTIO_NET_F_MQ, bit 22: several RX/TX queue pairs, steered with VQ_PAIRS_SET (§5.1.6.5.5).
     public static let netMultiQueue = VirtioFeatures(bit: 22)
+    /// VIRTIO_NET_F_CTRL_MAC_ADDR, bit 23: MAC_ADDR_SET on the control queue.
+    public static let netControlMACAddress = VirtioFeatures(bit: 23)
 
     static func registerNetNames() {
         let net: [Int: String] = [0: "CSUM", 1: "GUEST_CSUM", 2: "CTRL_GUEST_OFFLOADS", 3: "MTU", 5: "MAC",
@@ -35,6 +39,27 @@ public enum VirtioNetHeader {
     public static let size = 12
     /// Offset of `num_buffers` (le16): how many buffers a merged receive frame spans.
     public static let numBuffersOffset = 10
+}
+
+/// `struct virtio_net_config` (§5.1.4): where each field is, and what a driver may accept.
+public enum VirtioNetConfig {
+    public static let macOffset = 0
+    public static let statusOffset = 6
+    public static let maxQueuePairsOffset = 8
+    public static let mtuOffset = 10
+    /// VIRTIO_NET_S_LINK_UP in `status`.
+    public static let linkUp: UInt16 = 1
+    /// The spec's bounds for `max_virtqueue_pairs` (VIRTQ_PAIRS_MIN ... VIRTQ_PAIRS_MAX).
+    public static let queuePairRange = 1...0x8000
+}
+
+/// Control queue commands (§5.1.6.5): class and command numbers.
+public enum VirtioNetControl {
+    public static let classRx: UInt8 = 0, rxPromisc: UInt8 = 0, rxAllMulti: UInt8 = 1
+    public static let classMAC: UInt8 = 1, macAddrSet: UInt8 = 1
+    public static let classMQ: UInt8 = 4, mqVQPairsSet: UInt8 = 0
+    /// VIRTIO_NET_OK / VIRTIO_NET_ERR in the ack byte.
+    public static let ok: UInt8 = 0, err: UInt8 = 1
 }
 
 /// An Ethernet MAC address.

@@ -1,6 +1,5 @@
 import DPDK
 import Logging
-import VhostUser
 import VirtioCore
 
 /// Per-port counters, updated once per burst.
@@ -28,6 +27,13 @@ public enum VirtioNetError: Error, CustomStringConvertible {
     case layoutNotOffered(String)
     case restartUnsupported
     case restartInconsistent(queue: String, device: UInt32, driver: UInt32)
+    case restartNeedsOnePair(Int)
+    case invalidQueuePairs(requested: Int, max: Int, why: String)
+    case portTaken(Int)
+    /// The device's config space holds a value the driver cannot use.
+    case badConfig(String)
+    case controlUnsupported(String)
+    case controlFailed(String, String)
 
     public var description: String {
         switch self {
@@ -37,46 +43,44 @@ public enum VirtioNetError: Error, CustomStringConvertible {
         case let .poolTooSmall(need, have): return "mbuf pool of \(have) cannot fill the rings (\(need) needed plus bursts in flight)"
         case .restartUnsupported: return "the transport did not report where the device stopped its rings"
         case .layoutNotOffered(let l): return "the virtio-net device does not offer \(l) virtqueues"
+        case .restartNeedsOnePair(let n): return "a restart of one port stops the whole device; it has \(n) queue pairs (restart them together)"
+        case let .invalidQueuePairs(r, m, why): return "\(r) queue pair(s) requested, at most \(m): \(why)"
+        case .portTaken(let p): return "queue pair \(p) already has its port"
+        case .badConfig(let s): return "virtio-net device config: \(s)"
+        case .controlUnsupported(let f): return "the device does not offer \(f) for this control command"
+        case let .controlFailed(c, why): return "\(c): \(why)"
         case let .restartInconsistent(q, device, driver):
             return "\(q) ring: the device stopped at 0x\(String(device, radix: 16)) but every buffer up to 0x\(String(driver, radix: 16)) was completed"
         }
     }
 }
 
-/// What a port is opened with.
-public struct VirtioNetOptions: Sendable {
-    public var ringSize = 256
-    /// Negotiate VIRTIO_F_IN_ORDER when offered (off: exercise the out-of-order path).
-    public var allowInOrder = true
-    /// Negotiate VIRTIO_NET_F_MRG_RXBUF when offered (needed for frames larger than one mbuf).
-    public var allowMergeableRxBuffers = true
-    public var mac: EthernetAddress?
-    public var portID: UInt16 = 0
-    public init() {}
-}
-
-/// A virtio-net port with one RX and one TX queue, polled by one lcore. Owns its rings by value
-/// (non-copyable: no reference counting on the data path); pass it `inout` to the loop.
-/// Generic over the ring layout (`SplitVirtqueue` or `PackedVirtqueue`): callers pick it once, at
-/// open, and every burst is specialised for it.
+/// One queue pair of a `VirtioNetDevice` (RX queue 2·pair, TX queue 2·pair+1), polled by one
+/// lcore. Owns its rings by value (non-copyable: no reference counting on the data path); pass it
+/// `inout` to the loop. Generic over the ring layout the device negotiated, so every burst is
+/// specialised for it; the address mode (process virtual or IOVA) is an mbuf field offset chosen
+/// when the port is made, so no burst asks.
 public struct VirtioNetPort<Ring: Virtqueue & ~Copyable>: ~Copyable {
     public let portID: UInt16
+    /// The queue pair this port drives.
+    public let queuePair: Int
     public let mac: EthernetAddress
     public let features: VirtioFeatures
     public let ringSize: Int
-    /// vhost-user or virtio-pci (issue 7): any transport; `notify` is the only data-path call.
+    public let device: VirtioNetDevice<Ring>
+    /// vhost-user or virtio-pci: any transport; `notify` is the only data-path call.
     public let transport: any VirtioTransport
     public let pool: PacketPool
     public var counters = NetCounters()
 
     @usableFromInline var rx: Ring
     @usableFromInline var tx: Ring
-    let rxMemory: DMAMemory
-    let txMemory: DMAMemory
+    @usableFromInline let rxQueueIndex: Int
+    @usableFromInline let txQueueIndex: Int
     @usableFromInline let mergeable: Bool
-    /// The transport wants bus addresses (virtio-pci): descriptors carry `buf_iova`-based IOVAs
-    /// instead of process virtual addresses. Chosen once at init.
-    @usableFromInline let iova: Bool
+    /// Where in an mbuf the buffer address the device understands lives (`buf_addr` or
+    /// `buf_iova`), fixed at setup.
+    @usableFromInline let addressField: Int
     /// Scratch arrays sized to the ring, allocated once.
     @usableFromInline let cookies: UnsafeMutablePointer<UnsafeMutableRawPointer?>
     @usableFromInline let lengths: UnsafeMutablePointer<UInt32>
@@ -87,69 +91,26 @@ public struct VirtioNetPort<Ring: Virtqueue & ~Copyable>: ~Copyable {
     @usableFromInline var partialRemaining = 0
     var closed = false
 
-    /// Connects to the vhost-user backend at `path`, negotiates, and starts the port with its RX
-    /// ring full of mbufs from `pool`. Create every pool before the first port: the memory table
-    /// the backend gets is DPDK's memory at this moment.
-    public init(vhostUserPath path: String, pool: PacketPool, options: VirtioNetOptions = VirtioNetOptions(),
-                logger: Logger = Logger(label: "virtio-net")) throws {
-        try self.init(transport: try VhostUserConnection(path: path, logger: logger), pool: pool, options: options, logger: logger)
-    }
-
-    /// Starts a port on an open transport (vhost-user, virtio-pci): negotiates, sets up both
-    /// queues and fills the RX ring.
-    public init(transport t: any VirtioTransport, pool: PacketPool, options: VirtioNetOptions = VirtioNetOptions(),
-                logger: Logger = Logger(label: "virtio-net")) throws {
-        VirtioFeatures.registerNetNames()
-        guard options.ringSize >= 64, options.ringSize <= 4096, options.ringSize & (options.ringSize - 1) == 0 else {
-            throw VirtioNetError.invalidRingSize(options.ringSize)
-        }
-        guard pool.capacity >= options.ringSize * 2 else { throw VirtioNetError.poolTooSmall(need: options.ringSize * 2, have: pool.capacity) }
-        let offered = t.deviceFeatures
-        // A legacy (pre-1.0) PCI device has no VERSION_1; our 12-byte header is its header with
-        // MRG_RXBUF, so that is what it must offer instead.
-        let required: VirtioFeatures = t.isLegacy ? [.netMergeableRxBuffers] : [.version1]
-        guard offered.isSuperset(of: required) else { throw VirtioNetError.missingFeatures(required.subtracting(offered)) }
-        guard offered.isSuperset(of: Ring.layoutFeatures) else { throw VirtioNetError.layoutNotOffered(Ring.layoutName) }
-        var wanted: VirtioFeatures = [.version1, .netStatus]
-        wanted.formUnion(Ring.layoutFeatures)
-        if options.allowInOrder { wanted.insert(.inOrder) }
-        if options.allowMergeableRxBuffers || t.isLegacy { wanted.insert(.netMergeableRxBuffers) }
-        if t.hasConfigSpace { wanted.formUnion([.netMAC, .netMTU]) }
-        let chosen = offered.intersection(wanted)
-        // Config space before the rings (DESIGN.md order: GET_CONFIG, then SET_VRING_CALL).
-        var mac = options.mac ?? EthernetAddress.local(seed: UInt32(truncatingIfNeeded: getpidValue() << 8) | UInt32(options.portID))
-        if options.mac == nil, chosen.contains(.netMAC) {
-            mac = EthernetAddress(try t.readConfig(offset: 0, count: 6))
-        }
-        try t.negotiate(chosen, queueCount: 2)
-        let ringBytes = try Ring.ringBytes(size: options.ringSize)
-        let rxMem = try DMAMemory(size: ringBytes)
-        let txMem = try DMAMemory(size: ringBytes)
-        let inOrder = chosen.contains(.inOrder)
-        let rxq = try Ring(memory: rxMem.pointer, size: options.ringSize, inOrder: inOrder, eventIndex: false)
-        let txq = try Ring(memory: txMem.pointer, size: options.ringSize, inOrder: inOrder, eventIndex: false)
-        // Every pool and ring exists now, so the memory table covers all the device will see.
-        try t.setMemory(try DPDKMemory.regions())
-        try t.setupQueue(0, addresses: rxq.addresses)
-        try t.setupQueue(1, addresses: txq.addresses)
-        try t.start()
-        rx = rxq
-        tx = txq
-        rxMemory = rxMem
-        txMemory = txMem
-        transport = t
-        self.pool = pool
-        portID = options.portID
-        self.mac = mac
-        features = chosen
-        ringSize = options.ringSize
-        mergeable = chosen.contains(.netMergeableRxBuffers)
-        iova = t.bufferAddressing == .iova
-        cookies = .allocate(capacity: options.ringSize)
-        lengths = .allocate(capacity: options.ringSize)
-        staging = .allocate(capacity: options.ringSize)
+    /// Made by `VirtioNetDevice.makePort`: takes the pair's two rings and fills the RX ring.
+    init(device d: VirtioNetDevice<Ring>, pair: Int) {
+        device = d
+        queuePair = pair
+        portID = d.options.portID
+        mac = d.mac
+        features = d.features
+        ringSize = d.ringSize
+        transport = d.transport
+        pool = d.pool
+        rxQueueIndex = 2 * pair
+        txQueueIndex = 2 * pair + 1
+        rx = d.core.makeQueue(2 * pair)
+        tx = d.core.makeQueue(2 * pair + 1)
+        mergeable = d.features.contains(.netMergeableRxBuffers)
+        addressField = Mbuf.addressField(for: d.core.addressing)
+        cookies = .allocate(capacity: d.ringSize)
+        lengths = .allocate(capacity: d.ringSize)
+        staging = .allocate(capacity: d.ringSize)
         refill()
-        logger.info("port \(portID): \(t.deviceDescription) mac \(mac), \(Ring.layoutName) ring \(options.ringSize), features \(chosen)\(inOrder ? "" : " (out-of-order path)")")
     }
 
     deinit {
@@ -157,15 +118,21 @@ public struct VirtioNetPort<Ring: Virtqueue & ~Copyable>: ~Copyable {
         cookies.deallocate(); lengths.deallocate(); staging.deallocate()
     }
 
-    /// Link is up while the backend is connected and both queues are healthy.
-    public var isLinkUp: Bool { transport.isConnected && rx.failure == nil && tx.failure == nil }
+    /// Link is up while the device runs and no queue of it failed. A failed ring of this port
+    /// takes the device's link down, so every other port of the device sees it too. Off the data
+    /// path (once per housekeeping tick).
+    public var isLinkUp: Bool {
+        if let e = rx.failure ?? tx.failure, device.core.link.isUp {
+            device.core.link.markDown("port \(portID): " + VirtioNetError.queueFailed(queue: rx.failure != nil ? "RX" : "TX", e).description)
+        }
+        return device.isLinkUp
+    }
 
     /// Why the link is down, if it is.
     public var linkError: String? {
         if let e = rx.failure { return VirtioNetError.queueFailed(queue: "RX", e).description }
         if let e = tx.failure { return VirtioNetError.queueFailed(queue: "TX", e).description }
-        if !transport.isConnected { return transport.disconnectReason ?? "device disconnected" }
-        return nil
+        return device.isLinkUp ? nil : device.core.link.reason ?? "device disconnected"
     }
 
     // MARK: Receive
@@ -230,13 +197,12 @@ public struct VirtioNetPort<Ring: Virtqueue & ~Copyable>: ~Copyable {
         guard pool.allocate(staging, count: free) else { counters.rxNoMbuf &+= 1; return }
         let back = UInt64(Mbuf.headroom) &- UInt64(VirtioNetHeader.size)
         let staging = self.staging
-        let iova = self.iova
+        let field = addressField
         rx.addBurst(count: free, deviceWritable: true) { k in
             let m = staging[k]
-            let base = iova ? m.bufferIOVA : UInt64(UInt(bitPattern: m.bufferAddress))
-            return (base &+ back, UInt32(m.bufferLength) &- UInt32(back), m.cookie)
+            return (m.deviceBufferAddress(field: field) &+ back, UInt32(m.bufferLength) &- UInt32(back), m.cookie)
         }
-        if rx.publish() { transport.notify(queue: 0) }
+        if rx.publish() { transport.notify(queue: rxQueueIndex) }
     }
 
     // MARK: Transmit
@@ -265,7 +231,7 @@ public struct VirtioNetPort<Ring: Virtqueue & ~Copyable>: ~Copyable {
         let n = Swift.min(count, tx.freeCount)
         var simple = true
         for i in 0..<n where pkts[i].segmentCount != 1 || pkts[i].dataOffset < hdr { simple = false; break }
-        let iova = self.iova
+        let field = addressField
         if simple {
             tx.addBurst(count: n, deviceWritable: false) { i in
                 let m = pkts[i]
@@ -274,8 +240,7 @@ public struct VirtioNetPort<Ring: Virtqueue & ~Copyable>: ~Copyable {
                 h.storeBytes(of: UInt32(0), toByteOffset: 8, as: UInt32.self)
                 let len = m.dataLength
                 bytes &+= UInt64(len)
-                let addr = iova ? m.bufferIOVA &+ UInt64(m.dataOffset &- hdr) : UInt64(UInt(bitPattern: h))
-                return (addr, UInt32(len &+ hdr), m.cookie)
+                return (m.deviceBufferAddress(field: field) &+ UInt64(m.dataOffset &- hdr), UInt32(len &+ hdr), m.cookie)
             }
             sent = n
         } else {
@@ -290,19 +255,19 @@ public struct VirtioNetPort<Ring: Virtqueue & ~Copyable>: ~Copyable {
                 let h = m.data - Int(hdr)
                 h.storeBytes(of: UInt64(0), as: UInt64.self)
                 h.storeBytes(of: UInt32(0), toByteOffset: 8, as: UInt32.self)
-                let addr = iova ? m.bufferIOVA &+ UInt64(m.dataOffset &- hdr) : UInt64(UInt(bitPattern: h))
+                let addr = m.deviceBufferAddress(field: field) &+ UInt64(m.dataOffset &- hdr)
                 var seg = m
                 _ = tx.addChain(count: segs, cookie: m.cookie) { k in
                     if k == 0 { return VirtqSegment(addr: addr, len: UInt32(m.dataLength &+ hdr), deviceWritable: false) }
                     seg = seg.next.unsafelyUnwrapped
-                    let a = iova ? seg.bufferIOVA &+ UInt64(seg.dataOffset) : UInt64(UInt(bitPattern: seg.data))
+                    let a = seg.deviceBufferAddress(field: field) &+ UInt64(seg.dataOffset)
                     return VirtqSegment(addr: a, len: UInt32(seg.dataLength), deviceWritable: false)
                 }
                 bytes &+= UInt64(m.packetLength)
                 sent &+= 1
             }
         }
-        if tx.publish() { transport.notify(queue: 1) }
+        if tx.publish() { transport.notify(queue: txQueueIndex) }
         counters.txPackets &+= UInt64(sent)
         counters.txBytes &+= bytes
         return sent
@@ -310,8 +275,10 @@ public struct VirtioNetPort<Ring: Virtqueue & ~Copyable>: ~Copyable {
 
     // MARK: Stop
 
-    /// Stops the device (if it is still there) and returns every mbuf the rings held to the pool.
-    /// Returns how many mbufs were reclaimed. Dropping a port without `close()` does the same.
+    /// Stops the device (if it is still there: every pair of it stops, since the device must be
+    /// done with the rings before their mbufs go back) and returns every mbuf this port's rings
+    /// held to the pool. Returns how many mbufs were reclaimed. Dropping a port without
+    /// `close()` does the same.
     @discardableResult
     public consuming func close() -> Int {
         let n = shutdown()
@@ -322,7 +289,7 @@ public struct VirtioNetPort<Ring: Virtqueue & ~Copyable>: ~Copyable {
     /// After GET_VRING_BASE (or with the backend gone) the rings are ours alone: free every mbuf
     /// they still hold. The ring memory itself is released with the port.
     func shutdown() -> Int {
-        try? transport.stop()
+        device.stop(reason: "port \(portID) closed")
         var reclaimed = rx.forEachInFlight(Self.freeMbuf) + tx.forEachInFlight(Self.freeMbuf)
         if let p = partialHead { p.free(); reclaimed += 1 }
         return reclaimed
@@ -339,25 +306,26 @@ public struct VirtioNetPort<Ring: Virtqueue & ~Copyable>: ~Copyable {
     /// TX position is where our completions say it must be. Returns the mbufs reclaimed.
     @discardableResult
     public mutating func restart() throws -> Int {
+        guard device.queuePairs == 1 else { throw VirtioNetError.restartNeedsOnePair(device.queuePairs) }
         reclaimTX()
         let txIdle = tx.inFlight == 0 && tx.failure == nil
         let txExpected = tx.addresses.base
-        try transport.stop()
+        let core = device.core
         // vhost-user reports where each ring stopped; a transport that resets the device (PCI)
-        // starts both rings afresh.
-        let reported = transport.stoppedBases
-        let bases = reported ?? [Ring.resetBase, Ring.resetBase]
-        guard bases.count == 2 else { throw VirtioNetError.restartUnsupported }
-        if reported != nil && txIdle && bases[1] != txExpected {
-            throw VirtioNetError.restartInconsistent(queue: "TX", device: bases[1], driver: txExpected)
+        // starts every ring afresh.
+        let bases = try core.beginRestart()
+        let rxBase = bases[rxQueueIndex]!, txBase = bases[txQueueIndex]!
+        if transport.stoppedBases != nil && txIdle && txBase != txExpected {
+            throw VirtioNetError.restartInconsistent(queue: "TX", device: txBase, driver: txExpected)
         }
         var reclaimed = rx.reclaimAll(Self.freeMbuf) + tx.reclaimAll(Self.freeMbuf)
         if let p = partialHead { p.free(); reclaimed += 1; partialHead = nil; partialTail = nil; partialRemaining = 0 }
-        rx.restart(at: bases[0])
-        tx.restart(at: bases[1])
-        try transport.setupQueue(0, addresses: rx.addresses)
-        try transport.setupQueue(1, addresses: tx.addresses)
-        try transport.start()
+        rx.restart(at: rxBase)
+        tx.restart(at: txBase)
+        try core.resume(rxQueueIndex, addresses: rx.addresses)
+        try core.resume(txQueueIndex, addresses: tx.addresses)
+        try device.resumeControlQueue()
+        try core.finishRestart()
         refill()
         return reclaimed
     }

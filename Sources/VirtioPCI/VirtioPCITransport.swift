@@ -17,11 +17,14 @@ public final class VirtioPCITransport: VirtioTransport, @unchecked Sendable {
     public let deviceType: Int
     public private(set) var deviceFeatures: VirtioFeatures
     public private(set) var negotiatedFeatures: VirtioFeatures = []
-    public let maxQueues: Int?
+    public let queueLimit: QueueLimit?
     let logger: Logger
     /// VA range → IOVA, nil when the range is not IOVA-contiguous DPDK memory.
     let translate: (UInt64, Int) -> UInt64?
     private var queueCount = 0
+    /// Queues set up since the last reset, in order: `start` enables these (a net device's
+    /// unused pairs below its control queue stay disabled).
+    private var setUpQueues: [Int] = []
     private var started = false
     /// `stop` reset the device: the next `setupQueue` first runs initialisation again (§3.1.1
     /// steps 1–6 with the negotiated features), so a stopped port can be set up and started anew.
@@ -128,7 +131,7 @@ public final class VirtioPCITransport: VirtioTransport, @unchecked Sendable {
             throw VirtioPCIError.missingVersion1
         }
         deviceFeatures = offered
-        maxQueues = interface.queueCount
+        queueLimit = interface.queueCount.map(QueueLimit.virtqueues)
         logger.debug("virtio-pci \(address): \(interface.isLegacy ? "legacy" : "modern") interface, device features \(offered)")
     }
 
@@ -139,6 +142,9 @@ public final class VirtioPCITransport: VirtioTransport, @unchecked Sendable {
     }
 
     public var isLegacy: Bool { interface.isLegacy }
+    public func maxQueueSize(_ index: Int) -> Int? { interface.maxQueueSize(index) }
+    /// A PCI device processes its control queue itself.
+    public var carriesControlQueue: Bool { true }
     public var bufferAddressing: BufferAddressing { .iova }
     public var hasConfigSpace: Bool { interface.configLength > 0 }
     public var deviceDescription: String { "virtio-pci \(address) (\(interface.isLegacy ? "legacy" : "modern"))" }
@@ -153,7 +159,7 @@ public final class VirtioPCITransport: VirtioTransport, @unchecked Sendable {
     /// §3.1.1 steps 4–6: write the features, set FEATURES_OK and check the device kept it.
     public func negotiate(_ features: VirtioFeatures, queueCount: Int) throws {
         precondition(deviceFeatures.isSuperset(of: features), "negotiating features the device does not offer")
-        if let m = maxQueues, queueCount > m { throw VirtioPCIError.tooManyQueues(requested: queueCount, device: m) }
+        if let m = queueLimit?.value, queueCount > m { throw VirtioPCIError.tooManyQueues(requested: queueCount, device: m) }
         interface.setDriverFeatures(features.rawValue)
         if !interface.isLegacy {
             let s = DeviceStatus([.acknowledge, .driver, .featuresOK]).rawValue
@@ -180,6 +186,7 @@ public final class VirtioPCITransport: VirtioTransport, @unchecked Sendable {
             interface.setStatus(DeviceStatus.acknowledge.rawValue)
             interface.setStatus(DeviceStatus([.acknowledge, .driver]).rawValue)
             try negotiate(negotiatedFeatures, queueCount: queueCount)
+            setUpQueues = []
         }
         func iova(_ va: UInt64, _ bytes: Int, _ what: String) throws -> UInt64 {
             guard let v = translate(va, bytes) else {
@@ -195,16 +202,17 @@ public final class VirtioPCITransport: VirtioTransport, @unchecked Sendable {
         try interface.setupQueue(index, size: n, desc: try iova(a.desc, 16 * n, "descriptor table"),
                                  avail: try iova(a.avail, packed ? 4 : 6 + 2 * n, packed ? "driver event area" : "avail ring"),
                                  used: try iova(a.used, packed ? 4 : 6 + 8 * n, packed ? "device event area" : "used ring"))
+        if !setUpQueues.contains(index) { setUpQueues.append(index) }
     }
 
     /// §3.1.1 steps 7–8: enable the queues, then DRIVER_OK.
     public func start() throws {
-        for i in 0..<queueCount { interface.enableQueue(i) }
+        for i in setUpQueues { interface.enableQueue(i) }
         let ok = interface.isLegacy ? DeviceStatus([.acknowledge, .driver, .driverOK]) : DeviceStatus([.acknowledge, .driver, .featuresOK, .driverOK])
         interface.setStatus(ok.rawValue)
         started = true
         if let reason = checkStatus() { throw PCIStartFailure(description: "after DRIVER_OK: \(reason)") }
-        logger.debug("virtio-pci \(address): DRIVER_OK, \(queueCount) queue(s)")
+        logger.debug("virtio-pci \(address): DRIVER_OK, queues \(setUpQueues)")
     }
 
     /// Resets the device (§4.1.4.3.2): afterwards it touches none of our memory.

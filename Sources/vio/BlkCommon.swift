@@ -2,6 +2,7 @@ import ArgumentParser
 import DPDK
 import Foundation
 import Logging
+import VhostUser
 import VirtioBlk
 import VirtioCore
 import VirtioPCI
@@ -41,10 +42,12 @@ struct BlkOptions: ParsableArguments {
     var verbose = false
 }
 
-/// EAL and the device.
+/// EAL and the connection to the device; `open` negotiates and runs a body on the device.
 struct BlkSetup {
     let eal: EALReport
-    let device: VirtioBlkDevice
+    let transport: any VirtioTransport
+    let options: VirtioBlkOptions
+    let uri: BlkDeviceURI
     let logger: Logger
 
     init(_ o: BlkOptions, queues: Int) throws {
@@ -66,15 +69,31 @@ struct BlkSetup {
         opts.allowIndirect = !o.noIndirect
         opts.allowInOrder = !o.noInOrder
         opts.ring = o.ring
+        options = opts
+        uri = dev
         do {
-            if dev.isPCI {
-                let t = try VirtioPCITransport(address: dev.path, expecting: .block, logger: logger)
-                device = try VirtioBlkDevice(transport: t, options: opts, logger: logger)
-            } else {
-                device = try VirtioBlkDevice(vhostUserPath: dev.path, options: opts, logger: logger)
-            }
+            transport = dev.isPCI ? try VirtioPCITransport(address: dev.path, expecting: .block, logger: logger)
+                                  : try VhostUserConnection(path: dev.path, logger: logger)
         } catch {
             throw VioFailure(description: "\(dev): \(error)")
+        }
+    }
+
+    /// Opens the device with the layout `--ring` resolves to and runs `body`, specialised for it.
+    func open<Body: VirtioBlkDeviceBody>(_ body: Body) throws -> Body.Output {
+        do { return try openVirtioBlkDevice(transport: transport, options: options, logger: logger, OpenFailure(body: body)) } catch let f as WrappedBodyFailure {
+            throw f.error
+        } catch {
+            throw VioFailure(description: "\(uri): \(error)")
+        }
+    }
+
+    /// Errors from the body itself pass through unchanged (only opening errors name the device).
+    private struct WrappedBodyFailure: Error { var error: any Error }
+    private struct OpenFailure<B: VirtioBlkDeviceBody>: VirtioBlkDeviceBody {
+        let body: B
+        func run<Ring: Virtqueue & ~Copyable>(_ device: VirtioBlkDevice<Ring>) throws -> B.Output {
+            do { return try body.run(device) } catch { throw WrappedBodyFailure(error: error) }
         }
     }
 }

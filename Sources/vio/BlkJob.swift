@@ -65,12 +65,12 @@ struct BlkJob<Ring: Virtqueue & ~Copyable>: ~Copyable {
     var r: BlkbenchReport
     var failure: String?
 
-    init(device: VirtioBlkDevice, params: BlkJobParameters, data: UnsafeMutableRawPointer, memory: String) {
+    init(device: VirtioBlkDevice<Ring>, params: BlkJobParameters, data: UnsafeMutableRawPointer, memory: String) {
         p = params
         queueCount = device.queueCount
         slots = queueCount * params.iodepth
         queues = .allocate(capacity: queueCount)
-        for i in 0..<queueCount { (queues + i).initialize(to: device.makeQueue(i, as: Ring.self)) }
+        for i in 0..<queueCount { (queues + i).initialize(to: device.makeQueue(i)) }
         self.data = data
         scratch = .allocate(byteCount: params.bs, alignment: 64)
         completions = .allocate(capacity: 64)

@@ -92,31 +92,16 @@ struct Blkbench: ParsableCommand {
         let mix: Int = try self.rwmixread ?? jf?.get("rwmixread") ?? 50
         let nq: Int = try self.queues ?? jf?.get("queues") ?? 1
         let verify = try self.verify || (jf?.get("verify") as Bool?) == true
+        let size = try (self.size ?? jf?.get("size") ?? ByteSize(bytes: 1 << 30)).bytes
         guard bs % blkSectorSize == 0, bs > 0 else { throw VioFailure(description: "--bs must be a multiple of 512") }
         guard (1...4096).contains(iodepth), (1...64).contains(nq), (0...100).contains(mix) else {
             throw VioFailure(description: "--iodepth 1...4096, --queues 1...64, --rwmixread 0...100")
         }
 
         let setup = try BlkSetup(blk, queues: nq)
-        let dev = setup.device
-        let capacityBytes = Int(dev.config.capacity) * blkSectorSize
-        let region = try min((self.size ?? jf?.get("size") ?? ByteSize(bytes: 1 << 30)).bytes, capacityBytes)
-        let blocks = region / bs
-        guard blocks >= 1 else { throw VioFailure(description: "the device (\(capacityBytes) bytes) is smaller than one block of \(bs)") }
-        if dev.readOnly && rw != .read && rw != .randread { throw VioFailure(description: "the device is read-only; use --rw read or randread") }
-        let limitBytes: UInt64? = runtime == nil ? UInt64(region) : nil
-        // Each request's data in one buffer, split to the device's size_max if it has one.
-        let segBytes = dev.maxSegmentBytes.map { min($0, bs) } ?? bs
-        let segsPerIO = (bs + segBytes - 1) / segBytes
-        guard segsPerIO <= dev.maxSegments else { throw VioFailure(description: "--bs \(bs) needs \(segsPerIO) segments; the device takes \(dev.maxSegments)") }
-        let params = BlkJobParameters(rw: rw, bs: bs, iodepth: iodepth, mix: mix, verify: verify, blocks: blocks, limitBytes: limitBytes,
-                                      segmentBytes: segBytes, segmentsPerIO: segsPerIO, ramp: ramp, runtime: runtime, seed: seed)
-        let data = try DMAMemory(size: dev.queueCount * iodepth * bs + 4096)
-        // Specialised once for the device's ring layout.
-        var (r, failure) = try Run(device: dev, params: params, data: data.pointer, memory: setup.eal.mode.rawValue)
-            .run(layout: dev.ringLayout)
+        var (r, failure) = try setup.open(Run(size: size, verify: verify, rw: rw, bs: bs, iodepth: iodepth, mix: mix, ramp: ramp, runtime: runtime, seed: seed,
+                                              memory: setup.eal.mode.rawValue))
         r.error = failure
-        dev.stop()
         print(String(format: "%@ bs=%d iodepth=%d queues=%d: %llu reads, %llu writes in %.2f s: %.0f IOPS, %.1f MiB/s, %llu errors",
                      rw.rawValue, bs, iodepth, r.queues, r.reads, r.writes, r.seconds, r.iops, r.mibPerSecond, r.errors))
         if let l = r.latency {
@@ -134,11 +119,25 @@ struct Blkbench: ParsableCommand {
 }
 
 extension Blkbench {
-    /// Runs a `BlkJob` on the device's queues; its report and failure, if any.
-    struct Run: LayoutGeneric {
-        let device: VirtioBlkDevice, params: BlkJobParameters, data: UnsafeMutableRawPointer, memory: String
-        func run<Ring: Virtqueue & ~Copyable>(_: Ring.Type) throws -> (BlkbenchReport, String?) {
-            var job = BlkJob<Ring>(device: device, params: params, data: data, memory: memory)
+    /// Sizes the job for the device and runs a `BlkJob` on its queues; its report and failure.
+    struct Run: VirtioBlkDeviceBody {
+        let size: Int, verify: Bool, rw: BlkPattern, bs: Int, iodepth: Int, mix: Int, ramp: Double, runtime: Double?, seed: UInt64, memory: String
+        func run<Ring: Virtqueue & ~Copyable>(_ dev: VirtioBlkDevice<Ring>) throws -> (BlkbenchReport, String?) {
+            defer { dev.stop() }
+            let capacityBytes = Int(dev.config.capacity) * blkSectorSize
+            let region = min(size, capacityBytes)
+            let blocks = region / bs
+            guard blocks >= 1 else { throw VioFailure(description: "the device (\(capacityBytes) bytes) is smaller than one block of \(bs)") }
+            if dev.readOnly && rw != .read && rw != .randread { throw VioFailure(description: "the device is read-only; use --rw read or randread") }
+            let limitBytes: UInt64? = runtime == nil ? UInt64(region) : nil
+            // Each request's data in one buffer, split to the device's size_max if it has one.
+            let segBytes = dev.maxSegmentBytes.map { min($0, bs) } ?? bs
+            let segsPerIO = (bs + segBytes - 1) / segBytes
+            guard segsPerIO <= dev.maxSegments else { throw VioFailure(description: "--bs \(bs) needs \(segsPerIO) segments; the device takes \(dev.maxSegments)") }
+            let params = BlkJobParameters(rw: rw, bs: bs, iodepth: iodepth, mix: mix, verify: verify, blocks: blocks, limitBytes: limitBytes,
+                                          segmentBytes: segBytes, segmentsPerIO: segsPerIO, ramp: ramp, runtime: runtime, seed: seed)
+            let data = try DMAMemory(size: dev.queueCount * iodepth * bs + 4096)
+            var job = BlkJob<Ring>(device: dev, params: params, data: data.pointer, memory: memory)
             try job.run()
             return (job.r, job.failure)
         }

@@ -45,17 +45,17 @@ struct Blkio: ParsableCommand {
 
     func execute() throws {
         let setup = try BlkSetup(blk, queues: 1)
-        try Run(blkio: self, device: setup.device).run(layout: setup.device.ringLayout)
+        try setup.open(Run(blkio: self))
         EAL.cleanup()
     }
 
-    struct Run: LayoutGeneric {
-        let blkio: Blkio, device: VirtioBlkDevice
-        func run<Ring: Virtqueue & ~Copyable>(_: Ring.Type) throws { try blkio.execute(device, as: Ring.self) }
+    struct Run: VirtioBlkDeviceBody {
+        let blkio: Blkio
+        func run<Ring: Virtqueue & ~Copyable>(_ device: VirtioBlkDevice<Ring>) throws { try blkio.execute(device) }
     }
 
-    func execute<Ring: Virtqueue & ~Copyable>(_ device: VirtioBlkDevice, as _: Ring.Type) throws {
-        var q = device.makeQueue(0, as: Ring.self)
+    func execute<Ring: Virtqueue & ~Copyable>(_ device: VirtioBlkDevice<Ring>) throws {
+        var q = device.makeQueue(0)
         let arena = try DMAMemory(size: 8 << 20)
         let completions = UnsafeMutablePointer<BlkCompletion>.allocate(capacity: 8)
         defer { completions.deallocate() }

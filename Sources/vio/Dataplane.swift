@@ -81,6 +81,12 @@ struct DataplaneOptions: ParsableArguments {
     var ports: [PortURI] = []
     @Option(help: "Descriptors per ring (power of two, 64...4096).")
     var ringSize = 256
+    @Option(help: "Queue pairs per port (VIRTIO_NET_F_MQ; at most what the device offers).")
+    var queues = 1
+    @Option(help: "CPUs to poll on, one lcore each (e.g. 1 or 0,1); queue pairs are spread over them. Default: one lcore on the process affinity.")
+    var lcores: CPUList?
+    @Flag(help: "Also print stats lines per queue pair.")
+    var perQueue = false
     @Option(help: "Virtqueue layout: auto (packed when every port's device offers it), split or packed.")
     var ring: RingLayoutChoice = .auto
     @Option(help: "Packets per burst.")
@@ -118,7 +124,13 @@ struct DataplaneOptions: ParsableArguments {
         guard ringSize >= 64, ringSize <= 4096, ringSize & (ringSize - 1) == 0 else {
             throw ValidationError("--ring-size must be a power of two from 64 to 4096")
         }
-        guard mbufs >= ringSize * 2 * ports.count + burst * 4 else {
+        guard (1...256).contains(queues) else { throw ValidationError("--queues must be 1...256") }
+        if let l = lcores {
+            guard l.cpus.count <= queues else {
+                throw ValidationError("--lcores gives \(l.cpus.count) lcores for \(queues) queue pair(s): each lcore needs at least one")
+            }
+        }
+        guard mbufs >= ringSize * 2 * ports.count * queues + burst * 4 * (lcores?.cpus.count ?? 1) else {
             throw ValidationError("--mbufs \(mbufs) is too few for \(ports.count) port(s) with --ring-size \(ringSize)")
         }
     }
@@ -139,7 +151,7 @@ struct Dataplane {
         }
         let (preset, forced) = try ealPreset(file: o.ealConfig, pci: o.ports.contains(where: \.isPCI))
         do {
-            eal = try EAL.initialize(mode: forced ?? o.memory, memoryMB: o.memoryMb, preset: preset)
+            eal = try EAL.initialize(mode: forced ?? o.memory, memoryMB: o.memoryMb, preset: preset, lcoreCPUs: o.lcores?.cpus)
             pool = try PacketPool(name: "vio_pool", count: o.mbufs, dataRoom: dataRoom)
         } catch let e as DPDKError {
             throw VioFailure(description: e.description)
@@ -147,62 +159,51 @@ struct Dataplane {
         logger.info("\(eal.summary)")
     }
 
-    /// Connects to every port's backend (nothing negotiated yet) and picks the ring layout all of
-    /// them will use: a forced layout must be offered by every device.
-    func connect(_ o: DataplaneOptions) throws -> (transports: [any VirtioTransport], layout: RingLayoutChoice) {
-        var transports: [any VirtioTransport] = []
-        var layout = o.ring == .auto ? RingLayoutChoice.packed : o.ring
-        for (id, uri) in o.ports.enumerated() {
-            let t: any VirtioTransport
+    /// Connects to every port's device (nothing negotiated yet).
+    func connect(_ o: DataplaneOptions) throws -> [any VirtioTransport] {
+        try o.ports.enumerated().map { id, uri in
             do {
-                t = uri.isPCI ? try VirtioPCITransport(address: uri.path, expecting: .net, logger: logger)
-                              : try VhostUserConnection(path: uri.path, logger: logger)
+                return uri.isPCI ? try VirtioPCITransport(address: uri.path, expecting: .net, logger: logger)
+                                 : try VhostUserConnection(path: uri.path, logger: logger)
             } catch {
                 throw VioFailure(description: "port \(id) (\(uri)): \(error)")
             }
-            guard let l = o.ring.resolve(offered: t.deviceFeatures) else {
-                throw VioFailure(description: "port \(id) (\(uri)): \(VirtioNetError.layoutNotOffered(o.ring.rawValue))")
-            }
-            if l == .split { layout = .split }
-            transports.append(t)
         }
-        return (transports, layout)
     }
 
-    func openPort<Ring: Virtqueue & ~Copyable>(_ transport: any VirtioTransport, _ uri: PortURI, id: UInt16,
-                                               _ o: DataplaneOptions, as _: Ring.Type) throws -> VirtioNetPort<Ring> {
+    /// Opens every port's device with one ring layout and `--queues` pairs and runs `body` with
+    /// them, specialised for the layout.
+    func open<Body: VirtioNetDeviceBody>(_ o: DataplaneOptions, _ body: Body) throws -> Body.Output {
+        let transports = try connect(o)
         var opts = VirtioNetOptions()
         opts.ringSize = o.ringSize
+        opts.queuePairs = o.queues
+        opts.ring = o.ring
         opts.allowInOrder = !o.noInOrder
         opts.allowMergeableRxBuffers = !o.noMrgRxbuf
-        opts.portID = id
         do {
-            return try VirtioNetPort<Ring>(transport: transport, pool: pool, options: opts, logger: logger)
-        } catch {
-            throw VioFailure(description: "port \(id) (\(uri)): \(error)")
+            return try openVirtioNetDevices(transports, pool: pool, options: opts, logger: logger, body)
+        } catch let e as VirtioNetOpenError {
+            throw VioFailure(description: "port \(e.device) (\(o.ports[e.device])): \(e.error)")
         }
     }
 }
 
-/// Something to run with the ring layout a device negotiated (`Dataplane.connect` for net
-/// ports, `VirtioBlkDevice.ringLayout` for blk), specialised for it.
-protocol LayoutGeneric {
-    associatedtype Output = Void
-    func run<Ring: Virtqueue & ~Copyable>(_ ring: Ring.Type) throws -> Output
-}
-
-extension LayoutGeneric {
-    func run(layout: RingLayoutChoice) throws -> Output {
-        switch layout {
-        case .packed: try run(PackedVirtqueue.self)
-        case .split, .auto: try run(SplitVirtqueue.self)
-        }
+/// `--lcores 0,1`: CPUs, one lcore each.
+struct CPUList: ExpressibleByArgument {
+    var cpus: [Int]
+    init?(argument: String) {
+        let parts = argument.split(separator: ",").map { Int($0.trimmingCharacters(in: .whitespaces)) }
+        guard !parts.isEmpty, parts.allSatisfy({ $0 != nil && $0! >= 0 && $0! < 1024 }) else { return nil }
+        cpus = parts.map { $0! }
+        guard Set(cpus).count == cpus.count else { return nil }
     }
 }
 
 /// Final per-port totals, as printed and as written by --json.
 struct PortReport: Codable {
     var port: Int
+    var queue: Int
     var path: String
     var features: String
     var ring: String
@@ -211,7 +212,7 @@ struct PortReport: Codable {
     var linkError: String?
 
     init<Ring: Virtqueue & ~Copyable>(_ p: borrowing VirtioNetPort<Ring>, path: String, extraDrops: UInt64 = 0) {
-        port = Int(p.portID); self.path = path; features = p.features.description; ring = Ring.layoutName
+        port = Int(p.portID); queue = p.queuePair; self.path = path; features = p.features.description; ring = Ring.layoutName
         let c = p.counters
         rxPackets = c.rxPackets; rxBytes = c.rxBytes; txPackets = c.txPackets; txBytes = c.txBytes
         txDrops = c.txDrops + extraDrops; rxErrors = c.rxErrors; txErrors = c.txErrors; rxNoMbuf = c.rxNoMbuf

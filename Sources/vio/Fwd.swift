@@ -21,6 +21,8 @@ struct FwdReport: Codable {
     var seconds: Double
     var memory: String
     var ports: [PortReport]
+    /// Per queue pair, with more than one.
+    var queues: [PortReport]?
     var mbufCapacity: Int
     var mbufsInUseAfterStop: Int
     var cycles: CycleReport?
@@ -73,98 +75,135 @@ struct Fwd: ParsableCommand {
     func forward() throws {
         installStopHandler()
         let dp = try Dataplane(dataplane)
-        let (transports, layout) = try dp.connect(dataplane)
-        try FwdRun(fwd: self, dp: dp, transports: transports).run(layout: layout)
+        try dp.open(dataplane, FwdRun(fwd: self, dp: dp))
     }
 
-    func forward<R: Virtqueue & ~Copyable>(_ dp: Dataplane, _ transports: [any VirtioTransport], as _: R.Type) throws {
+    struct FwdRun: VirtioNetDeviceBody {
+        let fwd: Fwd, dp: Dataplane
+        func run<Ring: Virtqueue & ~Copyable>(_ devices: [VirtioNetDevice<Ring>]) throws { try fwd.forward(dp, devices) }
+    }
+
+    /// testpmd's shape: each lcore runs the engine over its streams; the main lcore also prints
+    /// the stats lines (from counters the lcores publish once per tick) and ends the run.
+    func forward<R: Virtqueue & ~Copyable>(_ dp: Dataplane, _ devices: [VirtioNetDevice<R>]) throws {
         let o = dataplane
-        let burst = o.burst
+        let lcoreCount = o.lcores?.cpus.count ?? 1
+        let plans = LcorePlan.spread(devices: devices.count, pairs: o.queues, lcores: lcoreCount)
+        let lanes = UnsafeMutablePointer<LcorePorts<R>>.allocate(capacity: lcoreCount)
+        var made = 0
+        defer { lanes.deallocate() }
+        do {
+            for plan in plans { (lanes + made).initialize(to: try LcorePorts(devices, plan: plan)); made += 1 }
+        } catch {
+            for k in 0..<made { (lanes + k).move().close() }
+            throw VioFailure(description: "\(error)")
+        }
+        // One template per port (its own MAC as source), for txonly and --tx-first.
+        let templates = devices.map { d -> UnsafeRawBufferPointer in
+            let t = Frames.template(src: d.mac, size: size)
+            let b = UnsafeMutableRawBufferPointer.allocate(byteCount: size, alignment: 64)
+            t.withUnsafeBytes { b.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[..<size])) }
+            return UnsafeRawBufferPointer(b)
+        }
+        defer { for t in templates { t.deallocate() } }
+        let control = RunControl()
+        let meters = UnsafeMutablePointer<CycleMeter>.allocate(capacity: lcoreCount)
+        meters.initialize(repeating: CycleMeter(), count: lcoreCount)
+        defer { meters.deallocate() }
+        let hz = Double(TSC.hz)
+        let start = TSC.now()
+        let workers = EAL.workerLcores
+        for l in 1..<max(1, lcoreCount) {
+            let lane = lanes + l, meter = meters + l, plan = plans[l]
+            do {
+                try EAL.launch(onWorker: workers[l - 1]) {
+                    self.poll(lane, plan, templates, control, meter, report: nil)
+                }
+            } catch { control.fail("\(error)") }
+        }
+        // The main lcore: its own streams, the clock, stats and the stop decision.
+        var before = [NetCounters](repeating: NetCounters(), count: devices.count * o.queues)
+        let reporter = StatsReporter(lanes: lanes, count: lcoreCount, plans: plans, devices: devices.count, pairs: o.queues)
+        poll(lanes, plans[0], templates, control, meters, report: { tick in
+            let now = reporter.snapshot()
+            if tick.stats {
+                for p in 0..<devices.count {
+                    let range = (p * o.queues)..<((p + 1) * o.queues)
+                    print(RateLine.format(port: p, now: NetCounters.sum(now[range]), before: NetCounters.sum(before[range]), seconds: tick.seconds))
+                    if o.perQueue {
+                        for q in 0..<o.queues {
+                            print("  queue \(q): " + RateLine.format(port: p, now: now[p * o.queues + q], before: before[p * o.queues + q], seconds: tick.seconds))
+                        }
+                    }
+                }
+                before = now
+            }
+            let ended = tick.done || (TSC.now() >= (duration.map { start + UInt64($0 * hz) } ?? .max))
+                || count.map { c in now.reduce(0) { $0 + forwarded($1) } >= c } == true
+            if ended { control.stop.store(true, ordering: .relaxed) }
+        })
+        EAL.waitForWorkers()
+        let total = TSC.now() - start
+        var meter = CycleMeter()
+        for l in 0..<lcoreCount { meter.busy &+= meters[l].busy; meter.packets &+= meters[l].packets }
+        meter.total = total
+        // Per-queue reports, then every port closed (each device stops before its mbufs go back).
+        var queueReports: [PortReport] = []
+        for l in 0..<lcoreCount {
+            let lane = lanes + l
+            for i in 0..<lane.pointee.count {
+                queueReports.append(PortReport(lane.pointee.base[i], path: o.ports[Int(lane.pointee.base[i].portID)].path))
+            }
+        }
+        for l in 0..<lcoreCount { (lanes + l).move().close() }
+        queueReports.sort { ($0.port, $0.queue) < ($1.port, $1.queue) }
+        let reports = (0..<devices.count).map { p in PortReport.sum(queueReports.filter { $0.port == p }) }
+        try finish(dp, reports, queues: o.queues > 1 ? queueReports : nil, seconds: Double(total) / hz, meter: meter, failure: control.failure)
+    }
+
+    /// One lcore's loop over its streams until the run stops; `report` runs on the main lcore
+    /// at each housekeeping tick.
+    func poll<R: Virtqueue & ~Copyable>(_ lane: UnsafeMutablePointer<LcorePorts<R>>, _ plan: LcorePlan, _ deviceTemplates: [UnsafeRawBufferPointer],
+                                        _ control: RunControl, _ meter: UnsafeMutablePointer<CycleMeter>, report: ((Clock.Tick) -> Void)?) {
+        let burst = dataplane.burst
         let bufs = UnsafeMutablePointer<Mbuf>.allocate(capacity: burst)
         defer { bufs.deallocate() }
-        var p0 = try dp.openPort(transports[0], o.ports[0], id: 0, o, as: R.self)
-        let t0 = Frames.template(src: p0.mac, size: size)
-        let template0 = UnsafeMutableRawBufferPointer.allocate(byteCount: size, alignment: 64)
-        defer { template0.deallocate() }
-        t0.withUnsafeBytes { template0.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[..<size])) }
-        let hz = Double(TSC.hz)
-        var failure: String?
-        var meter = CycleMeter()
-
-        if o.ports.count == 1 {
-            for _ in 0..<txFirst { _ = sendGenerated(&p0, bufs, burst, UnsafeRawBufferPointer(template0)) }
-            let start = TSC.now()
-            var clock = Clock(start: start, end: duration.map { start + UInt64($0 * hz) } ?? .max,
-                              period: o.statsPeriod > 0 ? UInt64(o.statsPeriod * hz) : .max)
-            var before = p0.counters
-            while true {
-                if recordCycles {
-                    let c0 = TSC.now()
-                    let n = step(&p0, mode, bufs, burst, UnsafeRawBufferPointer(template0))
-                    if n > 0 { meter.busy &+= TSC.now() &- c0; meter.packets &+= UInt64(n) }
-                } else {
-                    _ = step(&p0, mode, bufs, burst, UnsafeRawBufferPointer(template0))
-                }
-                guard let tick = clock.tick() else { continue }
-                if !p0.isLinkUp { failure = "port 0 (\(o.ports[0])): \(p0.linkError ?? "link down")"; break }
-                if tick.stats {
-                    print(RateLine.format(port: 0, now: p0.counters, before: before, seconds: tick.seconds))
-                    before = p0.counters
-                }
-                if tick.done || count.map({ forwarded(p0.counters) >= $0 }) == true { break }
-            }
-            meter.total = TSC.now() - start
-            let reports = [PortReport(p0, path: o.ports[0].path)]
-            _ = p0.close()
-            try finish(dp, reports, seconds: Double(meter.total) / hz, meter: meter, failure: failure)
-        } else {
-            var p1 = try dp.openPort(transports[1], o.ports[1], id: 1, o, as: R.self)
-            let t1 = Frames.template(src: p1.mac, size: size)
-            let template1 = UnsafeMutableRawBufferPointer.allocate(byteCount: size, alignment: 64)
-            defer { template1.deallocate() }
-            t1.withUnsafeBytes { template1.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[..<size])) }
-            for _ in 0..<txFirst {
-                _ = sendGenerated(&p0, bufs, burst, UnsafeRawBufferPointer(template0))
-                _ = sendGenerated(&p1, bufs, burst, UnsafeRawBufferPointer(template1))
-            }
-            let start = TSC.now()
-            var clock = Clock(start: start, end: duration.map { start + UInt64($0 * hz) } ?? .max,
-                              period: o.statsPeriod > 0 ? UInt64(o.statsPeriod * hz) : .max)
-            var before = (p0.counters, p1.counters)
-            while true {
-                if recordCycles {
-                    let c0 = TSC.now()
-                    let n = step(&p0, &p1, mode, bufs, burst, UnsafeRawBufferPointer(template0), UnsafeRawBufferPointer(template1))
-                    if n > 0 { meter.busy &+= TSC.now() &- c0; meter.packets &+= UInt64(n) }
-                } else {
-                    _ = step(&p0, &p1, mode, bufs, burst, UnsafeRawBufferPointer(template0), UnsafeRawBufferPointer(template1))
-                }
-                guard let tick = clock.tick() else { continue }
-                if !p0.isLinkUp { failure = "port 0 (\(o.ports[0])): \(p0.linkError ?? "link down")"; break }
-                if !p1.isLinkUp { failure = "port 1 (\(o.ports[1])): \(p1.linkError ?? "link down")"; break }
-                if tick.stats {
-                    print(RateLine.format(port: 0, now: p0.counters, before: before.0, seconds: tick.seconds))
-                    print(RateLine.format(port: 1, now: p1.counters, before: before.1, seconds: tick.seconds))
-                    before = (p0.counters, p1.counters)
-                }
-                if tick.done || count.map({ forwarded(p0.counters) + forwarded(p1.counters) >= $0 }) == true { break }
-            }
-            meter.total = TSC.now() - start
-            let reports = [PortReport(p0, path: o.ports[0].path), PortReport(p1, path: o.ports[1].path)]
-            _ = p0.close()
-            _ = p1.close()
-            try finish(dp, reports, seconds: Double(meter.total) / hz, meter: meter, failure: failure)
+        let ports = lane.pointee.base
+        let streams = UnsafeMutablePointer<Stream>.allocate(capacity: max(1, plan.streams.count))
+        streams.initialize(from: plan.streams, count: plan.streams.count)
+        defer { streams.deallocate() }
+        let templates = UnsafeMutablePointer<UnsafeRawBufferPointer>.allocate(capacity: max(1, lane.pointee.count))
+        for i in 0..<lane.pointee.count { (templates + i).initialize(to: deviceTemplates[plan.pairs[i].device]) }
+        defer { templates.deallocate() }
+        for _ in 0..<txFirst {
+            for i in 0..<lane.pointee.count { _ = sendGenerated(ports + i, bufs, burst, templates[i]) }
         }
-    }
-
-    struct FwdRun: LayoutGeneric {
-        let fwd: Fwd, dp: Dataplane, transports: [any VirtioTransport]
-        func run<Ring: Virtqueue & ~Copyable>(_: Ring.Type) throws { try fwd.forward(dp, transports, as: Ring.self) }
+        let hz = Double(TSC.hz)
+        var clock = Clock(start: TSC.now(), end: .max,
+                          period: report != nil && dataplane.statsPeriod > 0 ? UInt64(dataplane.statsPeriod * hz) : .max)
+        let n = plan.streams.count
+        while true {
+            if recordCycles {
+                let c0 = TSC.now()
+                let got = step(ports, streams, n, mode, bufs, burst, templates)
+                if got > 0 { meter.pointee.busy &+= TSC.now() &- c0; meter.pointee.packets &+= UInt64(got) }
+            } else {
+                _ = step(ports, streams, n, mode, bufs, burst, templates)
+            }
+            guard let tick = clock.tick() else { continue }
+            lane.pointee.publish()
+            if let f = lane.pointee.linkFailure() {
+                control.fail("port \(f.port) (\(dataplane.ports[f.port]))\(dataplane.queues > 1 ? " queue \(f.queue)" : ""): \(f.reason)")
+            }
+            report?(tick)
+            if control.shouldStop { break }
+        }
+        lane.pointee.publish()
     }
 
     func forwarded(_ c: NetCounters) -> UInt64 { mode == .txonly ? c.txPackets : c.rxPackets }
 
-    func finish(_ dp: Dataplane, _ reports: [PortReport], seconds: Double, meter: CycleMeter, failure: String?) throws {
+    func finish(_ dp: Dataplane, _ reports: [PortReport], queues: [PortReport]?, seconds: Double, meter: CycleMeter, failure: String?) throws {
         let inUse = dp.pool.inUseCount
         for r in reports {
             print("port \(r.port) totals: rx \(r.rxPackets) packets \(r.rxBytes) bytes, tx \(r.txPackets) packets \(r.txBytes) bytes, "
@@ -180,7 +219,12 @@ struct Fwd: ParsableCommand {
             print(String(format: "CPU cycles/packet: %.1f busy (%llu busy cycles / %llu packets), %.1f overall", cycles!.busyCyclesPerPacket,
                          meter.busy, meter.packets, cycles!.totalCyclesPerPacket))
         }
-        let report = FwdReport(mode: mode, seconds: seconds, memory: dp.eal.mode.rawValue, ports: reports,
+        if let queues {
+            for r in queues {
+                print("port \(r.port) queue \(r.queue): rx \(r.rxPackets) packets, tx \(r.txPackets) packets, drops \(r.txDrops)")
+            }
+        }
+        let report = FwdReport(mode: mode, seconds: seconds, memory: dp.eal.mode.rawValue, ports: reports, queues: queues,
                                mbufCapacity: dp.pool.capacity, mbufsInUseAfterStop: inUse, cycles: cycles, error: failure)
         try writeJSON(report, to: dataplane.json)
         EAL.cleanup()
@@ -216,101 +260,3 @@ struct Clock {
     }
 }
 
-// MARK: Per-burst work (no allocation, no locks, no syscalls)
-
-/// One iteration of the one-port loop; returns the packets it forwarded (received, or sent for
-/// txonly). Not inlined, so its code can be checked for ARC and allocation calls.
-@inline(never)
-func step<R: Virtqueue & ~Copyable>(_ p: inout VirtioNetPort<R>, _ mode: FwdMode, _ bufs: UnsafeMutablePointer<Mbuf>, _ burst: Int,
-          _ template: UnsafeRawBufferPointer) -> Int {
-    switch mode {
-    case .io: return echoBurst(&p, bufs, burst, macswap: false)
-    case .macswap: return echoBurst(&p, bufs, burst, macswap: true)
-    case .rxonly: return drain(&p, bufs, burst)
-    case .txonly: _ = drain(&p, bufs, burst); return sendGenerated(&p, bufs, burst, template)
-    }
-}
-
-/// One iteration of the two-port loop.
-@inline(never)
-func step<R: Virtqueue & ~Copyable>(_ p0: inout VirtioNetPort<R>, _ p1: inout VirtioNetPort<R>, _ mode: FwdMode, _ bufs: UnsafeMutablePointer<Mbuf>,
-          _ burst: Int, _ template0: UnsafeRawBufferPointer, _ template1: UnsafeRawBufferPointer) -> Int {
-    switch mode {
-    case .io, .macswap:
-        return forwardBurst(from: &p0, to: &p1, bufs, burst, macswap: mode == .macswap)
-            + forwardBurst(from: &p1, to: &p0, bufs, burst, macswap: mode == .macswap)
-    case .rxonly: return drain(&p0, bufs, burst) + drain(&p1, bufs, burst)
-    case .txonly:
-        _ = drain(&p0, bufs, burst); _ = drain(&p1, bufs, burst)
-        return sendGenerated(&p0, bufs, burst, template0) + sendGenerated(&p1, bufs, burst, template1)
-    }
-}
-
-@inline(__always)
-func swapMACs(_ bufs: UnsafeMutablePointer<Mbuf>, _ n: Int) {
-    for i in 0..<n {
-        let p = bufs[i].data
-        let dst = p.loadUnaligned(as: UInt32.self), dst2 = p.loadUnaligned(fromByteOffset: 4, as: UInt16.self)
-        let src = p.loadUnaligned(fromByteOffset: 6, as: UInt32.self), src2 = p.loadUnaligned(fromByteOffset: 10, as: UInt16.self)
-        p.storeBytes(of: src, as: UInt32.self); p.storeBytes(of: src2, toByteOffset: 4, as: UInt16.self)
-        p.storeBytes(of: dst, toByteOffset: 6, as: UInt32.self); p.storeBytes(of: dst2, toByteOffset: 10, as: UInt16.self)
-    }
-}
-
-/// Sends `bufs[0..<n]` on `port`; frees and counts as drops what the ring cannot take.
-@inline(__always)
-func sendOrDrop<R: Virtqueue & ~Copyable>(_ port: inout VirtioNetPort<R>, _ bufs: UnsafeMutablePointer<Mbuf>, _ n: Int) {
-    let sent = port.txBurst(bufs, count: n)
-    if sent < n {
-        freeBulk(bufs + sent, count: n - sent)
-        port.counters.txDrops &+= UInt64(n - sent)
-    }
-}
-
-/// One port: receive a burst and send it back out of the same port.
-@inline(__always)
-func echoBurst<R: Virtqueue & ~Copyable>(_ port: inout VirtioNetPort<R>, _ bufs: UnsafeMutablePointer<Mbuf>, _ burst: Int, macswap: Bool) -> Int {
-    let n = port.rxBurst(bufs, max: burst)
-    guard n > 0 else { return 0 }
-    if macswap { swapMACs(bufs, n) }
-    sendOrDrop(&port, bufs, n)
-    return n
-}
-
-/// Two ports: receive a burst on `rx` and send it out of `tx`.
-@inline(__always)
-func forwardBurst<R: Virtqueue & ~Copyable>(from rx: inout VirtioNetPort<R>, to tx: inout VirtioNetPort<R>, _ bufs: UnsafeMutablePointer<Mbuf>, _ burst: Int, macswap: Bool) -> Int {
-    let n = rx.rxBurst(bufs, max: burst)
-    guard n > 0 else { return 0 }
-    if macswap { swapMACs(bufs, n) }
-    sendOrDrop(&tx, bufs, n)
-    return n
-}
-
-/// Receives and frees (rxonly; and txonly, so echoed traffic is counted and never backs up).
-@inline(__always)
-func drain<R: Virtqueue & ~Copyable>(_ port: inout VirtioNetPort<R>, _ bufs: UnsafeMutablePointer<Mbuf>, _ burst: Int) -> Int {
-    let n = port.rxBurst(bufs, max: burst)
-    if n > 0 { freeBulk(bufs, count: n) }
-    return n
-}
-
-/// Allocates a burst, writes the template's headers into each mbuf and sends it.
-@inline(__always)
-func sendGenerated<R: Virtqueue & ~Copyable>(_ port: inout VirtioNetPort<R>, _ bufs: UnsafeMutablePointer<Mbuf>, _ burst: Int, _ template: UnsafeRawBufferPointer) -> Int {
-    guard port.pool.allocate(bufs, count: burst) else { return 0 }
-    let size = template.count
-    // Like testpmd's txonly, write the headers (first cache line) and leave the payload as the
-    // mbuf has it: a full-frame copy per packet would measure memcpy, not the driver.
-    let header = Swift.min(size, 64)
-    let t = template.baseAddress.unsafelyUnwrapped
-    for i in 0..<burst {
-        let m = bufs[i]
-        m.data.copyMemory(from: t, byteCount: header)
-        m.dataLength = UInt16(truncatingIfNeeded: size)
-        m.packetLength = UInt32(truncatingIfNeeded: size)
-    }
-    let sent = port.txBurst(bufs, count: burst)
-    if sent < burst { freeBulk(bufs + sent, count: burst - sent); port.counters.txDrops &+= UInt64(burst - sent) }
-    return sent
-}

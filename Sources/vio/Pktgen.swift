@@ -62,6 +62,9 @@ struct PktgenReport: Codable {
     var latency: LatencyReport?
     var memory: String
     var port: PortReport?
+    /// Per queue pair and per flow, with more than one queue.
+    var queues: [PortReport]?
+    var perFlow: [FlowReport]?
     var mbufCapacity: Int
     var mbufsInUseAfterStop: Int = 0
     var error: String?
@@ -104,6 +107,8 @@ struct Pktgen: ParsableCommand {
         if count == nil && duration == nil { throw ValidationError("give --count or --duration") }
         if rxOnly && count != nil && duration == nil { throw ValidationError("--rx-only takes --duration") }
         if let n = restartEvery, n < 1 || rxOnly { throw ValidationError("--restart-every takes a frame count ≥ 1, and not with --rx-only") }
+        if restartEvery != nil && dataplane.queues > 1 { throw ValidationError("--restart-every restarts a one-queue port; not with --queues") }
+        if dataplane.lcores.map({ $0.cpus.count > 1 }) == true { throw ValidationError("pktgen runs on one lcore (give one CPU to --lcores)") }
         if let w = window, w != "auto", Int(w) == nil || Int(w)! < 1 { throw ValidationError("--window takes a number ≥ 1 or 'auto'") }
         guard (1...60000).contains(flows) else { throw ValidationError("--flows must be 1...60000") }
     }
@@ -113,23 +118,42 @@ struct Pktgen: ParsableCommand {
     func generate() throws {
         installStopHandler()
         let dp = try Dataplane(dataplane)
-        let (transports, layout) = try dp.connect(dataplane)
-        try Run(pktgen: self, dp: dp, transport: transports[0]).run(layout: layout)
+        try dp.open(dataplane, Run(pktgen: self, dp: dp))
     }
 
-    struct Run: LayoutGeneric {
-        let pktgen: Pktgen, dp: Dataplane, transport: any VirtioTransport
-        func run<Ring: Virtqueue & ~Copyable>(_: Ring.Type) throws { try pktgen.generate(dp, transport, as: Ring.self) }
+    struct Run: VirtioNetDeviceBody {
+        let pktgen: Pktgen, dp: Dataplane
+        func run<Ring: Virtqueue & ~Copyable>(_ devices: [VirtioNetDevice<Ring>]) throws { try pktgen.generate(dp, devices[0]) }
     }
 
-    func generate<R: Virtqueue & ~Copyable>(_ dp: Dataplane, _ transport: any VirtioTransport, as _: R.Type) throws {
+    /// The pktgen engine over every queue pair of the port, on one lcore: flow f goes out on TX
+    /// queue f mod N (and, through a peer that answers on the queue it received on, comes back on
+    /// that queue); every RX queue is received. A frame carries its key, flowSeq · flows + f, so
+    /// loss, duplicates and reordering are counted per flow.
+    func generate<R: Virtqueue & ~Copyable>(_ dp: Dataplane, _ device: VirtioNetDevice<R>) throws {
         let o = dataplane
-        var port = try dp.openPort(transport, o.ports[0], id: 0, o, as: R.self)
-        let g = Generator(pool: dp.pool, mac: port.mac, size: size, flows: flows, verify: verify,
+        let nq = o.queues
+        var plan = LcorePlan()
+        for q in 0..<nq { plan.pairs.append((0, q)); plan.streams.append(Stream(rx: q, tx: q)) }
+        let lane: LcorePorts<R>
+        do { lane = try LcorePorts([device], plan: plan) } catch { throw VioFailure(description: "port 0 (\(o.ports[0])): \(error)") }
+        let ports = lane.base
+        let flows = max(self.flows, nq)
+        if flows != self.flows { print("pktgen: \(flows) flows, one or more per TX queue") }
+        let g = Generator(pool: dp.pool, mac: device.mac, size: size, flows: flows, verify: verify,
                           segmentRoom: dp.pool.dataRoom - Int(Mbuf.headroom))
         let burst = o.burst
         let bufs = UnsafeMutablePointer<Mbuf>.allocate(capacity: burst)
-        defer { bufs.deallocate() }
+        let keys = UnsafeMutablePointer<UInt64>.allocate(capacity: burst)
+        defer { bufs.deallocate(); keys.deallocate() }
+        // Per flow: frames sent (the next flowSeq), received, highest flowSeq seen.
+        var flowSent = [UInt64](repeating: 0, count: flows)
+        var flowReceived = [UInt64](repeating: 0, count: flows)
+        var flowHighest = [UInt64](repeating: 0, count: flows)
+        var flowReordered = [UInt64](repeating: 0, count: flows)
+        // Each TX queue cycles over its own flows.
+        let queueFlows = (0..<nq).map { q in Array(stride(from: q, to: flows, by: nq)) }
+        var queueCursor = [Int](repeating: 0, count: nq)
         let buffersPerFrame = (size.largest + VirtioNetHeader.size + g.segmentRoom - 1) / g.segmentRoom
         let limit: UInt64? = window.map { $0 == "auto" ? UInt64(max(1, o.ringSize / 2 / buffersPerFrame)) : UInt64($0)! }
         let hz = Double(TSC.hz)
@@ -143,16 +167,15 @@ struct Pktgen: ParsableCommand {
         var r = PktgenReport(mode: rxOnly ? "rx-only" : "tx+rx", size: size.description, flows: flows, rate: rate?.description,
                              memory: dp.eal.mode.rawValue, mbufCapacity: dp.pool.capacity)
         var latency = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
-        // seq + 1 of the last frame seen in each slot: a repeat within 65 536 numbers is a duplicate.
+        // key + 1 of the last frame seen in each slot: a repeat within 65 536 keys is a duplicate.
         var seen = [UInt64](repeating: 0, count: 1 << 16)
-        var highest: UInt64 = 0
-        let mac = port.mac.array
+        let mac = device.mac.array
         let expectedDst = expectMacswap ? mac : Frames.peerMAC
         let expectedSrc = expectMacswap ? Frames.peerMAC : mac
         var sending = !rxOnly
         var sendStopped = start
         var lastRx = start
-        var before = port.counters
+        var before = NetCounters.sum((0..<nq).map { ports[$0].counters })
         var failure: String?
         var nextRestart = restartEvery ?? .max
 
@@ -160,7 +183,7 @@ struct Pktgen: ParsableCommand {
             var now = TSC.now()
             if r.sent >= nextRestart && (r.received >= r.sent || Double(now &- lastRx) / hz > drainTimeout) {
                 // Everything sent is back: stop both queues and start them from where the device stopped.
-                do { try port.restart() } catch { failure = "port 0 (\(o.ports[0])): restart: \(error)"; break }
+                do { try ports[0].restart() } catch { failure = "port 0 (\(o.ports[0])): restart: \(error)"; break }
                 r.restarts += 1
                 r.restartSeconds += Double(TSC.now() &- now) / hz
                 nextRestart = r.sent + restartEvery!
@@ -169,52 +192,68 @@ struct Pktgen: ParsableCommand {
                 sending = false; sendStopped = now
             }
             if rxOnly && (now >= sendEnd || stopRequested.load(ordering: .relaxed)) { break }
-            if sending {
-                var room = min(UInt64(burst), total - r.sent, nextRestart - min(nextRestart, r.sent))
-                if let w = limit { room = min(room, w > r.sent - r.received ? w - (r.sent - r.received) : 0) }
-                if let cpp = cyclesPerPacket {
-                    let due = Double(now) - nextSend
-                    room = due < 0 ? 0 : min(room, UInt64(due / cpp) + 1)
-                }
-                if room > 0 {
-                    let n = g.build(bufs, count: Int(room), firstSeq: r.sent, tsc: now)
-                    let sent = port.txBurst(bufs, count: n)
-                    for i in 0..<sent { r.bytesSent &+= UInt64(bufs[i].packetLength) }
-                    if sent < n { freeBulk(bufs + sent, count: n - sent) }  // not sent: same numbers go next time
-                    r.sent &+= UInt64(sent)
+            for q in 0..<nq {
+                if sending && !queueFlows[q].isEmpty {
+                    var room = min(UInt64(burst), total - r.sent, nextRestart - min(nextRestart, r.sent))
+                    if let w = limit { room = min(room, w > r.sent - r.received ? w - (r.sent - r.received) : 0) }
                     if let cpp = cyclesPerPacket {
-                        nextSend += Double(sent) * cpp
-                        if Double(now) - nextSend > hz / 100 { nextSend = Double(now) }  // never catch up more than 10 ms
+                        let due = Double(now) - nextSend
+                        room = due < 0 ? 0 : min(room, UInt64(due / cpp) + 1)
+                    }
+                    if room > 0 {
+                        let fl = queueFlows[q]
+                        var c = queueCursor[q]
+                        for k in 0..<Int(room) {
+                            let f = fl[c]
+                            keys[k] = (flowSent[f] &+ UInt64(k / fl.count)) &* UInt64(flows) &+ UInt64(f)
+                            c = c + 1 == fl.count ? 0 : c + 1
+                        }
+                        let n = g.build(bufs, count: Int(room), keys: keys, tsc: now)
+                        let sent = ports[q].txBurst(bufs, count: n)
+                        for i in 0..<sent { r.bytesSent &+= UInt64(bufs[i].packetLength) }
+                        if sent < n { freeBulk(bufs + sent, count: n - sent) }  // not sent: same keys go next time
+                        for k in 0..<sent {
+                            let f = Int(keys[k] % UInt64(flows))
+                            flowSent[f] = max(flowSent[f], keys[k] / UInt64(flows) + 1)
+                        }
+                        queueCursor[q] = (queueCursor[q] + sent) % fl.count
+                        r.sent &+= UInt64(sent)
+                        if let cpp = cyclesPerPacket {
+                            nextSend += Double(sent) * cpp
+                            if Double(now) - nextSend > hz / 100 { nextSend = Double(now) }  // never catch up more than 10 ms
+                        }
                     }
                 }
-            }
-            let got = port.rxBurst(bufs, max: burst)
-            if got > 0 {
-                now = TSC.now()
-                lastRx = now
-                for i in 0..<got {
-                    let m = bufs[i]
-                    let length = Int(m.packetLength)
-                    r.bytesReceived &+= UInt64(length)
-                    r.maxSegments = max(r.maxSegments, Int(m.segmentCount))
-                    let p = UnsafeRawPointer(m.data)
-                    guard m.dataLength >= UInt16(Frames.minSize),
-                          UInt16(bigEndian: p.loadUnaligned(fromByteOffset: 36, as: UInt16.self)) == Frames.probePort else {
-                        r.foreign &+= 1; continue
+                let got = ports[q].rxBurst(bufs, max: burst)
+                if got > 0 {
+                    now = TSC.now()
+                    lastRx = now
+                    for i in 0..<got {
+                        let m = bufs[i]
+                        let length = Int(m.packetLength)
+                        r.bytesReceived &+= UInt64(length)
+                        r.maxSegments = max(r.maxSegments, Int(m.segmentCount))
+                        let p = UnsafeRawPointer(m.data)
+                        guard m.dataLength >= UInt16(Frames.minSize),
+                              UInt16(bigEndian: p.loadUnaligned(fromByteOffset: 36, as: UInt16.self)) == Frames.probePort else {
+                            r.foreign &+= 1; continue
+                        }
+                        let key = p.loadUnaligned(fromByteOffset: Frames.seqOffset, as: UInt64.self)
+                        let f = Int(key % UInt64(flows)), flowSeq = key / UInt64(flows)
+                        guard flowSeq < flowSent[f] else { r.foreign &+= 1; continue }
+                        let slot = Int(key & 0xffff)
+                        if seen[slot] == key &+ 1 { r.duplicates &+= 1; continue }
+                        seen[slot] = key &+ 1
+                        r.received &+= 1
+                        flowReceived[f] &+= 1
+                        if flowSeq < flowHighest[f] { r.reordered &+= 1; flowReordered[f] &+= 1 } else { flowHighest[f] = flowSeq }
+                        let sentAt = p.loadUnaligned(fromByteOffset: Frames.tscOffset, as: UInt64.self)
+                        if sentAt <= now { _ = latency.record(UInt64(Double(now &- sentAt) * nsPerCycle)) }
+                        if length != size.size(key) || (verify && !g.verify(m, seq: key, length: length)) { r.corrupt &+= 1 }
+                        if !p.bytesEqual(expectedDst, at: 0) || !p.bytesEqual(expectedSrc, at: 6) { r.macMismatch &+= 1 }
                     }
-                    let seq = p.loadUnaligned(fromByteOffset: Frames.seqOffset, as: UInt64.self)
-                    guard seq < r.sent else { r.foreign &+= 1; continue }
-                    let slot = Int(seq & 0xffff)
-                    if seen[slot] == seq &+ 1 { r.duplicates &+= 1; continue }
-                    seen[slot] = seq &+ 1
-                    r.received &+= 1
-                    if seq < highest { r.reordered &+= 1 } else { highest = seq }
-                    let sentAt = p.loadUnaligned(fromByteOffset: Frames.tscOffset, as: UInt64.self)
-                    if sentAt <= now { _ = latency.record(UInt64(Double(now &- sentAt) * nsPerCycle)) }
-                    if length != size.size(seq) || (verify && !g.verify(m, seq: seq, length: length)) { r.corrupt &+= 1 }
-                    if !p.bytesEqual(expectedDst, at: 0) || !p.bytesEqual(expectedSrc, at: 6) { r.macMismatch &+= 1 }
+                    freeBulk(bufs, count: got)
                 }
-                freeBulk(bufs, count: got)
             }
             if !sending && !rxOnly {
                 if r.received >= r.sent { break }
@@ -222,9 +261,11 @@ struct Pktgen: ParsableCommand {
                 if quiet > drainTimeout || stopRequested.load(ordering: .relaxed) && quiet > 0.1 { break }
             }
             guard let tick = clock.tick() else { continue }
-            if !port.isLinkUp { failure = "port 0 (\(o.ports[0])): \(port.linkError ?? "link down")"; break }
+            if let f = lane.linkFailure() {
+                failure = "port 0 (\(o.ports[0]))\(nq > 1 ? " queue \(f.queue)" : ""): \(f.reason)"; break
+            }
             if tick.stats {
-                let c = port.counters
+                let c = NetCounters.sum((0..<nq).map { ports[$0].counters })
                 print(RateLine.format(port: 0, now: c, before: before, seconds: tick.seconds)
                       + " | sent \(r.sent) received \(r.received)"
                       + (latency.totalCount > 0 ? String(format: " | latency p50 %.1f µs p99 %.1f µs",
@@ -235,23 +276,35 @@ struct Pktgen: ParsableCommand {
         let end = TSC.now()
         r.seconds = Double(end - start) / hz
         let sendSeconds = Double((rxOnly ? end : sendStopped) - start) / hz
+        let queueReports = (0..<nq).map { PortReport(ports[$0], path: o.ports[0].path) }
+        let portReport = PortReport.sum(queueReports)
         r.txMpps = sendSeconds > 0 ? Double(r.sent) / sendSeconds / 1e6 : 0
-        r.rxMpps = r.seconds > 0 ? Double(port.counters.rxPackets) / r.seconds / 1e6 : 0
+        r.rxMpps = r.seconds > 0 ? Double(portReport.rxPackets) / r.seconds / 1e6 : 0
         r.lost = rxOnly ? 0 : r.sent - min(r.sent, r.received)
         if latency.totalCount > 0 {
             r.latency = LatencyReport(samples: latency.totalCount, minNs: latency.min, p50Ns: latency.valueAtPercentile(50),
                                       p99Ns: latency.valueAtPercentile(99), p999Ns: latency.valueAtPercentile(99.9),
                                       maxNs: latency.max, meanNs: latency.mean)
         }
-        r.port = PortReport(port, path: o.ports[0].path)
-        if rxOnly { r.received = port.counters.rxPackets }
-        _ = port.close()
+        r.port = portReport
+        if nq > 1 {
+            r.queues = queueReports
+            r.perFlow = (0..<flows).map { f in
+                FlowReport(flow: f, queue: f % nq, sent: flowSent[f], received: flowReceived[f],
+                           lost: flowSent[f] - min(flowSent[f], flowReceived[f]), reordered: flowReordered[f])
+            }
+        }
+        if rxOnly { r.received = portReport.rxPackets }
+        lane.close()
         r.mbufsInUseAfterStop = dp.pool.inUseCount
         r.error = failure
         print("sent \(r.sent) received \(r.received) lost \(r.lost) reordered \(r.reordered) duplicates \(r.duplicates) "
               + "corrupt \(r.corrupt) mac-mismatch \(r.macMismatch) foreign \(r.foreign) max-segments \(r.maxSegments) "
               + (restartEvery != nil ? String(format: "restarts %d (%.3f s) ", r.restarts, r.restartSeconds) : "")
               + String(format: "in %.2f s (tx %.3f Mpps, rx %.3f Mpps); mbufs in use after stop: %d", r.seconds, r.txMpps, r.rxMpps, r.mbufsInUseAfterStop))
+        if nq > 1 {
+            for q in queueReports { print("queue \(q.queue): tx \(q.txPackets) rx \(q.rxPackets)") }
+        }
         if let l = r.latency {
             print(String(format: "latency: p50 %.2f µs, p99 %.2f µs, p99.9 %.2f µs, max %.2f µs (%llu samples)",
                          Double(l.p50Ns) / 1000, Double(l.p99Ns) / 1000, Double(l.p999Ns) / 1000, Double(l.maxNs) / 1000, l.samples))
@@ -260,6 +313,16 @@ struct Pktgen: ParsableCommand {
         EAL.cleanup()
         if let failure { throw VioFailure(description: failure, exitCode: 2) }
     }
+}
+
+/// Loss and order of one flow (pktgen with several queues).
+struct FlowReport: Codable {
+    var flow: Int
+    var queue: Int
+    var sent: UInt64
+    var received: UInt64
+    var lost: UInt64
+    var reordered: UInt64
 }
 
 extension UnsafeRawPointer {
@@ -297,12 +360,29 @@ final class Generator {
         scratch.deallocate()
     }
 
-    /// Fills `out[0..<count]` with frames `firstSeq…`; returns how many (fewer if the pool ran dry).
+    /// Writes a template's headers (its first cache line) into fresh mbufs and sets their length,
+    /// leaving the payload as the mbuf has it, like testpmd's txonly: a full-frame copy per packet
+    /// would measure memcpy, not the driver.
     @inline(__always)
-    func build(_ out: UnsafeMutablePointer<Mbuf>, count: Int, firstSeq: UInt64, tsc: UInt64) -> Int {
+    static func writeHeaders(_ bufs: UnsafeMutablePointer<Mbuf>, count: Int, template: UnsafeRawBufferPointer) {
+        let size = template.count
+        let header = Swift.min(size, 64)
+        let t = template.baseAddress.unsafelyUnwrapped
+        for i in 0..<count {
+            let m = bufs[i]
+            m.data.copyMemory(from: t, byteCount: header)
+            m.dataLength = UInt16(truncatingIfNeeded: size)
+            m.packetLength = UInt32(truncatingIfNeeded: size)
+        }
+    }
+
+    /// Fills `out[0..<count]` with the frames of `keys[0..<count]`; returns how many (fewer if the
+    /// pool ran dry).
+    @inline(__always)
+    func build(_ out: UnsafeMutablePointer<Mbuf>, count: Int, keys: UnsafePointer<UInt64>, tsc: UInt64) -> Int {
         var n = 0
         while n < count {
-            let seq = firstSeq &+ UInt64(n)
+            let seq = keys[n]
             let len = size.size(seq)
             let m: Mbuf?
             if len <= segmentRoom && !verify {

@@ -28,7 +28,7 @@ final class HandshakeTests: XCTestCase {
         let conn = try VhostUserConnection(path: backend.socketPath, replyTimeoutSeconds: 2)
         XCTAssertEqual(conn.deviceFeatures, [.version1, .inOrder], "bit 30 is a transport bit, not a device feature")
         XCTAssertEqual(conn.protocolFeatures, [.mq, .replyAck, .config, .status])
-        XCTAssertEqual(conn.maxQueues, 2)
+        XCTAssertEqual(conn.queueLimit, .deviceUnits(2))
         XCTAssertTrue(conn.isConnected)
         XCTAssertNil(conn.disconnectReason)
 
@@ -181,7 +181,7 @@ final class HandshakeTests: XCTestCase {
         let conn = try VhostUserConnection(path: backend.socketPath, replyTimeoutSeconds: 2)
         XCTAssertEqual(conn.deviceFeatures, [.version1, .inOrder])
         XCTAssertEqual(conn.protocolFeatures, [])
-        XCTAssertNil(conn.maxQueues)
+        XCTAssertNil(conn.queueLimit)
         XCTAssertThrowsError(try conn.readConfig(offset: 0, count: 6)) { error in
             guard case .incompatibleFeatures = error as? VhostUserError else {
                 return XCTFail("expected .incompatibleFeatures, got \(error)")
@@ -227,7 +227,7 @@ final class HandshakeTests: XCTestCase {
 
         let conn = try VhostUserConnection(path: backend.socketPath, replyTimeoutSeconds: 2)
         XCTAssertEqual(conn.protocolFeatures, [.mq, .status])
-        XCTAssertEqual(conn.maxQueues, 4)
+        XCTAssertEqual(conn.queueLimit, .deviceUnits(4))
         try conn.negotiate([.version1, .inOrder], queueCount: 1)
         let r0 = try MemfdRegion(name: "vhu-nra", fileSize: 0x10_0000)
         try conn.setMemory([r0.region])
@@ -264,7 +264,7 @@ final class HandshakeTests: XCTestCase {
 
         let conn = try VhostUserConnection(path: backend.socketPath, replyTimeoutSeconds: 2)
         XCTAssertEqual(conn.protocolFeatures, [])
-        XCTAssertNil(conn.maxQueues)
+        XCTAssertNil(conn.queueLimit)
         try conn.negotiate([.version1], queueCount: 1)
         let r0 = try MemfdRegion(name: "vhu-lsh", fileSize: 0x10_0000)
         try conn.setMemory([r0.region])

@@ -36,7 +36,7 @@ final class SpecConformanceTests: XCTestCase {
         let backend = try FakeBackend(script: script)
         defer { backend.shutdown() }
         let conn = try VhostUserConnection(path: backend.socketPath, replyTimeoutSeconds: 2)
-        XCTAssertEqual(conn.maxQueues, 1)
+        XCTAssertEqual(conn.queueLimit, .deviceUnits(1))
         XCTAssertThrowsError(try conn.negotiate([.version1], queueCount: 2),
                              "queueCount 2 > GET_QUEUE_NUM 1 must be refused")
         let calls = backend.messages.filter { $0.request == Code.setVringCall }.compactMap { $0.u64(at: 0) }

@@ -38,7 +38,7 @@ final class FakeBlkTransport: VirtioTransport {
     }
 
     var deviceFeatures: VirtioFeatures { offered }
-    var maxQueues: Int? { 1 }
+    var queueLimit: QueueLimit? { .deviceUnits(1) }
     var hasConfigSpace: Bool { true }
     var deviceDescription: String { "in-process fake" }
     func readConfig(offset: Int, count: Int) throws -> [UInt8] { Array(config[offset..<(offset + count)]) }
@@ -108,17 +108,34 @@ final class BlkQueueTests: XCTestCase {
 
     let base: VirtioFeatures = [.version1, .blkFlush, .blkSegMax, .eventIndex]
 
-    func open(offered: VirtioFeatures, ring: RingLayoutChoice = .auto, queueSize: Int = 16, segMax: UInt32 = 0,
-              inOrder: Bool = true) throws -> (FakeBlkTransport, VirtioBlkDevice) {
-        let t = FakeBlkTransport(offered: offered, capacitySectors: Self.capacity, segMax: segMax)
+    func options(ring: RingLayoutChoice, queueSize: Int, inOrder: Bool) -> VirtioBlkOptions {
         var o = VirtioBlkOptions()
         o.queueSize = queueSize
         o.ring = ring
         o.allowInOrder = inOrder
-        return (t, try VirtioBlkDevice(transport: t, options: o))
+        return o
     }
 
-    func ringDevice(_ t: FakeBlkTransport, _ d: VirtioBlkDevice) throws -> RingDevice {
+    func open<Ring: Virtqueue & ~Copyable>(_: Ring.Type, offered: VirtioFeatures, queueSize: Int = 16, segMax: UInt32 = 0,
+                                           inOrder: Bool = true) throws -> (FakeBlkTransport, VirtioBlkDevice<Ring>) {
+        let t = FakeBlkTransport(offered: offered, capacitySectors: Self.capacity, segMax: segMax)
+        return (t, try VirtioBlkDevice<Ring>(transport: t, options: options(ring: Ring.layout, queueSize: queueSize, inOrder: inOrder)))
+    }
+
+    /// What `openVirtioBlkDevice` chose for `ring` (the layout is the device's type parameter).
+    struct Chosen: VirtioBlkDeviceBody {
+        func run<Ring: Virtqueue & ~Copyable>(_ d: VirtioBlkDevice<Ring>) throws -> (layout: RingLayoutChoice, maxSegments: Int) {
+            (d.ringLayout, d.maxSegments)
+        }
+    }
+
+    func open(offered: VirtioFeatures, ring: RingLayoutChoice = .auto, queueSize: Int = 16, segMax: UInt32 = 0)
+        throws -> (FakeBlkTransport, (layout: RingLayoutChoice, maxSegments: Int)) {
+        let t = FakeBlkTransport(offered: offered, capacitySectors: Self.capacity, segMax: segMax)
+        return (t, try openVirtioBlkDevice(transport: t, options: options(ring: ring, queueSize: queueSize, inOrder: true), Chosen()))
+    }
+
+    func ringDevice<Ring: Virtqueue & ~Copyable>(_ t: FakeBlkTransport, _ d: VirtioBlkDevice<Ring>) throws -> RingDevice {
         let a = try XCTUnwrap(t.queueAddresses.first)
         return d.ringLayout == .packed ? try .packed(a)
             : try .split(a, indirect: d.features.contains(.indirectDescriptors), inOrder: d.features.contains(.inOrder))
@@ -173,14 +190,14 @@ final class BlkQueueTests: XCTestCase {
     func testLayoutFollowsTheOfferAndTheChoice() throws {
         // Packed offered: auto takes it, without indirect descriptors, whose chains must fit the ring.
         let (t, d) = try open(offered: base.union([.ringPacked, .indirectDescriptors, .inOrder]), queueSize: 16, segMax: 126)
-        XCTAssertEqual(d.ringLayout, .packed)
+        XCTAssertEqual(d.layout, .packed)
         XCTAssertTrue(t.negotiated.contains(.ringPacked))
         XCTAssertFalse(t.negotiated.contains(.indirectDescriptors))
         XCTAssertEqual(d.maxSegments, 14)
         XCTAssertEqual(t.queueAddresses.first?.base, PackedVirtqueue.resetBase)
         // Split forced on the same offer: indirect tables, so seg_max is the limit.
         let (t2, d2) = try open(offered: base.union([.ringPacked, .indirectDescriptors]), ring: .split, queueSize: 16, segMax: 126)
-        XCTAssertEqual(d2.ringLayout, .split)
+        XCTAssertEqual(d2.layout, .split)
         XCTAssertFalse(t2.negotiated.contains(.ringPacked))
         XCTAssertTrue(t2.negotiated.contains(.indirectDescriptors))
         XCTAssertEqual(d2.maxSegments, 126)
@@ -188,7 +205,7 @@ final class BlkQueueTests: XCTestCase {
         XCTAssertThrowsError(try open(offered: base, ring: .packed)) { e in
             XCTAssertEqual("\(e)", "the device does not offer packed virtqueues (VIRTIO_F_RING_PACKED)")
         }
-        XCTAssertEqual(try open(offered: base).1.ringLayout, .split)
+        XCTAssertEqual(try open(offered: base).1.layout, .split)
     }
 
     // MARK: Requests on both layouts
@@ -196,9 +213,9 @@ final class BlkQueueTests: XCTestCase {
     /// Writes and reads over scattered buffers, completed in reverse order; the device sees one
     /// chain per request and the data lands where it should.
     func roundTrip<Ring: Virtqueue & ~Copyable>(_ ring: Ring.Type, offered: VirtioFeatures, expectIndirect: Bool) throws {
-        let (t, d) = try open(offered: offered, ring: ring == PackedVirtqueue.self ? .packed : .split, queueSize: 32)
+        let (t, d) = try open(Ring.self, offered: offered, queueSize: 32)
         let dev = try ringDevice(t, d)
-        var q = d.makeQueue(0, as: Ring.self)
+        var q = d.makeQueue(0)
         let arena = try DMAMemory(size: 1 << 20)
         // Four writes of 8 sectors in 1, 2, 3 and 4 pieces, at sectors 100, 200, 300, 400.
         var tag: UInt64 = 0
@@ -272,10 +289,10 @@ final class BlkQueueTests: XCTestCase {
     /// counters flip hundreds of times, requests straddle the end of the ring, and an in-order
     /// device answers batches with one used entry.
     func laps<Ring: Virtqueue & ~Copyable>(_ ring: Ring.Type, offered: VirtioFeatures, inOrder: Bool) throws {
-        let (t, d) = try open(offered: offered, ring: ring == PackedVirtqueue.self ? .packed : .split, queueSize: 8, inOrder: inOrder)
+        let (t, d) = try open(Ring.self, offered: offered, queueSize: 8, inOrder: inOrder)
         XCTAssertEqual(d.features.contains(.inOrder), inOrder)
         let dev = try ringDevice(t, d)
-        var q = d.makeQueue(0, as: Ring.self)
+        var q = d.makeQueue(0)
         let arena = try DMAMemory(size: 64 * 1024)
         var tag: UInt64 = 0, completed = 0, rounds = 0
         var rng: UInt64 = 0x1234_5678
@@ -338,9 +355,9 @@ final class BlkQueueTests: XCTestCase {
     func brokenRing<Ring: Virtqueue & ~Copyable>(_ ring: Ring.Type, offered: VirtioFeatures,
                                                   fault: (RingDevice, [(id: UInt16, segments: [RingDevice.Segment], ringDescriptors: Int)]) -> Void,
                                                   expect: String) throws {
-        let (t, d) = try open(offered: offered, ring: ring == PackedVirtqueue.self ? .packed : .split, queueSize: 16, inOrder: false)
+        let (t, d) = try open(Ring.self, offered: offered, queueSize: 16, inOrder: false)
         let dev = try ringDevice(t, d)
-        var q = d.makeQueue(0, as: Ring.self)
+        var q = d.makeQueue(0)
         let arena = try DMAMemory(size: 65536)
         for k in 0..<3 {
             let b = [BlkBuffer(arena.pointer + k * 4096, length: 4096)]
@@ -376,9 +393,9 @@ final class BlkQueueTests: XCTestCase {
 
     /// A completion whose status byte the device never wrote is not taken for success.
     func testUnwrittenStatusIsNotSuccess() throws {
-        let (t, d) = try open(offered: base.union(.ringPacked), queueSize: 16)
+        let (t, d) = try open(PackedVirtqueue.self, offered: base.union(.ringPacked), queueSize: 16)
         let dev = try ringDevice(t, d)
-        var q = d.makeQueue(0, as: PackedVirtqueue.self)
+        var q = d.makeQueue(0)
         try q.flush(tag: 1)
         q.commit()
         let a = dev.pop()
@@ -392,8 +409,8 @@ final class BlkQueueTests: XCTestCase {
 
     /// The device disappears with requests in flight: they come back failed after `checkDevice`.
     func testDeviceGoneFailsRequestsInFlight() throws {
-        let (t, d) = try open(offered: base.union(.ringPacked), queueSize: 16)
-        var q = d.makeQueue(0, as: PackedVirtqueue.self)
+        let (t, d) = try open(PackedVirtqueue.self, offered: base.union(.ringPacked), queueSize: 16)
+        var q = d.makeQueue(0)
         try q.flush(tag: 1)
         try q.flush(tag: 2)
         q.commit()

@@ -24,7 +24,7 @@ final class TransportSequenceTests: XCTestCase {
         let t = try modern(bar)
         XCTAssertEqual(bar.statusHistory, [0, 1, 3], "reset, ACKNOWLEDGE, DRIVER (§3.1.1)")
         XCTAssertEqual(t.deviceFeatures, offered)
-        XCTAssertEqual(t.maxQueues, 2)
+        XCTAssertEqual(t.queueLimit, .virtqueues(2))
         XCTAssertEqual(t.bufferAddressing, .iova)
         XCTAssertFalse(t.isLegacy)
         XCTAssertEqual(t.deviceDescription, "virtio-pci 0000:00:04.0 (modern)")
@@ -159,7 +159,7 @@ final class TransportSequenceTests: XCTestCase {
         let low: (UInt64, Int) -> UInt64? = { va, _ in va - 0x7f00_0000_0000 + 0x4000_0000 }
         let t = try VirtioPCITransport(address: address, interface: LegacyInterface(io: io, msixEnabled: false), deviceType: 1, translate: low)
         XCTAssertTrue(t.isLegacy)
-        XCTAssertNil(t.maxQueues)
+        XCTAssertNil(t.queueLimit)
         XCTAssertEqual(t.deviceFeatures.rawValue, 1 << 15 | 1 << 5)
         try t.negotiate(VirtioFeatures(rawValue: 1 << 15), queueCount: 2)
         XCTAssertEqual(io.driverFeatures, 1 << 15)

@@ -438,7 +438,7 @@ public struct PackedVirtqueue: ~Copyable {
 }
 
 extension PackedVirtqueue: Virtqueue {
-    public static var layoutName: String { "packed" }
+    public static var layout: RingLayoutChoice { .packed }
     public static var layoutFeatures: VirtioFeatures { .ringPacked }
     public static var resetBase: UInt32 { 1 << 15 }
     public static func ringBytes(size: Int) throws(VirtqueueError) -> Int { try PackedRingLayout(size: size).totalBytes }

@@ -477,7 +477,7 @@ public struct SplitVirtqueue: ~Copyable {
 }
 
 extension SplitVirtqueue: Virtqueue {
-    public static var layoutName: String { "split" }
+    public static var layout: RingLayoutChoice { .split }
     public static var layoutFeatures: VirtioFeatures { [] }
     public static var resetBase: UInt32 { 0 }
     public static func ringBytes(size: Int) throws(VirtqueueError) -> Int { try SplitRingLayout(size: size).totalBytes }

@@ -7,8 +7,8 @@
 /// device stops, `reclaimAll` hands back every cookie still in flight, and `restart(at:)` lines
 /// the ring up with the position the device reported so the device can be started again.
 public protocol Virtqueue: ~Copyable {
-    /// "split" or "packed".
-    static var layoutName: String { get }
+    /// `.split` or `.packed`.
+    static var layout: RingLayoutChoice { get }
     /// Feature bits this layout needs negotiated (packed: VIRTIO_F_RING_PACKED).
     static var layoutFeatures: VirtioFeatures { get }
     /// Bytes of 4 KiB-aligned memory a ring of `size` descriptors needs; throws for a size the
@@ -57,6 +57,8 @@ public protocol Virtqueue: ~Copyable {
 }
 
 extension Virtqueue where Self: ~Copyable {
+    /// "split" or "packed".
+    public static var layoutName: String { layout.rawValue }
     /// Without indirect tables every segment takes a ring descriptor.
     @inlinable public func descriptorsNeeded(forSegments count: Int) -> Int { count }
     /// Indirect tables are not implemented for this layout.

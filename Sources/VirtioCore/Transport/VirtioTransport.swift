@@ -41,8 +41,22 @@ public enum BufferAddressing: Sendable, Equatable {
 public protocol VirtioTransport: AnyObject {
     /// Features the device offers (transport-only bits removed).
     var deviceFeatures: VirtioFeatures { get }
-    /// Queues the device supports (for net: 2 × queue pairs), or nil if it does not say.
-    var maxQueues: Int? { get }
+    /// How many queues the transport says the device has, or nil if it does not say.
+    var queueLimit: QueueLimit? { get }
+    /// The largest size the device allows for queue `index`, or nil if any size goes (vhost-user).
+    /// A legacy PCI device fixes it: the ring must have exactly this size.
+    func maxQueueSize(_ index: Int) -> Int?
+    /// Whether the device itself processes a virtio-net control queue (virtio-pci). A vhost-user
+    /// backend never sees one: the frontend carries out the commands itself, as QEMU and DPDK's
+    /// virtio_user do.
+    var carriesControlQueue: Bool { get }
+    /// Enables or disables ring `index` while the device runs (vhost-user SET_VRING_ENABLE, how a
+    /// frontend applies VQ_PAIRS_SET). Throws where the transport cannot (virtio-pci: the device
+    /// applies VQ_PAIRS_SET from its control queue).
+    func setQueueEnabled(_ index: Int, _ enabled: Bool) throws
+    /// Gives the transport the device's link, which it marks down when it loses the device
+    /// (vhost-user: the hang-up monitor), so every queue sees the loss at its next poll.
+    func attach(_ link: DeviceLink)
     /// How buffer addresses in descriptors must be expressed. The transport decides, not the queue
     /// core: the devices translate their buffers once per descriptor when this is `.iova`.
     var bufferAddressing: BufferAddressing { get }
@@ -57,6 +71,9 @@ public protocol VirtioTransport: AnyObject {
     func readConfig(offset: Int, count: Int) throws -> [UInt8]
     /// Accepts `features` (a subset of `deviceFeatures`) for a device that will use `queueCount` queues.
     func negotiate(_ features: VirtioFeatures, queueCount: Int) throws
+    /// The same, for a device type whose `queueLimit` unit is `queuesPerUnit` queues (net: a pair
+    /// is 2), so a transport can refuse more than its limit before it sets any ring up.
+    func negotiate(_ features: VirtioFeatures, queueCount: Int, queuesPerUnit: Int) throws
     /// Tells the device which memory it may access.
     func setMemory(_ regions: [MemoryRegion]) throws
     /// Hands queue `index` to the device.
@@ -77,8 +94,35 @@ public protocol VirtioTransport: AnyObject {
     var disconnectReason: String? { get }
 }
 
+/// What a transport says about the number of queues.
+public enum QueueLimit: Sendable, Equatable {
+    /// Virtqueues, every kind counted (virtio-pci `num_queues`, control queue included).
+    case virtqueues(Int)
+    /// In the device type's own unit (vhost-user GET_QUEUE_NUM): queue pairs for net, as QEMU and
+    /// DPDK read it, queues for blk.
+    case deviceUnits(Int)
+
+    public var value: Int {
+        switch self { case .virtqueues(let n), .deviceUnits(let n): n }
+    }
+}
+
+public struct TransportError: Error, CustomStringConvertible, Sendable {
+    public var description: String
+    public init(_ description: String) { self.description = description }
+}
+
 extension VirtioTransport {
     public var stoppedBases: [UInt32]? { nil }
+    public func maxQueueSize(_ index: Int) -> Int? { nil }
+    public var carriesControlQueue: Bool { false }
+    public func setQueueEnabled(_ index: Int, _ enabled: Bool) throws {
+        throw TransportError("\(deviceDescription) cannot enable or disable single queues")
+    }
+    public func attach(_ link: DeviceLink) {}
+    public func negotiate(_ features: VirtioFeatures, queueCount: Int, queuesPerUnit: Int) throws {
+        try negotiate(features, queueCount: queueCount)
+    }
     public var bufferAddressing: BufferAddressing { .processVirtual }
     public var isLegacy: Bool { false }
 }

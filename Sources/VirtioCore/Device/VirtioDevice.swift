@@ -1,0 +1,212 @@
+/// Errors of the device core, shared by every device type (the device name says which).
+public enum VirtioDeviceError: Error, CustomStringConvertible, Equatable, Sendable {
+    case missingFeatures(device: String, VirtioFeatures)
+    case layoutNotOffered(device: String, RingLayoutChoice)
+    case invalidQueueSize(device: String, Int, allowed: ClosedRange<Int>)
+    /// The device (or its transport) gave a queue count the driver cannot use.
+    case invalidQueueCount(device: String, String)
+    case restartUnsupported(String)
+
+    public var description: String {
+        switch self {
+        case let .missingFeatures(d, f): return "the \(d) device lacks required features: \(f)"
+        case let .layoutNotOffered(d, l): return "the \(d) device does not offer \(l) virtqueues (VIRTIO_F_RING_PACKED)"
+        case let .invalidQueueSize(d, s, r): return "\(d) queue size \(s) must be a power of two from \(r.lowerBound) to \(r.upperBound)"
+        case let .invalidQueueCount(d, why): return "\(d): \(why)"
+        case .restartUnsupported(let why): return "cannot restart the device: \(why)"
+        }
+    }
+}
+
+/// The features a driver and a device agreed on, and the ring layout that follows from them
+/// (VIRTIO 1.2 §3.1.1 step 4: the driver accepts a subset of what the device offers). Decided
+/// once, when a device is opened.
+public struct VirtioNegotiation: Sendable, Equatable {
+    public let offered: VirtioFeatures
+    public let chosen: VirtioFeatures
+    /// `.split` or `.packed` (never `.auto`).
+    public let layout: RingLayoutChoice
+
+    /// `required` must all be offered; of `wanted` what is offered is taken. `ring` picks the
+    /// layout (`auto`: packed when offered). Bits of the other layout are never negotiated.
+    public init(offered: VirtioFeatures, required: VirtioFeatures, wanted: VirtioFeatures, ring: RingLayoutChoice,
+                device: String) throws(VirtioDeviceError) {
+        guard offered.isSuperset(of: required) else { throw .missingFeatures(device: device, required.subtracting(offered)) }
+        guard let layout = ring.resolve(offered: offered) else { throw .layoutNotOffered(device: device, ring) }
+        var want = wanted.union(required)
+        if layout == .packed { want.insert(.ringPacked) } else { want.remove(.ringPacked) }
+        self.offered = offered
+        chosen = offered.intersection(want)
+        self.layout = layout
+    }
+}
+
+/// Code to run with the ring type a device negotiated. The device core calls it once, with
+/// `SplitVirtqueue` or `PackedVirtqueue`, so everything inside is specialised for one layout.
+public protocol VirtqueueLayoutBody {
+    associatedtype Output
+    func run<Ring: Virtqueue & ~Copyable>(_ ring: Ring.Type) throws -> Output
+}
+
+extension RingLayoutChoice {
+    /// Runs `body` with the ring type of this layout (`.auto` counts as split here: resolve first).
+    public func dispatch<Body: VirtqueueLayoutBody>(_ body: Body) throws -> Body.Output {
+        switch self {
+        case .packed: try body.run(PackedVirtqueue.self)
+        case .split, .auto: try body.run(SplitVirtqueue.self)
+        }
+    }
+
+    /// The one layout every device of `offers` can use (`auto`: packed only if all offer it);
+    /// nil when a forced layout is missing on one of them.
+    public func resolve(offeredByAll offers: [VirtioFeatures]) -> RingLayoutChoice? {
+        var layout = self == .auto ? RingLayoutChoice.packed : self
+        for f in offers {
+            guard let l = resolve(offered: f) else { return nil }
+            if l == .split { layout = .split }
+        }
+        return layout
+    }
+}
+
+/// One virtqueue a device uses: its index at the device and its size.
+public struct VirtqueueSpec: Sendable, Equatable {
+    public var index: Int
+    public var size: Int
+    public init(index: Int, size: Int) { self.index = index; self.size = size }
+}
+
+/// The device core shared by every device type (net, blk): what VIRTIO 1.2 §3.1.1 asks of a driver
+/// after the transport has read the device's features — accept features, give the device its
+/// queues (memory from a `DMAAllocator`, one `Ring` type for all of them) and the memory table,
+/// DRIVER_OK — plus stop, restart and the one `DeviceLink` every queue watches.
+///
+/// The layout is the type parameter, fixed when the device is opened, and so is the address mode
+/// (`addressing`, from the transport): queues handed out are fully specialised and never ask.
+/// The core knows neither DPDK nor any transport, nor what its queues carry.
+public final class VirtioDevice<Ring: Virtqueue & ~Copyable>: @unchecked Sendable {
+    public let transport: any VirtioTransport
+    public let features: VirtioFeatures
+    public let queues: [VirtqueueSpec]
+    /// How descriptors address memory: process virtual (vhost-user) or IOVA (virtio-pci).
+    public let addressing: BufferAddressing
+    public let link = DeviceLink()
+    let allocator: any DMAAllocator
+    /// Ring memory, one region per entry of `queues`; device-type memory (`allocate`) after it.
+    private var ringMemory: [any DMARegion]
+    private var memory: [any DMARegion] = []
+    private var taken: [Bool]
+    private var running = false
+
+    /// Accepts `negotiation.chosen` for a device that will use `queues` (§3.1.1 steps 4–6;
+    /// `transportQueueCount` is what the transport must provide for, e.g. a net control queue's
+    /// index + 1; `queuesPerUnit` is how many queues one unit of the transport's `queueLimit`
+    /// counts, 2 for net's pairs), and allocates every ring. Call `start` once the device type has allocated
+    /// the rest of its memory.
+    public init(transport: any VirtioTransport, negotiation: VirtioNegotiation, queues: [VirtqueueSpec],
+                transportQueueCount: Int? = nil, queuesPerUnit: Int = 1, memory allocator: any DMAAllocator) throws {
+        precondition(Ring.layoutFeatures.isSubset(of: negotiation.chosen), "ring layout \(Ring.layoutName) was not negotiated")
+        self.transport = transport
+        features = negotiation.chosen
+        self.queues = queues
+        addressing = transport.bufferAddressing
+        self.allocator = allocator
+        try transport.negotiate(negotiation.chosen, queueCount: transportQueueCount ?? (queues.map(\.index).max().map { $0 + 1 } ?? 0),
+                                queuesPerUnit: queuesPerUnit)
+        ringMemory = try queues.map { try allocator.allocate(bytes: try Ring.ringBytes(size: $0.size)) }
+        taken = Array(repeating: false, count: queues.count)
+        transport.attach(link)
+    }
+
+    deinit { if running { try? transport.stop() } }
+
+    /// More DMA memory for the device type (blk request slabs, indirect tables, control buffers),
+    /// kept as long as the device. Allocate it before `start`: the memory table is sent then.
+    public func allocate(bytes: Int) throws -> any DMARegion {
+        let r = try allocator.allocate(bytes: bytes)
+        memory.append(r)
+        return r
+    }
+
+    /// The address the device must be given for `region`.
+    @inlinable public func deviceAddress(of region: any DMARegion) -> UInt64 { addressing.address(of: region) }
+
+    /// A fresh ring for `queues[slot]`, laid over its memory. Each queue is handed out once; the
+    /// device must outlive it.
+    public func makeQueue(_ slot: Int) -> Ring {
+        precondition(slot >= 0 && slot < queues.count && !taken[slot], "queue \(slot) does not exist or was already taken")
+        taken[slot] = true
+        return freshRing(slot)
+    }
+
+    /// Whether `makeQueue(slot)` was called.
+    public func isTaken(_ slot: Int) -> Bool { taken[slot] }
+
+    private func freshRing(_ slot: Int) -> Ring {
+        // Size and memory were checked when the ring memory was allocated (`ringBytes`).
+        try! Ring(memory: ringMemory[slot].pointer, size: queues[slot].size, inOrder: features.contains(.inOrder),
+                  eventIndex: features.contains(.eventIndex))
+    }
+
+    /// Sends the memory table, hands every queue to the device at its reset position and sets
+    /// DRIVER_OK (§3.1.1 steps 7–8). The link goes up.
+    public func start() throws {
+        try transport.setMemory(try allocator.memoryTable())
+        for slot in queues.indices {
+            let addresses = freshRing(slot).addresses
+            try transport.setupQueue(queues[slot].index, addresses: addresses)
+        }
+        try transport.start()
+        running = true
+        link.markUp()
+    }
+
+    /// Whether the device is usable: the link is up and the transport still has the device (a
+    /// register read for virtio-pci; an atomic load for vhost-user). Off the data path.
+    public var isLinkUp: Bool {
+        if link.isUp && !transport.isConnected { link.markDown(transport.disconnectReason ?? "device disconnected") }
+        return link.isUp
+    }
+
+    /// Stops the device (afterwards it touches none of our memory), then marks the link down with
+    /// `reason`, so every queue, on any lcore, fails what it has in flight at its next poll.
+    /// Safe from any thread; the first stop does the work.
+    public func stop(reason: String = "device stopped") {
+        try? transport.stop()
+        running = false
+        link.markDown(reason)
+    }
+
+    // MARK: Restart (stop and start again on the same connection)
+
+    /// Stops the device for a restart and returns where each queue stood (index → base): what
+    /// the transport reported (vhost-user GET_VRING_BASE) or the reset position (PCI resets).
+    /// The link stays up: the caller restarts every queue, then calls `finishRestart`.
+    public func beginRestart() throws -> [Int: UInt32] {
+        try transport.stop()
+        running = false
+        let reported = transport.stoppedBases
+        var bases: [Int: UInt32] = [:]
+        for q in queues {
+            if let r = reported {
+                guard q.index < r.count else { throw VirtioDeviceError.restartUnsupported("no ring base reported for queue \(q.index)") }
+                bases[q.index] = r[q.index]
+            } else {
+                bases[q.index] = Ring.resetBase
+            }
+        }
+        return bases
+    }
+
+    /// Hands queue `slot` to the device again, at the position its restarted ring starts from.
+    public func resume(_ slot: Int, addresses: QueueAddresses) throws {
+        try transport.setupQueue(queues[slot].index, addresses: addresses)
+    }
+
+    /// Ends a restart: every queue was resumed; the device runs again.
+    public func finishRestart() throws {
+        try transport.start()
+        running = true
+    }
+
+}
