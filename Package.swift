@@ -45,7 +45,7 @@ let package = Package(
         .target(name: "VirtioBlk", dependencies: [
             "VirtioCore", "DPDK", .product(name: "Logging", package: "swift-log"),
         ]),
-        .target(name: "VirtioTestSupport", dependencies: ["VirtioCore"]),
+        .target(name: "VirtioTestSupport", dependencies: ["VirtioCore", "DPDK"]),
         // TCP/IP on a virtio-net port: lwIP (Debian's liblwip) behind a small C glue, then a
         // Swift listener/connection API, then HTTP/1.1 with NIOHTTP1's codecs.
         .systemLibrary(name: "CLwIP", pkgConfig: "lwip", providers: [.apt(["liblwip-dev"])]),
@@ -67,6 +67,7 @@ let package = Package(
         .testTarget(name: "VirtioCoreTests", dependencies: ["VirtioCore", "VirtioTestSupport"]),
         .testTarget(name: "VhostUserTests", dependencies: ["VhostUser", "VirtioCore", "CVioLinux"]),
         .testTarget(name: "DPDKTests", dependencies: ["DPDK"]),
+        .testTarget(name: "VirtioNetTests", dependencies: ["VirtioNet", "VirtioCore", "DPDK", "VirtioTestSupport"]),
         .testTarget(name: "VirtioBlkTests", dependencies: ["VirtioBlk", "VirtioCore", "DPDK", "VirtioTestSupport"]),
         .testTarget(name: "VirtioPCITests", dependencies: ["VirtioPCI", "VirtioCore"]),
         .testTarget(name: "IntegrationTests", dependencies: ["vio"]),

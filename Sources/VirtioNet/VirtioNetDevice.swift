@@ -16,7 +16,13 @@ public struct VirtioNetOptions: Sendable {
     public var allowInOrder = true
     /// Negotiate VIRTIO_NET_F_MRG_RXBUF when offered (needed for frames larger than one mbuf).
     public var allowMergeableRxBuffers = true
+    /// The port's MAC address; with a control queue and VIRTIO_NET_F_CTRL_MAC_ADDR it is also
+    /// given to the device (MAC_ADDR_SET).
     public var mac: EthernetAddress?
+    /// RX modes set through the control queue at start (VIRTIO_NET_F_CTRL_RX); on vhost-user the
+    /// frontend's state only.
+    public var promiscuous: Bool?
+    public var allMulticast: Bool?
     /// The port number of the device (every queue pair's `VirtioNetPort` carries it, with its pair).
     public var portID: UInt16 = 0
     public init() {}
@@ -201,7 +207,12 @@ public final class VirtioNetDevice<Ring: Virtqueue & ~Copyable>: @unchecked Send
         self.options = options
         self.logger = logger
         if control != nil && options.queuePairs > 1 { try setQueuePairs(options.queuePairs) }
-        logger.info("port \(options.portID): \(t.deviceDescription) mac \(mac), \(Ring.layoutName) ring \(options.ringSize), \(options.queuePairs) of \(limit) queue pair(s)\(control != nil ? ", control queue" : ""), features \(chosen)\(chosen.contains(.inOrder) ? "" : " (out-of-order path)")")
+        if let m = options.mac, control != nil, chosen.contains(.netControlMACAddress) { try setMAC(m) }
+        if let on = options.promiscuous { try setPromiscuous(on) }
+        if let on = options.allMulticast { try setAllMulticast(on) }
+        let modes = [options.promiscuous.map { "promiscuous \($0 ? "on" : "off")" }, options.allMulticast.map { "all-multicast \($0 ? "on" : "off")" }]
+            .compactMap { $0 }.joined(separator: ", ")
+        logger.info("port \(options.portID): \(t.deviceDescription) mac \(mac), \(Ring.layoutName) ring \(options.ringSize), \(options.queuePairs) of \(limit) queue pair(s)\(control != nil ? ", control queue" : "")\(modes.isEmpty ? "" : ", " + modes), features \(chosen)\(chosen.contains(.inOrder) ? "" : " (out-of-order path)")")
     }
 
     deinit { stop() }

@@ -123,7 +123,7 @@ public struct VirtioNetPort<Ring: Virtqueue & ~Copyable>: ~Copyable {
     /// path (once per housekeeping tick).
     public var isLinkUp: Bool {
         if let e = rx.failure ?? tx.failure, device.core.link.isUp {
-            device.core.link.markDown("port \(portID): " + VirtioNetError.queueFailed(queue: rx.failure != nil ? "RX" : "TX", e).description)
+            device.core.link.markDown("port \(portID) pair \(queuePair): " + VirtioNetError.queueFailed(queue: rx.failure != nil ? "RX" : "TX", e).description)
         }
         return device.isLinkUp
     }

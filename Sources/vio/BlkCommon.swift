@@ -38,6 +38,8 @@ struct BlkOptions: ParsableArguments {
     var noIndirect = false
     @Flag(help: "Do not negotiate VIRTIO_F_IN_ORDER.")
     var noInOrder = false
+    @Option(help: "CPUs to poll on, one lcore each (e.g. 0,1); queues are spread over them (blkbench). Default: one lcore on the process affinity.")
+    var lcores: CPUList?
     @Flag(help: "Log negotiation details.")
     var verbose = false
 }
@@ -59,7 +61,7 @@ struct BlkSetup {
             }
         }
         let (preset, forced) = try ealPreset(file: nil, pci: dev.isPCI)
-        do { eal = try EAL.initialize(mode: forced ?? o.memory, memoryMB: o.memoryMb, preset: preset) } catch let e as DPDKError {
+        do { eal = try EAL.initialize(mode: forced ?? o.memory, memoryMB: o.memoryMb, preset: preset, lcoreCPUs: o.lcores?.cpus) } catch let e as DPDKError {
             throw VioFailure(description: e.description)
         }
         logger.info("\(eal.summary)")

@@ -14,6 +14,8 @@ struct BlkJobParameters {
     var verify: Bool
     /// Blocks of `bs` in the region used.
     var blocks: Int
+    /// Where the region starts, in blocks of `bs` (each lcore's job has its own region).
+    var firstBlock = 0
     /// A size-limited job issues exactly this many bytes after the ramp (nil: run for `runtime`).
     var limitBytes: UInt64?
     var segmentBytes: Int
@@ -64,13 +66,18 @@ struct BlkJob<Ring: Virtqueue & ~Copyable>: ~Copyable {
     var verifyCursor = 0
     var r: BlkbenchReport
     var failure: String?
+    /// Whether this job prints the live line (the main lcore's, for every lcore's jobs).
+    var printStats = true
+    /// Set by any lcore's job that fails, so the others stop issuing.
+    var shared: RunControl?
 
-    init(device: VirtioBlkDevice<Ring>, params: BlkJobParameters, data: UnsafeMutableRawPointer, memory: String) {
+    /// A job on the device's queues `queueIndices` (one lcore's share).
+    init(device: VirtioBlkDevice<Ring>, queueIndices: [Int], params: BlkJobParameters, data: UnsafeMutableRawPointer, memory: String) {
         p = params
-        queueCount = device.queueCount
+        queueCount = queueIndices.count
         slots = queueCount * params.iodepth
         queues = .allocate(capacity: queueCount)
-        for i in 0..<queueCount { (queues + i).initialize(to: device.makeQueue(i)) }
+        for (i, q) in queueIndices.enumerated() { (queues + i).initialize(to: device.makeQueue(q)) }
         self.data = data
         scratch = .allocate(byteCount: params.bs, alignment: 64)
         completions = .allocate(capacity: 64)
@@ -149,7 +156,7 @@ struct BlkJob<Ring: Virtqueue & ~Copyable>: ~Copyable {
         for k in 0..<p.segmentsPerIO {
             segments[k] = BlkBuffer(buf + k * p.segmentBytes, length: min(p.segmentBytes, p.bs - k * p.segmentBytes))
         }
-        let sector = UInt64(block * (p.bs / blkSectorSize))
+        let sector = UInt64((p.firstBlock + block) * (p.bs / blkSectorSize))
         let b = UnsafeBufferPointer(start: segments, count: p.segmentsPerIO)
         do {
             if write { try queues[q].write(sector: sector, from: b, tag: UInt64(slot)) }
@@ -245,7 +252,10 @@ struct BlkJob<Ring: Virtqueue & ~Copyable>: ~Copyable {
             if issuing, p.limitBytes != nil, idleCount == slots, outstanding == 0 { issuing = false; r.seconds = Double(now - measureStart) / hz }
             for q in 0..<queueCount {
                 queues[q].checkDevice()
-                if let reason = queues[q].stopReason, failure == nil { failure = "virtio-blk queue \(q): \(reason)" }
+                if let reason = queues[q].stopReason, failure == nil {
+                    failure = "virtio-blk queue \(queues[q].index): \(reason)"
+                    shared?.fail(failure!)
+                }
             }
             if failure != nil && outstanding == 0 { break }
             if failure != nil { issuing = false; verifyPass = false; continue }
@@ -264,7 +274,7 @@ struct BlkJob<Ring: Virtqueue & ~Copyable>: ~Copyable {
                 }
             }
             if !issuing && outstanding == 0 && (!verifyPass || verifyCursor >= p.blocks) { break }
-            if tick.stats && measuring {
+            if tick.stats && measuring && printStats {
                 let ios = r.reads + r.writes
                 let s = tick.seconds
                 print(String(format: "%@ %dk qd%d: %.0f IOPS, %.1f MiB/s, latency p50 %.1f µs p99 %.1f µs",

@@ -15,6 +15,8 @@ struct BlkbenchReport: Codable {
     var bs: Int
     var iodepth: Int
     var queues: Int
+    /// Lcores the queues were spread over.
+    var lcores: Int = 1
     var seconds: Double
     var reads: UInt64
     var writes: UInt64
@@ -98,8 +100,11 @@ struct Blkbench: ParsableCommand {
             throw VioFailure(description: "--iodepth 1...4096, --queues 1...64, --rwmixread 0...100")
         }
 
+        if let l = blk.lcores?.cpus.count, l > nq {
+            throw ValidationError("--lcores gives \(l) lcores for \(nq) queue(s): each lcore needs at least one")
+        }
         let setup = try BlkSetup(blk, queues: nq)
-        var (r, failure) = try setup.open(Run(size: size, verify: verify, rw: rw, bs: bs, iodepth: iodepth, mix: mix, ramp: ramp, runtime: runtime, seed: seed,
+        var (r, failure) = try setup.open(Run(size: size, verify: verify, lcores: blk.lcores?.cpus.count ?? 1, rw: rw, bs: bs, iodepth: iodepth, mix: mix, ramp: ramp, runtime: runtime, seed: seed,
                                               memory: setup.eal.mode.rawValue))
         r.error = failure
         print(String(format: "%@ bs=%d iodepth=%d queues=%d: %llu reads, %llu writes in %.2f s: %.0f IOPS, %.1f MiB/s, %llu errors",
@@ -121,7 +126,7 @@ struct Blkbench: ParsableCommand {
 extension Blkbench {
     /// Sizes the job for the device and runs a `BlkJob` on its queues; its report and failure.
     struct Run: VirtioBlkDeviceBody {
-        let size: Int, verify: Bool, rw: BlkPattern, bs: Int, iodepth: Int, mix: Int, ramp: Double, runtime: Double?, seed: UInt64, memory: String
+        let size: Int, verify: Bool, lcores: Int, rw: BlkPattern, bs: Int, iodepth: Int, mix: Int, ramp: Double, runtime: Double?, seed: UInt64, memory: String
         func run<Ring: Virtqueue & ~Copyable>(_ dev: VirtioBlkDevice<Ring>) throws -> (BlkbenchReport, String?) {
             defer { dev.stop() }
             let capacityBytes = Int(dev.config.capacity) * blkSectorSize
@@ -137,9 +142,65 @@ extension Blkbench {
             let params = BlkJobParameters(rw: rw, bs: bs, iodepth: iodepth, mix: mix, verify: verify, blocks: blocks, limitBytes: limitBytes,
                                           segmentBytes: segBytes, segmentsPerIO: segsPerIO, ramp: ramp, runtime: runtime, seed: seed)
             let data = try DMAMemory(size: dev.queueCount * iodepth * bs + 4096)
-            var job = BlkJob<Ring>(device: dev, params: params, data: data.pointer, memory: memory)
-            try job.run()
-            return (job.r, job.failure)
+            // Queue q on lcore q mod L, each lcore's jobs on their own slice of the region.
+            // A device that offers fewer queues than asked leaves some lcores without one.
+            let lanes = max(1, min(lcores, dev.queueCount))
+            let jobs = UnsafeMutablePointer<BlkJob<Ring>>.allocate(capacity: lanes)
+            defer { jobs.deinitialize(count: lanes); jobs.deallocate() }
+            let control = RunControl()
+            let perLane = params.blocks / lanes
+            var slotBase = 0
+            for l in 0..<lanes {
+                var pl = params
+                pl.blocks = perLane
+                pl.firstBlock = l * perLane
+                if let limit = params.limitBytes { pl.limitBytes = limit / UInt64(lanes) }
+                let qs = Array(stride(from: l, to: dev.queueCount, by: lanes))
+                (jobs + l).initialize(to: BlkJob<Ring>(device: dev, queueIndices: qs, params: pl,
+                                                      data: data.pointer + slotBase * bs, memory: memory))
+                jobs[l].printStats = lanes == 1
+                jobs[l].shared = control
+                slotBase += qs.count * iodepth
+            }
+            let workers = EAL.workerLcores
+            let errors = UnsafeMutablePointer<String?>.allocate(capacity: lanes)
+            errors.initialize(repeating: nil, count: lanes)
+            defer { errors.deinitialize(count: lanes); errors.deallocate() }
+            for l in 1..<lanes {
+                let job = jobs + l, err = errors + l
+                try EAL.launch(onWorker: workers[l - 1]) {
+                    do { try job.pointee.run() } catch { err.pointee = "\(error)"; control.fail("\(error)") }
+                }
+            }
+            do { try jobs[0].run() } catch { errors[0] = "\(error)"; control.fail("\(error)") }
+            EAL.waitForWorkers()
+            if let e = (0..<lanes).lazy.compactMap({ errors[$0] }).first { throw VioFailure(description: e) }
+            var r = jobs[0].r
+            var latency = jobs[0].latency
+            var bytes = jobs[0].bytesDone
+            var failure = jobs[0].failure
+            for l in 1..<lanes {
+                let o = jobs[l].r
+                r.reads += o.reads; r.writes += o.writes; r.errors += o.errors; r.verified += o.verified
+                r.verifyErrors += o.verifyErrors; r.failedInFlight += o.failedInFlight
+                r.slotsOutstandingAtExit += o.slotsOutstandingAtExit
+                r.seconds = max(r.seconds, o.seconds)
+                latency.add(jobs[l].latency)
+                bytes += jobs[l].bytesDone
+                if failure == nil { failure = jobs[l].failure }
+            }
+            if lanes > 1 {
+                r.queues = dev.queueCount
+                r.lcores = lanes
+                r.iops = r.seconds > 0 ? Double(r.reads + r.writes) / r.seconds : 0
+                r.mibPerSecond = r.seconds > 0 ? Double(bytes) / r.seconds / 1_048_576 : 0
+                if latency.totalCount > 0 {
+                    r.latency = LatencyReport(samples: latency.totalCount, minNs: latency.min, p50Ns: latency.valueAtPercentile(50),
+                                              p99Ns: latency.valueAtPercentile(99), p999Ns: latency.valueAtPercentile(99.9),
+                                              maxNs: latency.max, meanNs: latency.mean)
+                }
+            }
+            return (r, failure)
         }
     }
 }

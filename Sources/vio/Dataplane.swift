@@ -87,6 +87,12 @@ struct DataplaneOptions: ParsableArguments {
     var lcores: CPUList?
     @Flag(help: "Also print stats lines per queue pair.")
     var perQueue = false
+    @Flag(help: "Promiscuous RX mode (VIRTIO_NET_CTRL_RX_PROMISC on the control queue).")
+    var promisc = false
+    @Flag(help: "All-multicast RX mode (VIRTIO_NET_CTRL_RX_ALLMULTI).")
+    var allmulti = false
+    @Option(help: "The port's MAC address (aa:bb:cc:dd:ee:ff), given to the device with MAC_ADDR_SET when it has a control queue.")
+    var mac: MACArgument?
     @Option(help: "Virtqueue layout: auto (packed when every port's device offers it), split or packed.")
     var ring: RingLayoutChoice = .auto
     @Option(help: "Packets per burst.")
@@ -181,11 +187,24 @@ struct Dataplane {
         opts.ring = o.ring
         opts.allowInOrder = !o.noInOrder
         opts.allowMergeableRxBuffers = !o.noMrgRxbuf
+        opts.mac = o.mac?.address
+        if o.promisc { opts.promiscuous = true }
+        if o.allmulti { opts.allMulticast = true }
         do {
             return try openVirtioNetDevices(transports, pool: pool, options: opts, logger: logger, body)
         } catch let e as VirtioNetOpenError {
             throw VioFailure(description: "port \(e.device) (\(o.ports[e.device])): \(e.error)")
         }
+    }
+}
+
+/// `--mac 02:00:00:00:00:42`.
+struct MACArgument: ExpressibleByArgument {
+    var address: EthernetAddress
+    init?(argument: String) {
+        let parts = argument.split(separator: ":").compactMap { UInt8($0, radix: 16) }
+        guard parts.count == 6, argument.split(separator: ":").count == 6 else { return nil }
+        address = EthernetAddress(parts)
     }
 }
 
@@ -204,6 +223,8 @@ struct CPUList: ExpressibleByArgument {
 struct PortReport: Codable {
     var port: Int
     var queue: Int
+    /// The lcore that polled it (fwd).
+    var lcore: Int?
     var path: String
     var features: String
     var ring: String

@@ -152,7 +152,9 @@ struct Fwd: ParsableCommand {
         for l in 0..<lcoreCount {
             let lane = lanes + l
             for i in 0..<lane.pointee.count {
-                queueReports.append(PortReport(lane.pointee.base[i], path: o.ports[Int(lane.pointee.base[i].portID)].path))
+                var q = PortReport(lane.pointee.base[i], path: o.ports[Int(lane.pointee.base[i].portID)].path)
+                q.lcore = l
+                queueReports.append(q)
             }
         }
         for l in 0..<lcoreCount { (lanes + l).move().close() }

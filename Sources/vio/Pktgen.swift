@@ -65,6 +65,8 @@ struct PktgenReport: Codable {
     /// Per queue pair and per flow, with more than one queue.
     var queues: [PortReport]?
     var perFlow: [FlowReport]?
+    /// With --pairs-schedule: what each queue carried in each phase.
+    var pairsPhases: [PairsPhase]?
     var mbufCapacity: Int
     var mbufsInUseAfterStop: Int = 0
     var error: String?
@@ -101,6 +103,8 @@ struct Pktgen: ParsableCommand {
     var drainTimeout = 1.0
     @Option(help: "Stop and restart the port (testpmd's port stop/start) each time this many more frames are sent and back.")
     var restartEvery: UInt64?
+    @Option(help: "Change the active queue pairs (VQ_PAIRS_SET) during the run: AT:PAIRS,… where AT is frames sent (everything sent is back first), or seconds with --rx-only.")
+    var pairsSchedule: PairsSchedule?
 
     func validate() throws {
         try dataplane.validate(portCount: 1...1)
@@ -108,6 +112,9 @@ struct Pktgen: ParsableCommand {
         if rxOnly && count != nil && duration == nil { throw ValidationError("--rx-only takes --duration") }
         if let n = restartEvery, n < 1 || rxOnly { throw ValidationError("--restart-every takes a frame count ≥ 1, and not with --rx-only") }
         if restartEvery != nil && dataplane.queues > 1 { throw ValidationError("--restart-every restarts a one-queue port; not with --queues") }
+        if let s = pairsSchedule, s.steps.contains(where: { $0.pairs > dataplane.queues }) {
+            throw ValidationError("--pairs-schedule names more pairs than --queues \(dataplane.queues)")
+        }
         if dataplane.lcores.map({ $0.cpus.count > 1 }) == true { throw ValidationError("pktgen runs on one lcore (give one CPU to --lcores)") }
         if let w = window, w != "auto", Int(w) == nil || Int(w)! < 1 { throw ValidationError("--window takes a number ≥ 1 or 'auto'") }
         guard (1...60000).contains(flows) else { throw ValidationError("--flows must be 1...60000") }
@@ -178,9 +185,33 @@ struct Pktgen: ParsableCommand {
         var before = NetCounters.sum((0..<nq).map { ports[$0].counters })
         var failure: String?
         var nextRestart = restartEvery ?? .max
+        // VQ_PAIRS_SET schedule: queues at or above `active` send nothing; each phase's per-queue
+        // counts start once the change has settled.
+        var active = nq
+        var steps = pairsSchedule?.steps ?? []
+        var phases: [PairsPhase] = []
+        func queueCounts() -> [QueueCounts] { (0..<nq).map { QueueCounts(tx: ports[$0].counters.txPackets, rx: ports[$0].counters.rxPackets) } }
+        var phaseStart = queueCounts(), phaseSettle: UInt64 = 0, phaseSeconds = Double(start)
+        let settleCycles = UInt64(hz * 0.05)
+        func closePhase(_ now: UInt64) {
+            let end = queueCounts()
+            phases.append(PairsPhase(pairs: active, seconds: (Double(now) - phaseSeconds) / hz,
+                                     queues: (0..<nq).map { QueueCounts(tx: end[$0].tx - phaseStart[$0].tx, rx: end[$0].rx - phaseStart[$0].rx) }))
+        }
 
         while true {
             var now = TSC.now()
+            if let step = steps.first, rxOnly ? Double(now &- start) / hz >= step.at
+                : (r.sent >= UInt64(step.at) && (r.received >= r.sent || Double(now &- lastRx) / hz > drainTimeout)) {
+                closePhase(now)
+                do { try device.setQueuePairs(step.pairs) } catch { failure = "port 0 (\(o.ports[0])): VQ_PAIRS_SET \(step.pairs): \(error)"; break }
+                active = step.pairs
+                steps.removeFirst()
+                phaseSettle = rxOnly ? now &+ settleCycles : now
+                phaseStart = queueCounts(); phaseSeconds = Double(now)
+            }
+            if phaseSettle != 0 && now >= phaseSettle { phaseStart = queueCounts(); phaseSeconds = Double(now); phaseSettle = 0 }
+            let pauseAt = steps.first.map { rxOnly ? UInt64.max : UInt64($0.at) } ?? .max
             if r.sent >= nextRestart && (r.received >= r.sent || Double(now &- lastRx) / hz > drainTimeout) {
                 // Everything sent is back: stop both queues and start them from where the device stopped.
                 do { try ports[0].restart() } catch { failure = "port 0 (\(o.ports[0])): restart: \(error)"; break }
@@ -193,8 +224,8 @@ struct Pktgen: ParsableCommand {
             }
             if rxOnly && (now >= sendEnd || stopRequested.load(ordering: .relaxed)) { break }
             for q in 0..<nq {
-                if sending && !queueFlows[q].isEmpty {
-                    var room = min(UInt64(burst), total - r.sent, nextRestart - min(nextRestart, r.sent))
+                if sending && q < active && !queueFlows[q].isEmpty {
+                    var room = min(UInt64(burst), total - r.sent, nextRestart - min(nextRestart, r.sent), pauseAt - min(pauseAt, r.sent))
                     if let w = limit { room = min(room, w > r.sent - r.received ? w - (r.sent - r.received) : 0) }
                     if let cpp = cyclesPerPacket {
                         let due = Double(now) - nextSend
@@ -274,6 +305,7 @@ struct Pktgen: ParsableCommand {
             }
         }
         let end = TSC.now()
+        if pairsSchedule != nil { closePhase(end); r.pairsPhases = phases }
         r.seconds = Double(end - start) / hz
         let sendSeconds = Double((rxOnly ? end : sendStopped) - start) / hz
         let queueReports = (0..<nq).map { PortReport(ports[$0], path: o.ports[0].path) }
@@ -313,6 +345,30 @@ struct Pktgen: ParsableCommand {
         EAL.cleanup()
         if let failure { throw VioFailure(description: failure, exitCode: 2) }
     }
+}
+
+/// `--pairs-schedule 20000:1,40000:4`.
+struct PairsSchedule: ExpressibleByArgument {
+    var steps: [(at: Double, pairs: Int)]
+    init?(argument: String) {
+        var out: [(Double, Int)] = []
+        for part in argument.split(separator: ",") {
+            let kv = part.split(separator: ":")
+            guard kv.count == 2, let at = Double(kv[0]), at >= 0, let n = Int(kv[1]), n >= 1 else { return nil }
+            out.append((at, n))
+        }
+        guard !out.isEmpty, zip(out, out.dropFirst()).allSatisfy({ $0.0 < $1.0 }) else { return nil }
+        steps = out
+    }
+}
+
+struct QueueCounts: Codable { var tx: UInt64; var rx: UInt64 }
+
+/// One phase of a --pairs-schedule run: the pairs active and what every queue carried.
+struct PairsPhase: Codable {
+    var pairs: Int
+    var seconds: Double
+    var queues: [QueueCounts]
 }
 
 /// Loss and order of one flow (pktgen with several queues).

@@ -109,7 +109,9 @@ final class Peer {
     let server: SocketServerProcess
     var socket: String { server.socket }
 
-    init(mode: String, dir: TempDir, name: String = "peer", extra: [String] = []) throws {
+    /// `queues`: the net_vhost port's queue pairs (`queues=N`), forwarded by one core as
+    /// testpmd's streams (RX queue q → TX queue q).
+    init(mode: String, dir: TempDir, name: String = "peer", queues: Int = 1, extra: [String] = []) throws {
         guard FileManager.default.isExecutableFile(atPath: Tools.testpmd) else {
             throw XCTSkip("dpdk-testpmd is not installed (run Scripts/setup.sh)")
         }
@@ -119,9 +121,9 @@ final class Peer {
             socket: socket, log: dir.path("\(name).log"),
             command: [Tools.testpmd, "--lcores", "0@0,1@0", "--no-pci", "--no-huge", "-m", "256",
                       "--file-prefix", "viotest-\(getpid())-\(peerCounter)", "--no-telemetry",
-                      "--vdev", "net_vhost0,iface=\(socket)", "--",
+                      "--vdev", "net_vhost0,iface=\(socket)" + (queues > 1 ? ",queues=\(queues)" : ""), "--",
                       "--forward-mode=\(mode)", "--stats-period", "1", "--auto-start",
-                      "--total-num-mbufs", "16384"] + extra,
+                      "--total-num-mbufs", "16384"] + (queues > 1 ? ["--rxq=\(queues)", "--txq=\(queues)", "--nb-cores=1"] : []) + extra,
             name: "testpmd peer")
     }
 
@@ -148,6 +150,27 @@ final class Peer {
         return Stats(rx: rx, tx: tx)
     }
 
+    /// The per-stream counters testpmd prints at the stop with several queues ("Forward Stats for
+    /// RX Port= 0/Queue= q -> TX Port= 0/Queue= q"), after `stop()`: what the peer received on
+    /// queue q and sent on queue q.
+    func streamStats(queues: Int) throws -> [Stats] {
+        let text = (try? String(contentsOfFile: server.log, encoding: .utf8)) ?? ""
+        return try (0..<queues).map { q in
+            guard let r = text.range(of: "Forward Stats for RX Port= 0/Queue= \(q) ", options: .backwards) else {
+                throw TestFailure("no stream statistics for queue \(q) in the peer's log: \(tail())")
+            }
+            let section = text[r.upperBound...].prefix(400)
+            func number(after key: String) -> UInt64? {
+                guard let k = section.range(of: key) else { return nil }
+                return UInt64(section[k.upperBound...].drop { $0 == " " }.prefix { $0.isNumber })
+            }
+            guard let rx = number(after: "RX-packets:"), let tx = number(after: "TX-packets:") else {
+                throw TestFailure("cannot parse the stream statistics of queue \(q): \(section)")
+            }
+            return Stats(rx: rx, tx: tx)
+        }
+    }
+
     func kill() { server.kill() }
 }
 
@@ -165,6 +188,8 @@ struct VioRun {
     var timedOut: Bool
 
     func int(_ key: String) -> Int? { (json?[key] as? NSNumber)?.intValue }
+    /// Per-queue reports (`queues`, with more than one queue pair).
+    var queues: [[String: Any]] { json?["queues"] as? [[String: Any]] ?? [] }
     func port(_ i: Int) -> [String: Any]? {
         if let ports = json?["ports"] as? [[String: Any]] { return ports.count > i ? ports[i] : nil }
         return i == 0 ? json?["port"] as? [String: Any] : nil
@@ -177,13 +202,14 @@ final class Vio {
     let out: String, err: String, jsonPath: String?
     let started = Date()
 
-    init(_ args: [String], dir: TempDir, name: String = "vio", json: Bool = true) throws {
+    /// `cpus`: the CPUs `vio` may run on (taskset); CPU 1 unless a test spreads lcores.
+    init(_ args: [String], dir: TempDir, name: String = "vio", json: Bool = true, cpus: String = "1") throws {
         out = dir.path("\(name).out"); err = dir.path("\(name).err")
         jsonPath = json ? dir.path("\(name).json") : nil
         FileManager.default.createFile(atPath: out, contents: nil)
         FileManager.default.createFile(atPath: err, contents: nil)
         process.executableURL = URL(fileURLWithPath: "/usr/bin/taskset")
-        process.arguments = ["-c", "1", Tools.vio] + args + (jsonPath.map { ["--json", $0] } ?? [])
+        process.arguments = ["-c", cpus, Tools.vio] + args + (jsonPath.map { ["--json", $0] } ?? [])
         process.standardOutput = FileHandle(forWritingAtPath: out)
         process.standardError = FileHandle(forWritingAtPath: err)
         process.standardInput = FileHandle.nullDevice
@@ -221,8 +247,8 @@ final class Vio {
                       json: json, timedOut: timedOut)
     }
 
-    static func run(_ args: [String], dir: TempDir, timeout: Double = 60, json: Bool = true) throws -> VioRun {
-        try Vio(args, dir: dir, json: json).wait(timeout: timeout)
+    static func run(_ args: [String], dir: TempDir, timeout: Double = 60, json: Bool = true, cpus: String = "1") throws -> VioRun {
+        try Vio(args, dir: dir, json: json, cpus: cpus).wait(timeout: timeout)
     }
 }
 

@@ -148,6 +148,8 @@ final class PCIGuestTests: XCTestCase {
     static let packets = 20_000
     /// 9000-byte frames: mbuf chains out (descriptor chains, one IOVA per segment), MRG_RXBUF back.
     static let jumboPackets = 300
+    /// Frames through the multi-queue function (modern boot).
+    static let mqPackets = 9000
 
     func pattern(seed: UInt64, offset: UInt64) -> UInt8 {
         UInt8(truncatingIfNeeded: (offset &* 31) ^ (seed &* 131) ^ (offset >> 9))
@@ -158,6 +160,8 @@ final class PCIGuestTests: XCTestCase {
         let guestDir = try guestDirectory()
         let dir = try TempDir()
         let peer = try Peer(mode: "macswap", dir: dir)
+        // Modern boot: a second, multi-queue net function (mq=on) on a 4-queue vhost-user peer.
+        let mqPeer = legacy ? nil : try Peer(mode: "macswap", dir: dir, name: "mqpeer", queues: 4)
         let image = dir.path("disk.img")
         let transitionalImage = dir.path("disk2.img")
         for p in [image, transitionalImage] {
@@ -175,6 +179,12 @@ final class PCIGuestTests: XCTestCase {
                     "-drive", "file=\(image),format=raw,if=none,id=d0,cache=writethrough",
                     // The modern blk function offers packed rings too (QEMU's own virtio-blk device).
                     "-device", "virtio-blk-pci,drive=d0,\(flags)\(legacy ? "" : ",packed=on"),addr=0x5"]
+        if let mq = mqPeer {
+            // 4 queue pairs and a real control queue (index 8) that QEMU processes: VQ_PAIRS_SET
+            // there becomes SET_VRING_ENABLE towards the backend; RX mode and MAC_ADDR_SET too.
+            qemu += ["-chardev", "socket,id=c1,path=\(mq.socket)", "-netdev", "vhost-user,id=n1,chardev=c1,queues=4",
+                     "-device", "virtio-net-pci,netdev=n1,mq=on,vectors=10,disable-legacy=on,addr=0x7"]
+        }
         var script = Self.prelude
         script += """
         # Clear errors before binding: an unbound function, a missing address, a non-virtio function
@@ -200,6 +210,10 @@ final class PCIGuestTests: XCTestCase {
         script += "run_json blkio vio blkio --dev pci:0000:00:05.0 \(cmds.joined(separator: " "))\n"
         script += "check blkio-ring grep -q \"1 \(legacy ? "split" : "packed") queue(s)\" /tmp/blkio.out\n"
         if !legacy {
+            // Multi-queue over PCI: flows over 4 pairs, then VQ_PAIRS_SET down to 1 and back.
+            script += "check bind-mq pci-bind 0000:00:07.0 uio_pci_generic\n"
+            script += "run_json mq vio pktgen --port pci:0000:00:07.0 --queues 4 --flows 8 --count \(Self.mqPackets) --size 64 --verify --window auto --expect-macswap --pairs-schedule \(Self.mqPackets / 3):1,\(2 * Self.mqPackets / 3):4 --promisc --allmulti --mac 02:00:00:00:00:42 --memory-mb 192 --mbufs 4096\n"
+            script += "check mq-control-queue grep -q \"4 of 4 queue pair(s), control queue, promiscuous on, all-multicast on\" /tmp/mq.out\n"
             // The split ring on the same (packed-capable) function, with indirect descriptors.
             let w = Self.splitWrite
             script += "run_json blkio-split vio blkio --dev pci:0000:00:05.0 --ring split --cmd \"write \(w.sector) \(w.sectors) \(w.seed) \(w.segments)\" --cmd \"verify \(w.sector) \(w.sectors) \(w.seed) 1\"\n"
@@ -240,6 +254,7 @@ final class PCIGuestTests: XCTestCase {
         }
         let run = try boot(script: script, qemuArguments: qemu, dir: dir, guestDir: guestDir)
         let stats = try peer.stop()
+        let mqStats = try mqPeer.map { p -> [Peer.Stats] in _ = try p.stop(); return try p.streamStats(queues: 4) }
         // The guest's console, from boot on, into the test log (JSON reports left out).
         if let r = run.serial.range(of: "VIO-GUEST-BOOTED") {
             var inJSON = false
@@ -254,7 +269,7 @@ final class PCIGuestTests: XCTestCase {
         XCTAssertTrue(run.serial.contains("VIO-GUEST-BOOTED"), run.tail)
         var expected = ["unbound", "nonexistent", "not-virtio", "wrong-type", "bind-net", "bind-blk", "pktgen", "net-says-\(kind)", "pktgen-split", "jumbo", "fwd",
                         "blkbench", "blk-says-\(kind)", "blkio", "blkio-ring"]
-        if !legacy { expected += ["blkio-split", "blkio-split-ring"] }
+        if !legacy { expected += ["bind-mq", "mq", "mq-control-queue", "blkio-split", "blkio-split-ring"] }
         expected += legacy ? ["bind-transitional", "transitional", "transitional-picks-modern"] : ["blk-needs-reset", "net-needs-reset"]
         XCTAssertEqual(run.checks.map(\.name), expected, run.tail)
         for c in run.checks where !c.passed { XCTFail("guest check \(c.name) failed: \(c.detail)\n\(run.tail)") }
@@ -279,6 +294,30 @@ final class PCIGuestTests: XCTestCase {
         XCTAssertGreaterThan(n(jumbo, "maxSegments") ?? 0, 1, "frames larger than one mbuf travel as chains: \(jumbo ?? [:])")
         for key in ["lost", "corrupt", "macMismatch", "mbufsInUseAfterStop"] { XCTAssertEqual(n(jumbo, key), 0, "jumbo \(key): \(jumbo ?? [:])") }
         let netSent = Self.packets + 3000 + Self.jumboPackets
+
+        if let streams = mqStats {
+            // Multi-queue: every frame back once, every pair used before and after the change and
+            // only pair 0 while VQ_PAIRS_SET said 1; the peer's per-queue counters agree.
+            let mq = run.report("mq")
+            XCTAssertEqual(n(mq, "received"), Self.mqPackets, "\(mq ?? [:])")
+            for key in ["lost", "corrupt", "macMismatch", "duplicates", "foreign", "mbufsInUseAfterStop"] { XCTAssertEqual(n(mq, key), 0, "mq \(key): \(mq ?? [:])") }
+            let queues = mq?["queues"] as? [[String: Any]] ?? []
+            XCTAssertEqual(queues.count, 4, "\(mq ?? [:])")
+            for (q, s) in streams.enumerated() where q < queues.count {
+                XCTAssertEqual(s.rx, UInt64(n(queues[q], "txPackets") ?? -1), "peer RX on queue \(q) = guest TX on queue \(q)")
+                XCTAssertEqual(s.tx, UInt64(n(queues[q], "rxPackets") ?? -1), "peer TX on queue \(q) = guest RX on queue \(q)")
+            }
+            let phases = mq?["pairsPhases"] as? [[String: Any]] ?? []
+            XCTAssertEqual(phases.map { $0["pairs"] as? Int }, [4, 1, 4], "\(mq ?? [:])")
+            if phases.count == 3 {
+                func pq(_ p: Int) -> [[String: Any]] { phases[p]["queues"] as? [[String: Any]] ?? [] }
+                for k in 0..<4 {
+                    XCTAssertGreaterThan(n(pq(0)[k], "rx") ?? 0, 0, "phase 1: queue \(k) used")
+                    XCTAssertGreaterThan(n(pq(2)[k], "rx") ?? 0, 0, "phase 3: queue \(k) used")
+                    if k > 0 { XCTAssertEqual(n(pq(1)[k], "rx"), 0, "phase 2: queue \(k) disabled") }
+                }
+            }
+        }
 
         // Then `vio fwd --mode txonly`: generated frames out, the peer's echoes counted back in.
         let fwd = (run.report("fwd")?["ports"] as? [[String: Any]])?.first

@@ -5,51 +5,25 @@ import VirtioCore
 import VirtioTestSupport
 import XCTest
 
-/// EAL once per test process, with --no-huge memory (the queues' rings and slabs are DPDK memory).
 enum TestEAL {
-    static let ready: Result<Void, Error> = Result {
-        _ = try EAL.initialize(mode: .nohuge, memoryMB: 64, filePrefix: "vio-blk-unit-\(getpid())")
-    }
     static func require() throws {
-        if case .failure(let e) = ready { throw XCTSkip("DPDK EAL could not start here: \(e)") }
+        do { try InProcessEAL.require() } catch { throw XCTSkip("DPDK EAL could not start here: \(error)") }
     }
 }
 
-/// A virtio-blk device in this process: the transport side records what the driver negotiated and
-/// where its ring is; the test then plays the device on that ring with the split or packed
-/// device model, executing requests against an in-memory disk.
-final class FakeBlkTransport: VirtioTransport {
-    let offered: VirtioFeatures
-    let config: [UInt8]
-    private(set) var negotiated: VirtioFeatures = []
-    private(set) var queueAddresses: [QueueAddresses] = []
-    private(set) var notifications = 0
-    private(set) var stops = 0
-    var connected = true
-
-    init(offered: VirtioFeatures, capacitySectors: UInt64, segMax: UInt32 = 0) {
-        self.offered = offered
+/// A virtio-blk device in this process: the shared `FakeTransport` with a blk config space; the
+/// test then plays the device on its rings with the split or packed device model, executing
+/// requests against an in-memory disk.
+extension FakeTransport {
+    static func blk(offered: VirtioFeatures, capacitySectors: UInt64, segMax: UInt32 = 0, numQueues: UInt16 = 1) -> FakeTransport {
         var c = [UInt8](repeating: 0, count: BlkConfig.size)
         func put<T: FixedWidthInteger>(_ v: T, at o: Int) { for k in 0..<(T.bitWidth / 8) { c[o + k] = UInt8(truncatingIfNeeded: v >> (8 * k)) } }
         put(capacitySectors, at: 0)
         put(segMax, at: 12)
         put(UInt32(512), at: 20)
-        config = c
+        put(numQueues, at: 34)
+        return FakeTransport(offered: offered, config: c, queueLimit: .deviceUnits(Int(numQueues)))
     }
-
-    var deviceFeatures: VirtioFeatures { offered }
-    var queueLimit: QueueLimit? { .deviceUnits(1) }
-    var hasConfigSpace: Bool { true }
-    var deviceDescription: String { "in-process fake" }
-    func readConfig(offset: Int, count: Int) throws -> [UInt8] { Array(config[offset..<(offset + count)]) }
-    func negotiate(_ features: VirtioFeatures, queueCount: Int) throws { negotiated = features }
-    func setMemory(_ regions: [MemoryRegion]) throws {}
-    func setupQueue(_ index: Int, addresses: QueueAddresses) throws { queueAddresses.append(addresses) }
-    func start() throws {}
-    func stop() throws { stops += 1 }
-    func notify(queue index: Int) { notifications += 1 }
-    var isConnected: Bool { connected }
-    var disconnectReason: String? { connected ? nil : "the fake device was unplugged" }
 }
 
 /// The device side of either layout, reduced to what these tests need.
@@ -103,8 +77,6 @@ final class BlkQueueTests: XCTestCase {
     var disk = [UInt8](repeating: 0, count: Int(capacity) * 512)
 
     override func setUpWithError() throws { try TestEAL.require() }
-    /// The last class to use the in-process EAL: release it (and its runtime directory).
-    override class func tearDown() { EAL.cleanup() }
 
     let base: VirtioFeatures = [.version1, .blkFlush, .blkSegMax, .eventIndex]
 
@@ -117,8 +89,8 @@ final class BlkQueueTests: XCTestCase {
     }
 
     func open<Ring: Virtqueue & ~Copyable>(_: Ring.Type, offered: VirtioFeatures, queueSize: Int = 16, segMax: UInt32 = 0,
-                                           inOrder: Bool = true) throws -> (FakeBlkTransport, VirtioBlkDevice<Ring>) {
-        let t = FakeBlkTransport(offered: offered, capacitySectors: Self.capacity, segMax: segMax)
+                                           inOrder: Bool = true) throws -> (FakeTransport, VirtioBlkDevice<Ring>) {
+        let t = FakeTransport.blk(offered: offered, capacitySectors: Self.capacity, segMax: segMax)
         return (t, try VirtioBlkDevice<Ring>(transport: t, options: options(ring: Ring.layout, queueSize: queueSize, inOrder: inOrder)))
     }
 
@@ -130,12 +102,12 @@ final class BlkQueueTests: XCTestCase {
     }
 
     func open(offered: VirtioFeatures, ring: RingLayoutChoice = .auto, queueSize: Int = 16, segMax: UInt32 = 0)
-        throws -> (FakeBlkTransport, (layout: RingLayoutChoice, maxSegments: Int)) {
-        let t = FakeBlkTransport(offered: offered, capacitySectors: Self.capacity, segMax: segMax)
+        throws -> (FakeTransport, (layout: RingLayoutChoice, maxSegments: Int)) {
+        let t = FakeTransport.blk(offered: offered, capacitySectors: Self.capacity, segMax: segMax)
         return (t, try openVirtioBlkDevice(transport: t, options: options(ring: ring, queueSize: queueSize, inOrder: true), Chosen()))
     }
 
-    func ringDevice<Ring: Virtqueue & ~Copyable>(_ t: FakeBlkTransport, _ d: VirtioBlkDevice<Ring>) throws -> RingDevice {
+    func ringDevice<Ring: Virtqueue & ~Copyable>(_ t: FakeTransport, _ d: VirtioBlkDevice<Ring>) throws -> RingDevice {
         let a = try XCTUnwrap(t.queueAddresses.first)
         return d.ringLayout == .packed ? try .packed(a)
             : try .split(a, indirect: d.features.contains(.indirectDescriptors), inOrder: d.features.contains(.inOrder))
@@ -407,19 +379,88 @@ final class BlkQueueTests: XCTestCase {
         XCTAssertFalse(q.isStopped)
     }
 
-    /// The device disappears with requests in flight: they come back failed after `checkDevice`.
+    /// The device disappears with requests in flight and the transport only says so when asked
+    /// (virtio-pci's status register): they come back failed after `checkDevice`.
     func testDeviceGoneFailsRequestsInFlight() throws {
         let (t, d) = try open(PackedVirtqueue.self, offered: base.union(.ringPacked), queueSize: 16)
         var q = d.makeQueue(0)
         try q.flush(tag: 1)
         try q.flush(tag: 2)
         q.commit()
-        t.connected = false
+        t.disconnect(notifyLink: false)
         q.checkDevice()
         XCTAssertEqual(q.stopReason, "the fake device was unplugged")
         let c = poll(&q, upTo: 2)
         XCTAssertEqual(Set(c.map(\.tag)), [1, 2])
         XCTAssertTrue(c.allSatisfy { $0.status == .deviceGone })
         XCTAssertEqual(q.inFlight, 0)
+    }
+
+    /// A hang-up the transport reports itself (vhost-user's monitor) reaches the queue through
+    /// the device's link at the next poll, without `checkDevice`.
+    func testTransportLossReachesTheQueueThroughTheLink() throws {
+        let (t, d) = try open(SplitVirtqueue.self, offered: base, queueSize: 16)
+        var q = d.makeQueue(0)
+        try q.flush(tag: 7)
+        q.commit()
+        t.disconnect("backend hung up")
+        let c = poll(&q, upTo: 1)
+        XCTAssertEqual(c.map(\.tag), [7])
+        XCTAssertEqual(c.first?.status, .deviceGone)
+        XCTAssertEqual(q.stopReason, "backend hung up")
+        XCTAssertEqual(q.inFlight, 0)
+    }
+
+    /// One queue of three breaks its ring while every queue has requests in flight: the device is
+    /// stopped once, and every request of every queue comes back once as `.deviceGone` (the broken
+    /// queue's at its poll, its siblings' at theirs, through the device's one link); every slot is
+    /// free again and new requests are refused with the reason.
+    func siblingsFail<Ring: Virtqueue & ~Copyable>(_: Ring.Type, offered: VirtioFeatures) throws {
+        let t = FakeTransport.blk(offered: offered.union(.blkMultiQueue), capacitySectors: Self.capacity, numQueues: 3)
+        var o = options(ring: Ring.layout, queueSize: 8, inOrder: true)
+        o.queues = 3
+        let d = try VirtioBlkDevice<Ring>(transport: t, options: o)
+        XCTAssertEqual(d.queueCount, 3)
+        var q0 = d.makeQueue(0), q1 = d.makeQueue(1), q2 = d.makeQueue(2)
+        for k in 0..<3 {
+            try q0.flush(tag: UInt64(k)); try q1.flush(tag: UInt64(10 + k)); try q2.flush(tag: UInt64(20 + k))
+        }
+        q0.commit(); q1.commit(); q2.commit()
+        XCTAssertEqual(q0.inFlight + q1.inFlight + q2.inFlight, 9)
+        // Queue 0's device returns an id that is not in flight.
+        let a = t.queueAddresses
+        XCTAssertEqual(a.count, 3)
+        let bad: RingDevice = Ring.layout == .packed ? try .packed(a[0]) : try .split(a[0], indirect: false, inOrder: true)
+        _ = bad.pop()
+        bad.injectUsed(7, 1)
+        var c0 = poll(&q0, upTo: 3)
+        XCTAssertTrue(q0.isStopped)
+        XCTAssertEqual(t.stops, 1, "the device stopped once, before any buffer went back")
+        // Its siblings never saw their rings fail; the link tells them.
+        let c1 = poll(&q1, upTo: 3), c2 = poll(&q2, upTo: 3)
+        c0 += poll(&q0, upTo: 3)
+        XCTAssertEqual(Set(c0.map(\.tag)), [0, 1, 2])
+        XCTAssertEqual(Set(c1.map(\.tag)), [10, 11, 12])
+        XCTAssertEqual(Set(c2.map(\.tag)), [20, 21, 22])
+        XCTAssertTrue((c0 + c1 + c2).allSatisfy { $0.status == .deviceGone }, "\(c0 + c1 + c2)")
+        XCTAssertEqual(c0.count + c1.count + c2.count, 9, "each request returned once")
+        XCTAssertEqual(q0.inFlight + q1.inFlight + q2.inFlight, 0, "every slot is free")
+        XCTAssertTrue(q1.isStopped && q2.isStopped)
+        XCTAssertTrue(q1.stopReason?.contains("queue 0: the device broke the ring") == true, q1.stopReason ?? "nil")
+        XCTAssertEqual(t.stops, 1)
+        XCTAssertThrowsError(try q2.flush(tag: 99)) { e in
+            guard case .queueStopped = e as? BlkRequestError else { return XCTFail("\(e)") }
+        }
+    }
+
+    func testOneQueueFailingFailsItsSiblingsSplit() throws { try siblingsFail(SplitVirtqueue.self, offered: base) }
+    func testOneQueueFailingFailsItsSiblingsPacked() throws { try siblingsFail(PackedVirtqueue.self, offered: base.union(.ringPacked)) }
+
+    /// A device offering VIRTIO_BLK_F_MQ with num_queues 0 is refused with the value named.
+    func testMultiQueueWithZeroQueuesIsRefused() throws {
+        let t = FakeTransport.blk(offered: base.union(.blkMultiQueue), capacitySectors: Self.capacity, numQueues: 0)
+        XCTAssertThrowsError(try VirtioBlkDevice<SplitVirtqueue>(transport: t, options: options(ring: .split, queueSize: 8, inOrder: true))) { e in
+            XCTAssertEqual("\(e)", "virtio-blk: the device offers VIRTIO_BLK_F_MQ with num_queues 0")
+        }
     }
 }

@@ -1,3 +1,5 @@
+import Synchronization
+
 /// Errors of the device core, shared by every device type (the device name says which).
 public enum VirtioDeviceError: Error, CustomStringConvertible, Equatable, Sendable {
     case missingFeatures(device: String, VirtioFeatures)
@@ -96,7 +98,9 @@ public final class VirtioDevice<Ring: Virtqueue & ~Copyable>: @unchecked Sendabl
     private var ringMemory: [any DMARegion]
     private var memory: [any DMARegion] = []
     private var taken: [Bool]
-    private var running = false
+    /// Whether the device runs. Held while a stop talks to the transport, so a second stopper
+    /// (another lcore's queue) returns only once the device has let go of our memory.
+    private let running = Mutex<Bool>(false)
 
     /// Accepts `negotiation.chosen` for a device that will use `queues` (§3.1.1 steps 4–6;
     /// `transportQueueCount` is what the transport must provide for, e.g. a net control queue's
@@ -118,7 +122,7 @@ public final class VirtioDevice<Ring: Virtqueue & ~Copyable>: @unchecked Sendabl
         transport.attach(link)
     }
 
-    deinit { if running { try? transport.stop() } }
+    deinit { stop(reason: "device closed") }
 
     /// More DMA memory for the device type (blk request slabs, indirect tables, control buffers),
     /// kept as long as the device. Allocate it before `start`: the memory table is sent then.
@@ -157,7 +161,7 @@ public final class VirtioDevice<Ring: Virtqueue & ~Copyable>: @unchecked Sendabl
             try transport.setupQueue(queues[slot].index, addresses: addresses)
         }
         try transport.start()
-        running = true
+        running.withLock { $0 = true }
         link.markUp()
     }
 
@@ -172,8 +176,9 @@ public final class VirtioDevice<Ring: Virtqueue & ~Copyable>: @unchecked Sendabl
     /// `reason`, so every queue, on any lcore, fails what it has in flight at its next poll.
     /// Safe from any thread; the first stop does the work.
     public func stop(reason: String = "device stopped") {
-        try? transport.stop()
-        running = false
+        running.withLock { r in
+            if r { try? transport.stop(); r = false }
+        }
         link.markDown(reason)
     }
 
@@ -183,8 +188,7 @@ public final class VirtioDevice<Ring: Virtqueue & ~Copyable>: @unchecked Sendabl
     /// the transport reported (vhost-user GET_VRING_BASE) or the reset position (PCI resets).
     /// The link stays up: the caller restarts every queue, then calls `finishRestart`.
     public func beginRestart() throws -> [Int: UInt32] {
-        try transport.stop()
-        running = false
+        try running.withLock { r throws in try transport.stop(); r = false }
         let reported = transport.stoppedBases
         var bases: [Int: UInt32] = [:]
         for q in queues {
@@ -206,7 +210,7 @@ public final class VirtioDevice<Ring: Virtqueue & ~Copyable>: @unchecked Sendabl
     /// Ends a restart: every queue was resumed; the device runs again.
     public func finishRestart() throws {
         try transport.start()
-        running = true
+        running.withLock { $0 = true }
     }
 
 }
