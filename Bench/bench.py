@@ -52,15 +52,17 @@ def hugepages_free_mb():
 
 
 class Peer:
-    def __init__(self, mode, size, memory, workdir):
+    def __init__(self, mode, size, memory, workdir, queues=1):
         self.sock = os.path.join(workdir, "peer.sock")
         if os.path.exists(self.sock):
             os.unlink(self.sock)
         mem = ["-m", "512", "--in-memory", "--single-file-segments"] if memory == "hugepages" else ["--no-huge", "-m", "512"]
         cmd = ["taskset", "-c", "0", TESTPMD, "--lcores", "0@0,1@0", "--no-pci", *mem,
                "--file-prefix", f"vio-bench-peer-{os.getpid()}", "--no-telemetry",
-               "--vdev", f"net_vhost0,iface={self.sock}", "--", f"--forward-mode={mode}",
+               "--vdev", f"net_vhost0,iface={self.sock}" + (f",queues={queues}" if queues > 1 else ""), "--", f"--forward-mode={mode}",
                "--stats-period", "10", "--auto-start", "--total-num-mbufs", "32768", "--txpkts", str(size)]
+        if queues > 1:
+            cmd += [f"--rxq={queues}", f"--txq={queues}", "--nb-cores=1"]
         self.log = open(os.path.join(workdir, "peer.log"), "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         deadline = time.time() + 30
@@ -89,19 +91,25 @@ def c_command(s, sock, extra_pmd=""):
     cmode = SCENARIOS[s["scenario"]][1]
     args = [TESTPMD, "--lcores", "0@1,1@1", "--no-pci", *c_memory(s["memory"]),
             "--file-prefix", f"vio-bench-c-{os.getpid()}", "--no-telemetry",
-            "--vdev", f"net_virtio_user0,path={sock},in_order={s['in_order']},packed_vq={int(s['ring'] == 'packed')},queue_size=256{extra_pmd}", "--",
+            "--vdev", f"net_virtio_user0,path={sock},in_order={s['in_order']},packed_vq={int(s['ring'] == 'packed')},queue_size=256"
+            + (f",queues={s['queues']}" if s["queues"] > 1 else "") + extra_pmd, "--",
             f"--forward-mode={cmode}", "--stats-period", "1", "--auto-start", "--txd", "256", "--rxd", "256",
             "--total-num-mbufs", "16384", "--txpkts", str(s["size"])]
+    if s["queues"] > 1:
+        # Every queue pair on the one forwarding lcore, as vio runs them.
+        args += [f"--rxq={s['queues']}", f"--txq={s['queues']}", "--nb-cores=1"]
     if cmode == "io":
         args.append("--tx-first")
     return args
 
 
-def vio_command(s, sock, seconds=None, count=None, memory=None):
+def vio_command(s, sock, seconds=None, count=None, memory=None, binary=None):
     vmode = SCENARIOS[s["scenario"]][2]
     memory = memory or s["memory"]
-    args = [VIO, "fwd", "--port", f"vhost:{sock}", "--mode", vmode, "--ring-size", "256", "--ring", s["ring"],
+    args = [binary or VIO, "fwd", "--port", f"vhost:{sock}", "--mode", vmode, "--ring-size", "256", "--ring", s["ring"],
             "--memory", memory, "--size", str(min(s["size"], 2048))]
+    if s["queues"] > 1:
+        args += ["--queues", str(s["queues"])]
     if memory == "nohuge":
         args += ["--memory-mb", "128", "--mbufs", "8192"]
     if seconds:
@@ -133,10 +141,10 @@ def run_c(s, sock, seconds, workdir):
     return rates[2:2 + seconds - 1], (float(cyc[-1]) if cyc else None)
 
 
-def run_vio(s, sock, seconds, workdir):
+def run_vio(s, sock, seconds, workdir, binary=None):
     log = os.path.join(workdir, "v.log")
     with open(log, "w") as f:
-        subprocess.run(["taskset", "-c", "1", *vio_command(s, sock, seconds=seconds + 1), "--record-cycles"],
+        subprocess.run(["taskset", "-c", "1", *vio_command(s, sock, seconds=seconds + 1, binary=binary), "--record-cycles"],
                        stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=seconds + 60)
     text = open(log).read()
     col = SCENARIOS[s["scenario"]][3]
@@ -210,12 +218,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=5, help="measured seconds per run")
-    ap.add_argument("--matrix", default="default", choices=["default", "quick", "full", "packed"])
+    ap.add_argument("--matrix", default="default", choices=["default", "quick", "full", "packed", "mq"])
+    ap.add_argument("--against", metavar="VIO", help="another vio build (e.g. the previous commit's release vio), run "
+                    "alternately with this one on every 1-queue row: its median and this build's ratio to it")
     ap.add_argument("--no-callgrind", action="store_true")
     ap.add_argument("--callgrind-seconds", type=int, default=20)
     ap.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
-    ap.add_argument("--only", action="append", default=[], metavar="SCENARIO:SIZE:IN_ORDER:MEMORY[:RING]",
-                    help="run just these rows, e.g. txonly:1518:1:hugepages or rxonly:64:1:hugepages:packed (repeatable)")
+    ap.add_argument("--only", action="append", default=[], metavar="SCENARIO:SIZE:IN_ORDER:MEMORY[:RING[:QUEUES]]",
+                    help="run just these rows, e.g. txonly:1518:1:hugepages or rxonly:64:1:hugepages:packed:4 (repeatable)")
     args = ap.parse_args()
 
     if not os.path.exists(VIO):
@@ -227,12 +237,16 @@ def main():
     elif args.matrix == "packed":
         # Both layouts, in order and not, 64 bytes: which layout wins here.
         matrix = [(sc, 64, io, huge, ring) for io in (1, 0) for ring in ("split", "packed") for sc in scenarios]
+    elif args.matrix == "mq":
+        # 1, 2 and 4 queue pairs on one lcore each side, both layouts, 64 B in order.
+        matrix = [(sc, 64, 1, huge, ring, q) for ring in ("packed", "split") for q in (1, 2, 4) for sc in scenarios]
     elif args.matrix == "full":
         matrix = [(sc, sz, io, mem, ring) for ring in ("split", "packed") for sc in scenarios for sz in (64, 1518)
                   for io in (1, 0) for mem in dict.fromkeys((huge, "nohuge"))]
     else:
         matrix = [(sc, 64, 1, huge, "split") for sc in scenarios]
         matrix += [(sc, 64, 1, huge, "packed") for sc in scenarios]
+        matrix += [(sc, 64, 1, huge, "packed", q) for q in (2, 4) for sc in scenarios]
         matrix += [(sc, 1518, 1, huge, "split") for sc in scenarios]
         matrix += [(sc, 64, 0, huge, ring) for ring in ("split", "packed") for sc in scenarios]
         if huge == "hugepages":
@@ -243,17 +257,22 @@ def main():
             parts = spec.split(":")
             if len(parts) == 4:
                 parts.append("split")
-            if len(parts) != 5 or parts[0] not in SCENARIOS or parts[3] not in ("hugepages", "nohuge") \
-                    or parts[4] not in ("split", "packed"):
+            if len(parts) == 5:
+                parts.append("1")
+            if len(parts) != 6 or parts[0] not in SCENARIOS or parts[3] not in ("hugepages", "nohuge") \
+                    or parts[4] not in ("split", "packed") or not parts[5].isdigit():
                 sys.exit(f"bench: bad --only {spec}")
-            sc, sz, io, mem, ring = parts
-            matrix.append((sc, int(sz), int(io), mem, ring))
+            sc, sz, io, mem, ring, q = parts
+            matrix.append((sc, int(sz), int(io), mem, ring, int(q)))
     workdir = tempfile.mkdtemp(prefix="vio-bench.")
     results = []
-    for (sc, size, in_order, memory, ring) in matrix:
-        s = dict(scenario=sc, size=size, in_order=in_order, memory=memory, ring=ring)
-        peer = Peer(SCENARIOS[sc][0], size, memory, workdir)
-        c_rates, v_rates, c_cyc, v_cyc = [], [], [], []
+    for entry in matrix:
+        sc, size, in_order, memory, ring = entry[:5]
+        queues = entry[5] if len(entry) > 5 else 1
+        s = dict(scenario=sc, size=size, in_order=in_order, memory=memory, ring=ring, queues=queues)
+        peer = Peer(SCENARIOS[sc][0], size, memory, workdir, queues=queues)
+        c_rates, v_rates, c_cyc, v_cyc, a_rates = [], [], [], [], []
+        against = args.against if queues == 1 else None
         try:
             for _ in range(args.rounds):
                 r, cy = run_c(s, peer.sock, args.seconds, workdir)
@@ -262,8 +281,11 @@ def main():
                 r, cy = run_vio(s, peer.sock, args.seconds, workdir)
                 v_rates += r
                 if cy: v_cyc.append(cy)
+                if against:
+                    r, _ = run_vio(s, peer.sock, args.seconds, workdir, binary=against)
+                    a_rates += r
             ci = vi = None
-            if not args.no_callgrind and size == 64 and memory == huge and in_order == 1:
+            if not args.no_callgrind and size == 64 and memory == huge and in_order == 1 and queues == 1:
                 ci, _ = callgrind_c(s, peer.sock, workdir, args.callgrind_seconds)
                 vi, _ = callgrind_vio(s, peer.sock, workdir, 1_000_000)
         finally:
@@ -272,7 +294,9 @@ def main():
                    swift_best=max(v_rates, default=0), c_samples=len(c_rates), swift_samples=len(v_rates),
                    ratio=(med(v_rates) / med(c_rates)) if med(c_rates) else 0,
                    c_cycles=med(c_cyc) if c_cyc else None, swift_cycles=med(v_cyc) if v_cyc else None,
-                   c_instructions=ci, swift_instructions=vi)
+                   c_instructions=ci, swift_instructions=vi,
+                   against_mpps=med(a_rates) if a_rates else None,
+                   vs_against=(med(v_rates) / med(a_rates)) if a_rates and med(a_rates) else None)
         results.append(row)
         print(fmt_row(row), flush=True)
 
@@ -301,15 +325,17 @@ def cpu_model():
 
 
 def header():
-    return ("| scenario | ring | size | in_order | memory | C Mpps (median) | C best | Swift Mpps (median) | Swift best | Swift/C | "
-            "C cycles/pkt | Swift cycles/pkt | C instr/pkt | Swift instr/pkt |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    return ("| scenario | ring | queues | size | in_order | memory | C Mpps (median) | C best | Swift Mpps (median) | Swift best | Swift/C | "
+            "C cycles/pkt | Swift cycles/pkt | C instr/pkt | Swift instr/pkt | previous build Mpps | vs previous |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 
 
 def fmt_row(r):
     f = lambda v, d=2: "–" if v is None else f"{v:.{d}f}"
-    return (f"| {r['scenario']} | {r.get('ring', 'split')} | {r['size']} | {r['in_order']} | {r['memory']} | {f(r['c_mpps'])} | {f(r['c_best'])} | "
+    return (f"| {r['scenario']} | {r.get('ring', 'split')} | {r.get('queues', 1)} | {r['size']} | {r['in_order']} | {r['memory']} | {f(r['c_mpps'])} | {f(r['c_best'])} | "
             f"{f(r['swift_mpps'])} | {f(r['swift_best'])} | **{f(r['ratio'])}** | {f(r['c_cycles'], 0)} | "
-            f"{f(r['swift_cycles'], 0)} | {f(r['c_instructions'], 0)} | {f(r['swift_instructions'], 0)} |")
+            f"{f(r['swift_cycles'], 0)} | {f(r['c_instructions'], 0)} | {f(r['swift_instructions'], 0)} | "
+            f"{f(r.get('against_mpps'))} | {f(r.get('vs_against'))} |")
 
 
 def plot(results, path, doc):
@@ -327,7 +353,7 @@ def plot(results, path, doc):
         except Exception:
             print("bench: matplotlib is not available; no plot written", file=sys.stderr)
             return
-    labels = [f"{r['scenario']} {r.get('ring', 'split')}\n{r['size']}B io={r['in_order']}\n{r['memory']}" for r in results]
+    labels = [f"{r['scenario']} {r.get('ring', 'split')} q{r.get('queues', 1)}\n{r['size']}B io={r['in_order']}\n{r['memory']}" for r in results]
     x = range(len(results))
     fig, ax = plt.subplots(figsize=(max(8, 1.2 * len(results)), 5))
     ax.bar([i - 0.2 for i in x], [r["c_mpps"] for r in results], 0.4, label="C virtio_user (median)")

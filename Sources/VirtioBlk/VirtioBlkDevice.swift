@@ -40,15 +40,21 @@ public protocol VirtioBlkDeviceBody {
 }
 
 /// Opens the virtio-blk device on `transport` with the layout `options.ring` resolves to and runs
-/// `body` with it, specialised for that layout.
+/// `body` with it, specialised for that layout (inlinable: in the caller's module).
+@inlinable
 public func openVirtioBlkDevice<Body: VirtioBlkDeviceBody>(transport: any VirtioTransport, options: VirtioBlkOptions = VirtioBlkOptions(),
                                                           logger: Logger = Logger(label: "virtio-blk"), _ body: Body) throws -> Body.Output {
     guard let layout = options.ring.resolve(offered: transport.deviceFeatures) else { throw VirtioBlkError.layoutNotOffered(options.ring) }
     return try layout.dispatch(BlkOpener(transport: transport, options: options, logger: logger, body: body))
 }
 
-private struct BlkOpener<Body: VirtioBlkDeviceBody>: VirtqueueLayoutBody {
-    let transport: any VirtioTransport, options: VirtioBlkOptions, logger: Logger, body: Body
+@usableFromInline
+struct BlkOpener<Body: VirtioBlkDeviceBody>: VirtqueueLayoutBody {
+    @usableFromInline let transport: any VirtioTransport, options: VirtioBlkOptions, logger: Logger, body: Body
+    @inlinable init(transport: any VirtioTransport, options: VirtioBlkOptions, logger: Logger, body: Body) {
+        self.transport = transport; self.options = options; self.logger = logger; self.body = body
+    }
+    @inlinable
     func run<R: Virtqueue & ~Copyable>(_: R.Type) throws -> Body.Output {
         try body.run(try VirtioBlkDevice<R>(transport: transport, options: options, logger: logger))
     }

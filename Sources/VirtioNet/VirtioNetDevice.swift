@@ -43,32 +43,52 @@ public struct VirtioNetOpenError: Error, CustomStringConvertible {
 
 /// Opens every transport's virtio-net device with one ring layout (`options.ring`, resolved over
 /// all of them: `auto` is packed only if every device offers it) and runs `body` with them,
-/// specialised for that layout. Device k is port `options.portID + k`.
+/// specialised for that layout. Device k is port `options.portID + k`. Inlinable: the body is
+/// specialised in the caller's module, so its loops call the ports' bursts directly.
+@inlinable
 public func openVirtioNetDevices<Body: VirtioNetDeviceBody>(
     _ transports: [any VirtioTransport], pool: PacketPool, options: VirtioNetOptions = VirtioNetOptions(),
     logger: Logger = Logger(label: "virtio-net"), _ body: Body) throws -> Body.Output
 {
-    guard let layout = options.ring.resolve(offeredByAll: transports.map(\.deviceFeatures)) else {
-        let i = transports.firstIndex { options.ring.resolve(offered: $0.deviceFeatures) == nil } ?? 0
-        throw VirtioNetOpenError(device: i, error: VirtioNetError.layoutNotOffered(options.ring.rawValue))
-    }
+    let layout = try resolveLayout(transports, options.ring)
     return try layout.dispatch(NetOpener(transports: transports, pool: pool, options: options, logger: logger, body: body))
 }
 
-private struct NetOpener<Body: VirtioNetDeviceBody>: VirtqueueLayoutBody {
-    let transports: [any VirtioTransport], pool: PacketPool, options: VirtioNetOptions, logger: Logger, body: Body
-    func run<R: Virtqueue & ~Copyable>(_: R.Type) throws -> Body.Output {
-        var devices: [VirtioNetDevice<R>] = []
-        for (i, t) in transports.enumerated() {
-            var o = options
-            o.portID = options.portID &+ UInt16(truncatingIfNeeded: i)
-            do { devices.append(try VirtioNetDevice<R>(transport: t, pool: pool, options: o, logger: logger)) } catch {
-                for d in devices { d.stop() }
-                throw VirtioNetOpenError(device: i, error: error)
-            }
-        }
-        return try body.run(devices)
+@usableFromInline
+func resolveLayout(_ transports: [any VirtioTransport], _ ring: RingLayoutChoice) throws -> RingLayoutChoice {
+    guard let layout = ring.resolve(offeredByAll: transports.map(\.deviceFeatures)) else {
+        let i = transports.firstIndex { ring.resolve(offered: $0.deviceFeatures) == nil } ?? 0
+        throw VirtioNetOpenError(device: i, error: VirtioNetError.layoutNotOffered(ring.rawValue))
     }
+    return layout
+}
+
+@usableFromInline
+struct NetOpener<Body: VirtioNetDeviceBody>: VirtqueueLayoutBody {
+    @usableFromInline let transports: [any VirtioTransport], pool: PacketPool, options: VirtioNetOptions, logger: Logger, body: Body
+    @inlinable init(transports: [any VirtioTransport], pool: PacketPool, options: VirtioNetOptions, logger: Logger, body: Body) {
+        self.transports = transports; self.pool = pool; self.options = options; self.logger = logger; self.body = body
+    }
+    @inlinable
+    func run<R: Virtqueue & ~Copyable>(_: R.Type) throws -> Body.Output {
+        try body.run(try openDevices(R.self, transports, pool: pool, options: options, logger: logger))
+    }
+}
+
+/// Opens each transport's device as `VirtioNetDevice<R>`; on a failure the ones opened are stopped.
+@usableFromInline
+func openDevices<R: Virtqueue & ~Copyable>(_: R.Type, _ transports: [any VirtioTransport], pool: PacketPool, options: VirtioNetOptions,
+                                          logger: Logger) throws -> [VirtioNetDevice<R>] {
+    var devices: [VirtioNetDevice<R>] = []
+    for (i, t) in transports.enumerated() {
+        var o = options
+        o.portID = options.portID &+ UInt16(truncatingIfNeeded: i)
+        do { devices.append(try VirtioNetDevice<R>(transport: t, pool: pool, options: o, logger: logger)) } catch {
+            for d in devices { d.stop() }
+            throw VirtioNetOpenError(device: i, error: error)
+        }
+    }
+    return devices
 }
 
 /// A virtio-net device (VIRTIO 1.2 §5.1) on the shared device core: negotiation, config space
@@ -121,11 +141,13 @@ public final class VirtioNetDevice<Ring: Virtqueue & ~Copyable>: @unchecked Send
         if options.allowInOrder { wanted.insert(.inOrder) }
         if options.allowMergeableRxBuffers || t.isLegacy { wanted.insert(.netMergeableRxBuffers) }
         if t.hasConfigSpace { wanted.formUnion([.netMAC, .netMTU]) }
+        // MQ only for more than one pair (as DPDK's virtio_user): one pair needs no steering.
+        let multiQueue = options.queuePairs > 1
         if t.carriesControlQueue {
             // MQ needs the control queue (§5.1.3.1); the RX mode and MAC commands ride on it.
             wanted.formUnion([.netControlQueue, .netControlRx, .netControlMACAddress])
-            if offered.contains(.netControlQueue) { wanted.insert(.netMultiQueue) }
-        } else {
+            if multiQueue && offered.contains(.netControlQueue) { wanted.insert(.netMultiQueue) }
+        } else if multiQueue {
             // The frontend carries the control queue; the backend needs only MQ to serve N pairs.
             wanted.insert(.netMultiQueue)
         }
@@ -168,31 +190,31 @@ public final class VirtioNetDevice<Ring: Virtqueue & ~Copyable>: @unchecked Send
                 limit = n
             }
         }
-        if case .virtqueues(let n)? = t.queueLimit {
-            // A PCI device's num_queues must hold the pairs and the control queue after them.
-            let control = chosen.contains(.netControlQueue) ? 1 : 0
-            guard n >= 2 * limit + control else {
-                throw VirtioNetError.badConfig("num_queues \(n) cannot hold \(limit) queue pair(s)\(control == 1 ? " and the control queue" : "")")
-            }
-        }
         guard options.queuePairs <= limit else {
             throw VirtioNetError.invalidQueuePairs(requested: options.queuePairs, max: limit,
-                                                   why: chosen.contains(.netMultiQueue) ? "the device offers \(limit)" : "the device does not offer VIRTIO_NET_F_MQ")
+                                                   why: chosen.contains(.netMultiQueue) ? "the device offers \(limit)"
+                                                       : "the device does not offer VIRTIO_NET_F_MQ\(t.carriesControlQueue ? " with a control queue" : "")")
         }
         var specs = (0..<(2 * options.queuePairs)).map { VirtqueueSpec(index: $0, size: options.ringSize) }
         var transportQueues = 2 * options.queuePairs
         if chosen.contains(.netControlQueue) {
             // The control queue follows the device's largest pair count (§5.1.2: index 2N).
             let index = 2 * limit
-            let max = t.maxQueueSize(index) ?? 64
-            guard max >= 1 else { throw VirtioNetError.badConfig("the control queue \(index) has size 0") }
-            let size = t.isLegacy ? max : Swift.min(64, max)
-            guard size & (size - 1) == 0 else { throw VirtioNetError.badConfig("control queue size \(size) is not a power of two") }
-            specs.append(VirtqueueSpec(index: index, size: size))
+            // Its size is read after FEATURES_OK (QEMU adds the MQ queues then); at most 64.
+            specs.append(.deviceSized(index: index, atMost: 64))
             transportQueues = index + 1
         }
         let core = try VirtioDevice<Ring>(transport: t, negotiation: negotiation, queues: specs,
                                           transportQueueCount: transportQueues, queuesPerUnit: 2, memory: memory)
+        if case .virtqueues(let n)? = t.queueLimit {
+            // A PCI device's num_queues (read after FEATURES_OK: it may follow MQ) must hold the
+            // pairs and the control queue after them.
+            let control = chosen.contains(.netControlQueue) ? 1 : 0
+            guard n >= 2 * limit + control else {
+                core.stop(reason: "bad queue count")
+                throw VirtioNetError.badConfig("num_queues \(n) cannot hold \(limit) queue pair(s)\(control == 1 ? " and the control queue" : "")")
+            }
+        }
         control = chosen.contains(.netControlQueue) ? try NetControlQueue(core: core, slot: specs.count - 1) : nil
         try core.start()
         self.core = core

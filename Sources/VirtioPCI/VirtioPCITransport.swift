@@ -17,7 +17,9 @@ public final class VirtioPCITransport: VirtioTransport, @unchecked Sendable {
     public let deviceType: Int
     public private(set) var deviceFeatures: VirtioFeatures
     public private(set) var negotiatedFeatures: VirtioFeatures = []
-    public let queueLimit: QueueLimit?
+    /// num_queues, read when asked: QEMU's virtio-net changes it when VIRTIO_NET_F_MQ is accepted
+    /// (3 before FEATURES_OK, 2·max_virtqueue_pairs + 1 after).
+    public var queueLimit: QueueLimit? { interface.queueCount.map(QueueLimit.virtqueues) }
     let logger: Logger
     /// VA range → IOVA, nil when the range is not IOVA-contiguous DPDK memory.
     let translate: (UInt64, Int) -> UInt64?
@@ -131,7 +133,6 @@ public final class VirtioPCITransport: VirtioTransport, @unchecked Sendable {
             throw VirtioPCIError.missingVersion1
         }
         deviceFeatures = offered
-        queueLimit = interface.queueCount.map(QueueLimit.virtqueues)
         logger.debug("virtio-pci \(address): \(interface.isLegacy ? "legacy" : "modern") interface, device features \(offered)")
     }
 
@@ -159,7 +160,6 @@ public final class VirtioPCITransport: VirtioTransport, @unchecked Sendable {
     /// §3.1.1 steps 4–6: write the features, set FEATURES_OK and check the device kept it.
     public func negotiate(_ features: VirtioFeatures, queueCount: Int) throws {
         precondition(deviceFeatures.isSuperset(of: features), "negotiating features the device does not offer")
-        if let m = queueLimit?.value, queueCount > m { throw VirtioPCIError.tooManyQueues(requested: queueCount, device: m) }
         interface.setDriverFeatures(features.rawValue)
         if !interface.isLegacy {
             let s = DeviceStatus([.acknowledge, .driver, .featuresOK]).rawValue
@@ -168,6 +168,12 @@ public final class VirtioPCITransport: VirtioTransport, @unchecked Sendable {
                 interface.setStatus(interface.status | DeviceStatus.failed.rawValue)
                 throw VirtioPCIError.featuresRejected(features.rawValue)
             }
+        }
+        // Checked after FEATURES_OK: the number of queues may depend on the features (QEMU's
+        // virtio-net adds its pairs when MQ is accepted).
+        if let m = queueLimit?.value, queueCount > m {
+            interface.setStatus(interface.status | DeviceStatus.failed.rawValue)
+            throw VirtioPCIError.tooManyQueues(requested: queueCount, device: m)
         }
         negotiatedFeatures = features
         self.queueCount = queueCount

@@ -66,8 +66,10 @@ struct BlkJob<Ring: Virtqueue & ~Copyable>: ~Copyable {
     var verifyCursor = 0
     var r: BlkbenchReport
     var failure: String?
-    /// Whether this job prints the live line (the main lcore's, for every lcore's jobs).
+    /// Whether this job prints the live line (only the main lcore's job does), and what it adds
+    /// to it (with several lcores: "lcore 0 of N", since the line counts that lcore's share).
     var printStats = true
+    var statsLabel = ""
     /// Set by any lcore's job that fails, so the others stop issuing.
     var shared: RunControl?
 
@@ -279,7 +281,7 @@ struct BlkJob<Ring: Virtqueue & ~Copyable>: ~Copyable {
                 let s = tick.seconds
                 print(String(format: "%@ %dk qd%d: %.0f IOPS, %.1f MiB/s, latency p50 %.1f µs p99 %.1f µs",
                              p.rw.rawValue, p.bs / 1024, p.iodepth, Double(ios - beforeIOs) / s, Double(bytesDone - beforeBytes) / s / 1_048_576,
-                             Double(latency.valueAtPercentile(50)) / 1000, Double(latency.valueAtPercentile(99)) / 1000))
+                             Double(latency.valueAtPercentile(50)) / 1000, Double(latency.valueAtPercentile(99)) / 1000) + statsLabel)
                 beforeIOs = ios; beforeBytes = bytesDone
             }
         }

@@ -158,7 +158,8 @@ extension Blkbench {
                 let qs = Array(stride(from: l, to: dev.queueCount, by: lanes))
                 (jobs + l).initialize(to: BlkJob<Ring>(device: dev, queueIndices: qs, params: pl,
                                                       data: data.pointer + slotBase * bs, memory: memory))
-                jobs[l].printStats = lanes == 1
+                jobs[l].printStats = l == 0
+                if lanes > 1 { jobs[l].statsLabel = " (lcore 0 of \(lanes))" }
                 jobs[l].shared = control
                 slotBase += qs.count * iodepth
             }

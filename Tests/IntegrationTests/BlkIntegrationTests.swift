@@ -203,6 +203,41 @@ final class BlkIntegrationTests: XCTestCase {
         XCTAssertGreaterThan(r.int("verified") ?? 0, 100)
     }
 
+    /// `--queues 2 --lcores 0,1`: one lcore per queue, each on its own half of the region; every
+    /// read of a written block verified, every written block read back.
+    func testTwoQueuesOnTwoLcores() throws {
+        let dir = try TempDir()
+        let dev = try StorageDaemon(.file(try image(dir, megabytes: 32)), dir: dir, queues: 2)
+        let r = try Vio.run(["blkbench", "--dev", "vhost-user-blk:\(dev.socket)", "--rw", "randrw", "--queues", "2", "--lcores", "0,1",
+                             "--iodepth", "8", "--size", "16m", "--runtime", "2s", "--verify"] + noHuge, dir: dir, timeout: 60, cpus: "0,1")
+        XCTAssertEqual(r.status, 0, "\(r)")
+        XCTAssertEqual(r.json?["queues"] as? Int, 2, "\(r)")
+        XCTAssertEqual(r.json?["lcores"] as? Int, 2, "\(r)")
+        XCTAssertEqual(r.int("verifyErrors"), 0)
+        XCTAssertGreaterThan(r.int("verified") ?? 0, 100)
+        XCTAssertGreaterThan(r.int("reads") ?? 0, 100)
+        XCTAssertGreaterThan(r.int("writes") ?? 0, 100)
+        XCTAssertEqual(r.int("slotsOutstandingAtExit"), 0, "\(r)")
+    }
+
+    /// The daemon dies under two lcores' queues: the queue that notices stops the device, the other
+    /// lcore's queue fails its requests too (one link), and the run ends with status 2, promptly.
+    func testBackendKilledUnderTwoLcores() throws {
+        let dir = try TempDir()
+        let dev = try StorageDaemon(.null(megabytes: 1024), dir: dir, queues: 2)
+        let vio = try Vio(["blkbench", "--dev", "vhost-user-blk:\(dev.socket)", "--rw", "randread", "--bs", "4k", "--iodepth", "16",
+                           "--queues", "2", "--lcores", "0,1", "--runtime", "60s"] + noHuge, dir: dir, cpus: "0,1")
+        XCTAssertTrue(vio.waitForOutput("IOPS"), "blkbench never reported progress")
+        dev.kill()
+        let killed = Date()
+        let r = vio.wait(timeout: 15)
+        XCTAssertFalse(r.timedOut, "blkbench hung after the daemon died: \(r)")
+        XCTAssertLessThan(Date().timeIntervalSince(killed), 5)
+        XCTAssertEqual(r.status, 2, "\(r)")
+        XCTAssertGreaterThan(r.int("failedInFlight") ?? 0, 16, "both queues' requests failed: \(r)")
+        XCTAssertEqual(r.int("slotsOutstandingAtExit"), 0, "\(r)")
+    }
+
     /// EVENT_IDX and indirect descriptors are negotiated with qemu-storage-daemon, IN_ORDER is
     /// not offered (so the out-of-order ring path carries blk).
     func testNegotiatedFeatures() throws {

@@ -311,17 +311,20 @@ final class NetPortTests: XCTestCase {
     func testBadQueueConfigIsRefused() throws {
         let pool = try InProcessEAL.pool(count: 4096)
         let offered: VirtioFeatures = [.version1, .netMultiQueue, .netControlQueue]
+        // MQ (and so max_virtqueue_pairs) is negotiated only for more than one pair.
+        let twoPairs = { var o = VirtioNetOptions(); o.ringSize = 64; o.queuePairs = 2; return o }()
         func attempt(maxPairs: UInt16, numQueues: Int) -> String {
             var config = [UInt8](repeating: 0, count: 12)
             config[8] = UInt8(maxPairs & 0xff); config[9] = UInt8(maxPairs >> 8)
             let t = FakeTransport(offered: offered, config: config, queueLimit: .virtqueues(numQueues), carriesControlQueue: true)
-            do { _ = try VirtioNetDevice<SplitVirtqueue>(transport: t, pool: pool, options: { var o = VirtioNetOptions(); o.ringSize = 64; return o }()); return "opened" } catch { return "\(error)" }
+            do { _ = try VirtioNetDevice<SplitVirtqueue>(transport: t, pool: pool, options: twoPairs); return "opened" } catch { return "\(error)" }
         }
         XCTAssertEqual(attempt(maxPairs: 0, numQueues: 3), "virtio-net device config: max_virtqueue_pairs is 0 (must be 1...32768)")
         XCTAssertEqual(attempt(maxPairs: 0x8001, numQueues: 0xffff), "virtio-net device config: max_virtqueue_pairs is 32769 (must be 1...32768)")
+        XCTAssertEqual(attempt(maxPairs: 1, numQueues: 3), "2 queue pair(s) requested, at most 1: the device offers 1")
         XCTAssertEqual(attempt(maxPairs: 4, numQueues: 5), "virtio-net device config: num_queues 5 cannot hold 4 queue pair(s) and the control queue")
         let vu = FakeTransport(offered: [.version1, .netMultiQueue], queueLimit: .deviceUnits(0x9000))
-        XCTAssertThrowsError(try VirtioNetDevice<SplitVirtqueue>(transport: vu, pool: pool, options: { var o = VirtioNetOptions(); o.ringSize = 64; return o }())) { e in
+        XCTAssertThrowsError(try VirtioNetDevice<SplitVirtqueue>(transport: vu, pool: pool, options: twoPairs)) { e in
             XCTAssertEqual("\(e)", "virtio-net device config: the backend supports 36864 queue pairs (must be 1...32768)")
         }
     }

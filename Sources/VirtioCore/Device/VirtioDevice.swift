@@ -52,6 +52,8 @@ public protocol VirtqueueLayoutBody {
 
 extension RingLayoutChoice {
     /// Runs `body` with the ring type of this layout (`.auto` counts as split here: resolve first).
+    /// Inlinable, so the caller's body is specialised for each layout in the caller's module.
+    @inlinable
     public func dispatch<Body: VirtqueueLayoutBody>(_ body: Body) throws -> Body.Output {
         switch self {
         case .packed: try body.run(PackedVirtqueue.self)
@@ -74,8 +76,17 @@ extension RingLayoutChoice {
 /// One virtqueue a device uses: its index at the device and its size.
 public struct VirtqueueSpec: Sendable, Equatable {
     public var index: Int
+    /// The ring size, or 0: the device's own size for this queue (read after FEATURES_OK), at
+    /// most `sizeLimit` (a legacy device fixes it: then exactly the device's).
     public var size: Int
-    public init(index: Int, size: Int) { self.index = index; self.size = size }
+    public var sizeLimit: Int
+    public init(index: Int, size: Int) { self.index = index; self.size = size; sizeLimit = size }
+    /// A queue whose size the device decides, up to `atMost` (a net control queue).
+    public static func deviceSized(index: Int, atMost: Int) -> VirtqueueSpec {
+        var s = VirtqueueSpec(index: index, size: 0)
+        s.sizeLimit = atMost
+        return s
+    }
 }
 
 /// The device core shared by every device type (net, blk): what VIRTIO 1.2 §3.1.1 asks of a driver
@@ -89,6 +100,7 @@ public struct VirtqueueSpec: Sendable, Equatable {
 public final class VirtioDevice<Ring: Virtqueue & ~Copyable>: @unchecked Sendable {
     public let transport: any VirtioTransport
     public let features: VirtioFeatures
+    /// The queues, each with its final size.
     public let queues: [VirtqueueSpec]
     /// How descriptors address memory: process virtual (vhost-user) or IOVA (virtio-pci).
     public let addressing: BufferAddressing
@@ -112,12 +124,21 @@ public final class VirtioDevice<Ring: Virtqueue & ~Copyable>: @unchecked Sendabl
         precondition(Ring.layoutFeatures.isSubset(of: negotiation.chosen), "ring layout \(Ring.layoutName) was not negotiated")
         self.transport = transport
         features = negotiation.chosen
-        self.queues = queues
         addressing = transport.bufferAddressing
         self.allocator = allocator
         try transport.negotiate(negotiation.chosen, queueCount: transportQueueCount ?? (queues.map(\.index).max().map { $0 + 1 } ?? 0),
                                 queuesPerUnit: queuesPerUnit)
-        ringMemory = try queues.map { try allocator.allocate(bytes: try Ring.ringBytes(size: $0.size)) }
+        // Sizes the device decides are read now: some queues exist only once features are set.
+        self.queues = try queues.map { q in
+            guard q.size == 0 else { return q }
+            let max = transport.maxQueueSize(q.index) ?? q.sizeLimit
+            let size = transport.isLegacy ? max : Swift.min(q.sizeLimit, max)
+            guard size > 0, size & (size - 1) == 0, size <= 32768 else {
+                throw VirtioDeviceError.invalidQueueCount(device: transport.deviceDescription, "queue \(q.index) has size \(max)")
+            }
+            return VirtqueueSpec(index: q.index, size: size)
+        }
+        ringMemory = try self.queues.map { try allocator.allocate(bytes: try Ring.ringBytes(size: $0.size)) }
         taken = Array(repeating: false, count: queues.count)
         transport.attach(link)
     }
