@@ -135,40 +135,33 @@ final class Peer {
     func stop() throws -> Stats {
         guard !server.stopped else { throw TestFailure("peer already stopped") }
         server.interrupt()
-        let text = (try? String(contentsOfFile: server.log, encoding: .utf8)) ?? ""
-        guard let r = text.range(of: "Forward statistics for port 0", options: .backwards) else {
-            throw TestFailure("no final statistics in the peer's log: \(tail())")
-        }
-        let section = text[r.upperBound...]
-        func number(after key: String) -> UInt64? {
-            guard let k = section.range(of: key) else { return nil }
-            return UInt64(section[k.upperBound...].drop { $0 == " " }.prefix { $0.isNumber })
-        }
-        guard let rx = number(after: "RX-packets:"), let tx = number(after: "TX-packets:") else {
-            throw TestFailure("cannot parse the peer's statistics: \(section.prefix(400))")
-        }
-        return Stats(rx: rx, tx: tx)
+        return try counters(after: "Forward statistics for port 0", what: "the peer's final statistics")
     }
 
     /// The per-stream counters testpmd prints at the stop with several queues ("Forward Stats for
     /// RX Port= 0/Queue= q -> TX Port= 0/Queue= q"), after `stop()`: what the peer received on
     /// queue q and sent on queue q.
     func streamStats(queues: Int) throws -> [Stats] {
-        let text = (try? String(contentsOfFile: server.log, encoding: .utf8)) ?? ""
-        return try (0..<queues).map { q in
-            guard let r = text.range(of: "Forward Stats for RX Port= 0/Queue= \(q) ", options: .backwards) else {
-                throw TestFailure("no stream statistics for queue \(q) in the peer's log: \(tail())")
-            }
-            let section = text[r.upperBound...].prefix(400)
-            func number(after key: String) -> UInt64? {
-                guard let k = section.range(of: key) else { return nil }
-                return UInt64(section[k.upperBound...].drop { $0 == " " }.prefix { $0.isNumber })
-            }
-            guard let rx = number(after: "RX-packets:"), let tx = number(after: "TX-packets:") else {
-                throw TestFailure("cannot parse the stream statistics of queue \(q): \(section)")
-            }
-            return Stats(rx: rx, tx: tx)
+        try (0..<queues).map { q in
+            try counters(after: "Forward Stats for RX Port= 0/Queue= \(q) ", what: "the stream statistics of queue \(q)")
         }
+    }
+
+    /// RX-packets and TX-packets of the last section of the peer's log that starts with `heading`.
+    private func counters(after heading: String, what: String) throws -> Stats {
+        let text = (try? String(contentsOfFile: server.log, encoding: .utf8)) ?? ""
+        guard let r = text.range(of: heading, options: .backwards) else {
+            throw TestFailure("no \(what) in the peer's log: \(tail())")
+        }
+        let section = text[r.upperBound...].prefix(400)
+        func number(after key: String) -> UInt64? {
+            guard let k = section.range(of: key) else { return nil }
+            return UInt64(section[k.upperBound...].drop { $0 == " " }.prefix { $0.isNumber })
+        }
+        guard let rx = number(after: "RX-packets:"), let tx = number(after: "TX-packets:") else {
+            throw TestFailure("cannot parse \(what): \(section)")
+        }
+        return Stats(rx: rx, tx: tx)
     }
 
     func kill() { server.kill() }
