@@ -274,14 +274,24 @@ def main():
         c_rates, v_rates, c_cyc, v_cyc, a_rates = [], [], [], [], []
         against = args.against if queues == 1 else None
         try:
+            def fresh():
+                # echo is a closed loop of the injected bursts: what the peer still holds from the
+                # last driver would join the next one's loop, so each echo run gets a fresh peer.
+                nonlocal peer
+                if sc == "echo":
+                    peer.stop()
+                    peer = Peer(SCENARIOS[sc][0], size, memory, workdir, queues=queues)
             for _ in range(args.rounds):
+                fresh()
                 r, cy = run_c(s, peer.sock, args.seconds, workdir)
                 c_rates += r
                 if cy: c_cyc.append(cy)
+                fresh()
                 r, cy = run_vio(s, peer.sock, args.seconds, workdir)
                 v_rates += r
                 if cy: v_cyc.append(cy)
                 if against:
+                    fresh()
                     r, _ = run_vio(s, peer.sock, args.seconds, workdir, binary=against)
                     a_rates += r
             ci = vi = None

@@ -184,6 +184,30 @@ final class NetPortTests: XCTestCase {
     func testTransmitDescriptorsAndChainsSplit() throws { try transmit(SplitVirtqueue.self) }
     func testTransmitDescriptorsAndChainsPacked() throws { try transmit(PackedVirtqueue.self) }
 
+    /// A port made after DRIVER_OK keeps what the device wrote into the rings at start: DPDK's
+    /// vhost turns notifications off then (split: VRING_USED_F_NO_NOTIFY; packed: the device
+    /// event area's DISABLE). Laying a fresh ring over the memory at that point wiped it, and
+    /// every burst then kicked the device (a write() per burst; echo ran at half speed).
+    func suppression<Ring: Virtqueue & ~Copyable>(_ r: Ring.Type) throws {
+        let pool = try InProcessEAL.pool()
+        let (t, d) = try open(r, pool: pool)
+        for q in 0..<2 {
+            if Ring.layout == .packed { try t.packedModel(q).setDeviceEvent(flags: 1) } else { try t.splitModel(q).setNoNotify(true) }
+        }
+        var port = try d.makePort(0)
+        let pkts = UnsafeMutablePointer<Mbuf>.allocate(capacity: 4)
+        defer { pkts.deallocate() }
+        XCTAssertTrue(pool.allocate(pkts, count: 4))
+        for i in 0..<4 { pkts[i].dataLength = 60; pkts[i].packetLength = 60 }
+        XCTAssertEqual(port.txBurst(pkts, count: 4), 4)
+        XCTAssertEqual(t.notifications, 0, "the device asked for no notifications: \(t.notificationsByQueue)")
+        _ = port.close()
+        XCTAssertEqual(pool.inUseCount, 0)
+    }
+
+    func testNotificationSuppressionSurvivesMakingThePortSplit() throws { try suppression(SplitVirtqueue.self) }
+    func testNotificationSuppressionSurvivesMakingThePortPacked() throws { try suppression(PackedVirtqueue.self) }
+
     // MARK: Restart
 
     /// Stop and start on the same connection: every mbuf the rings held is reclaimed, the rings

@@ -109,6 +109,13 @@ public final class VirtioDevice<Ring: Virtqueue & ~Copyable>: @unchecked Sendabl
     /// Ring memory, one region per entry of `queues`; device-type memory (`allocate`) after it.
     private var ringMemory: [any DMARegion]
     private var memory: [any DMARegion] = []
+    /// The rings, laid over their memory once, before the device sees them: a ring handed out
+    /// later is this one, not a fresh one (zeroing the ring again after DRIVER_OK would wipe what
+    /// the device wrote into it by then, such as VRING_USED_F_NO_NOTIFY or its event suppression
+    /// flags, and every burst would then kick the device).
+    private let rings: UnsafeMutablePointer<Ring>
+    /// Where each ring starts, as `start` tells the device.
+    private let initialAddresses: [QueueAddresses]
     private var taken: [Bool]
     /// Whether the device runs. Held while a stop talks to the transport, so a second stopper
     /// (another lcore's queue) returns only once the device has let go of our memory.
@@ -138,12 +145,27 @@ public final class VirtioDevice<Ring: Virtqueue & ~Copyable>: @unchecked Sendabl
             }
             return VirtqueueSpec(index: q.index, size: size)
         }
-        ringMemory = try self.queues.map { try allocator.allocate(bytes: try Ring.ringBytes(size: $0.size)) }
-        taken = Array(repeating: false, count: queues.count)
+        let memory = try self.queues.map { try allocator.allocate(bytes: try Ring.ringBytes(size: $0.size)) }
+        ringMemory = memory
+        let specs = self.queues
+        rings = .allocate(capacity: specs.count)
+        var addresses: [QueueAddresses] = []
+        for (slot, q) in specs.enumerated() {
+            // Sizes and memory were checked by `ringBytes` above.
+            (rings + slot).initialize(to: try! Ring(memory: memory[slot].pointer, size: q.size, inOrder: negotiation.chosen.contains(.inOrder),
+                                                    eventIndex: negotiation.chosen.contains(.eventIndex)))
+            addresses.append(rings[slot].addresses)
+        }
+        initialAddresses = addresses
+        taken = Array(repeating: false, count: specs.count)
         transport.attach(link)
     }
 
-    deinit { stop(reason: "device closed") }
+    deinit {
+        stop(reason: "device closed")
+        for slot in taken.indices where !taken[slot] { (rings + slot).deinitialize(count: 1) }
+        rings.deallocate()
+    }
 
     /// More DMA memory for the device type (blk request slabs, indirect tables, control buffers),
     /// kept as long as the device. Allocate it before `start`: the memory table is sent then.
@@ -161,25 +183,18 @@ public final class VirtioDevice<Ring: Virtqueue & ~Copyable>: @unchecked Sendabl
     public func makeQueue(_ slot: Int) -> Ring {
         precondition(slot >= 0 && slot < queues.count && !taken[slot], "queue \(slot) does not exist or was already taken")
         taken[slot] = true
-        return freshRing(slot)
+        return (rings + slot).move()
     }
 
     /// Whether `makeQueue(slot)` was called.
     public func isTaken(_ slot: Int) -> Bool { taken[slot] }
-
-    private func freshRing(_ slot: Int) -> Ring {
-        // Size and memory were checked when the ring memory was allocated (`ringBytes`).
-        try! Ring(memory: ringMemory[slot].pointer, size: queues[slot].size, inOrder: features.contains(.inOrder),
-                  eventIndex: features.contains(.eventIndex))
-    }
 
     /// Sends the memory table, hands every queue to the device at its reset position and sets
     /// DRIVER_OK (§3.1.1 steps 7–8). The link goes up.
     public func start() throws {
         try transport.setMemory(try allocator.memoryTable())
         for slot in queues.indices {
-            let addresses = freshRing(slot).addresses
-            try transport.setupQueue(queues[slot].index, addresses: addresses)
+            try transport.setupQueue(queues[slot].index, addresses: initialAddresses[slot])
         }
         try transport.start()
         running.withLock { $0 = true }
