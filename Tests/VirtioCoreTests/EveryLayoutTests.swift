@@ -43,7 +43,7 @@ final class EveryLayoutTests: XCTestCase {
     func run(size: Int, burst: Int, _ mode: Completion) throws {
         let what = "\(mode) size \(size) burst \(burst)"
         let inOrder = mode != .outOfOrder
-        let ring = try makeRing(size: size, inOrder: inOrder)
+        let ring = try makeRing(SplitVirtqueue.self, size: size, inOrder: inOrder)
         let device = ring.device
         var q = ring.queue(inOrder: inOrder)
         var rng = SplitMix64(seed: UInt64(size &* 1000 &+ burst))

@@ -31,7 +31,7 @@ final class FaultTests: XCTestCase {
                file: StaticString = #filePath, line: UInt = #line,
                _ fault: (_ device: SplitDeviceModel, _ heads: [Int: UInt32], _ q: inout SplitVirtqueue,
                          _ returned: Returned) -> Void) throws {
-        let ring = try makeRing(size: size, inOrder: inOrder)
+        let ring = try makeRing(SplitVirtqueue.self, size: size, inOrder: inOrder)
         let device = ring.device
         var q = ring.queue(inOrder: inOrder)
         fastForward(&q, device, by: start, file: file, line: line)
@@ -122,7 +122,7 @@ final class FaultTests: XCTestCase {
     /// cannot have seen it (its avail entry is past `avail->idx`); if the driver took it back, the
     /// next `publish()` would hand the device a buffer the driver no longer owns.
     func testUnpublishedIDOutOfOrder() throws {
-        let ring = try makeRing(size: 8, inOrder: false)
+        let ring = try makeRing(SplitVirtqueue.self, size: 8, inOrder: false)
         var q = ring.queue(inOrder: false)
         q.add(addr: address(1), len: 100, deviceWritable: true, cookie: cookie(1))
         _ = q.publish()
@@ -139,7 +139,7 @@ final class FaultTests: XCTestCase {
 
     /// Out of order: an id that is the second descriptor of a chain in flight, not its head.
     func testIDInsideChainOutOfOrder() throws {
-        let ring = try makeRing(size: 8, inOrder: false)
+        let ring = try makeRing(SplitVirtqueue.self, size: 8, inOrder: false)
         var q = ring.queue(inOrder: false)
         XCTAssertTrue(q.addChain(count: 3, cookie: cookie(1)) { VirtqSegment(addr: address(1, segment: $0), len: 8, deviceWritable: true) })
         _ = q.publish()
@@ -236,7 +236,7 @@ final class FaultTests: XCTestCase {
 
     /// In order: an element names a descriptor that is inside a chain, not a head.
     func testInOrderIDInsideChain() throws {
-        let ring = try makeRing(size: 8, inOrder: true)
+        let ring = try makeRing(SplitVirtqueue.self, size: 8, inOrder: true)
         var q = ring.queue(inOrder: true)
         for k in 1...2 {
             XCTAssertTrue(q.addChain(count: 2, cookie: cookie(k)) { VirtqSegment(addr: address(k, segment: $0), len: 8, deviceWritable: true) })

@@ -16,7 +16,7 @@ final class InOrderBatchTests: XCTestCase {
     }
 
     func testOneUsedElementForWholeBatch() throws {
-        let ring = try makeRing(size: 8, inOrder: true)
+        let ring = try makeRing(SplitVirtqueue.self, size: 8, inOrder: true)
         let device = ring.device
         var q = ring.queue(inOrder: true)
         post(&q, device, 1...5)
@@ -38,7 +38,7 @@ final class InOrderBatchTests: XCTestCase {
     }
 
     func testBatchesAndSingleElementsMixedInOneHarvest() throws {
-        let ring = try makeRing(size: 8, inOrder: true)
+        let ring = try makeRing(SplitVirtqueue.self, size: 8, inOrder: true)
         let device = ring.device
         var q = ring.queue(inOrder: true)
         post(&q, device, 1...7)
@@ -55,7 +55,7 @@ final class InOrderBatchTests: XCTestCase {
     /// A batch of multi-descriptor chains (readable header, writable data), whose descriptors
     /// wrap round the end of the table: the full length of a chain is its writable bytes only.
     func testBatchOfChainsAcrossTableEnd() throws {
-        let ring = try makeRing(size: 8, inOrder: true)
+        let ring = try makeRing(SplitVirtqueue.self, size: 8, inOrder: true)
         let device = ring.device
         var q = ring.queue(inOrder: true)
         fastForward(&q, device, by: 6)                         // next descriptor: 6
@@ -81,7 +81,7 @@ final class InOrderBatchTests: XCTestCase {
     /// The batch is longer than `max`: the first harvest stops inside it. The device did nothing
     /// wrong; the rest of the batch must come out of the next harvests.
     func testBatchStraddlingTwoHarvests() throws {
-        let ring = try makeRing(size: 8, inOrder: true)
+        let ring = try makeRing(SplitVirtqueue.self, size: 8, inOrder: true)
         let device = ring.device
         var q = ring.queue(inOrder: true)
         post(&q, device, 1...5)
@@ -97,7 +97,7 @@ final class InOrderBatchTests: XCTestCase {
 
     /// Same, with the harvest stopping right before the batch's last buffer.
     func testBatchStraddlingHarvestsBeforeLastBuffer() throws {
-        let ring = try makeRing(size: 8, inOrder: true)
+        let ring = try makeRing(SplitVirtqueue.self, size: 8, inOrder: true)
         let device = ring.device
         var q = ring.queue(inOrder: true)
         post(&q, device, 1...3)

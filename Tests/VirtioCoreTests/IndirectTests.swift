@@ -12,7 +12,7 @@ final class IndirectTests: XCTestCase {
     }
 
     func roundTrip(inOrder: Bool) throws {
-        let ring = try makeRing(size: 8, inOrder: inOrder)
+        let ring = try makeRing(SplitVirtqueue.self, size: 8, inOrder: inOrder)
         ring.device.indirectNegotiated = true
         var q = ring.queue(inOrder: inOrder)
         q.useIndirect(tables(size: 8, entries: 6))
@@ -60,7 +60,7 @@ final class IndirectTests: XCTestCase {
 
     /// The writable total of an indirect chain bounds the used length like any chain's.
     func testIndirectLengthTooLargeStopsQueue() throws {
-        let ring = try makeRing(size: 4, inOrder: false)
+        let ring = try makeRing(SplitVirtqueue.self, size: 4, inOrder: false)
         ring.device.indirectNegotiated = true
         var q = ring.queue(inOrder: false)
         q.useIndirect(tables(size: 4, entries: 4))

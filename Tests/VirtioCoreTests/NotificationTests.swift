@@ -16,7 +16,7 @@ final class NotificationTests: XCTestCase {
 
     func testPublishFollowsUsedFlagsWithoutEventIndex() throws {
         for inOrder in [false, true] {
-            let ring = try makeRing(size: 8, inOrder: inOrder)
+            let ring = try makeRing(SplitVirtqueue.self, size: 8, inOrder: inOrder)
             let device = ring.device
             var q = ring.queue(inOrder: inOrder)
             // Poll mode: the driver asks for no used-buffer notifications (§2.7.7).
@@ -48,7 +48,7 @@ final class NotificationTests: XCTestCase {
 
     func testPublishFollowsAvailEventWithEventIndex() throws {
         for inOrder in [false, true] {
-            let ring = try makeRing(size: 16, inOrder: inOrder)
+            let ring = try makeRing(SplitVirtqueue.self, size: 16, inOrder: inOrder)
             let device = ring.device
             var q = ring.queue(inOrder: inOrder, eventIndex: true)
             XCTAssertFalse(q.publish(), "nothing new")
@@ -82,7 +82,7 @@ final class NotificationTests: XCTestCase {
     /// `publish()` must agree with the reference every time.
     func testEventIndexAcrossWrapMatchesReference() throws {
         for size in [1, 8, 256] {
-            let ring = try makeRing(size: size, inOrder: false)
+            let ring = try makeRing(SplitVirtqueue.self, size: size, inOrder: false)
             let device = ring.device
             var q = ring.queue(inOrder: false, eventIndex: true)
             var rng = SplitMix64(seed: UInt64(size))

@@ -50,7 +50,7 @@ final class RandomInterleavingTests: XCTestCase {
 
     func run(size: Int, seed: UInt64, nearWrap: Bool, inOrder: Bool, collapse: Bool, smallHarvests: Bool) throws {
         let what = "size \(size) seed \(seed) nearWrap \(nearWrap) inOrder \(inOrder) collapse \(collapse) smallHarvests \(smallHarvests)"
-        let ring = try makeRing(size: size, inOrder: inOrder)
+        let ring = try makeRing(SplitVirtqueue.self, size: size, inOrder: inOrder)
         let device = ring.device
         var q = ring.queue(inOrder: inOrder)
         var rng = SplitMix64(seed: seed &* 0x9E37 &+ UInt64(size))

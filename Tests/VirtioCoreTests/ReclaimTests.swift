@@ -16,7 +16,7 @@ final class ReclaimTests: XCTestCase {
 
     func reclaimEverywhere(size: Int, inOrder: Bool) throws {
         let what = "size \(size) inOrder \(inOrder)"
-        let ring = try makeRing(size: size, inOrder: inOrder)
+        let ring = try makeRing(SplitVirtqueue.self, size: size, inOrder: inOrder)
         let device = ring.device
         var q = ring.queue(inOrder: inOrder)
         fastForward(&q, device, by: 1000 + size / 2)       // not at slot 0
@@ -81,7 +81,7 @@ final class ReclaimTests: XCTestCase {
     }
 
     func testReclaimAllOnEmptyQueue() throws {
-        let ring = try makeRing(size: 4, inOrder: false)
+        let ring = try makeRing(SplitVirtqueue.self, size: 4, inOrder: false)
         var q = ring.queue(inOrder: false)
         XCTAssertEqual(q.reclaimAll { _ in XCTFail() }, 0)
         XCTAssertEqual(q.freeCount, 4)
@@ -89,7 +89,7 @@ final class ReclaimTests: XCTestCase {
 
     /// `harvest(into:lengths:max:)` fills the two arrays like `harvest(max:)` calls its body.
     func testHarvestIntoArrays() throws {
-        let ring = try makeRing(size: 8, inOrder: false)
+        let ring = try makeRing(SplitVirtqueue.self, size: 8, inOrder: false)
         var q = ring.queue(inOrder: false)
         for k in 1...6 { q.add(addr: address(k), len: 100, deviceWritable: true, cookie: cookie(k)) }
         _ = q.publish()
