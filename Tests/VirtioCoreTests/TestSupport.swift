@@ -155,3 +155,12 @@ func fastForward<Q: TestedQueue & ~Copyable>(_ q: inout Q, _ device: Q.Device, b
         left -= n
     }
 }
+
+extension VirtqueueDeviceModel {
+    /// `completeInOrder(count:lengths:)` with each length computed from its buffer. (On a
+    /// concrete model the model's own `completeInOrder(count:written:)` is taken instead; both
+    /// compute the same lengths.)
+    func completeInOrder(count: Int, written: (DeviceBuffer) -> UInt32) {
+        completeInOrder(count: count, lengths: pendingBuffers.prefix(count).map(written))
+    }
+}
