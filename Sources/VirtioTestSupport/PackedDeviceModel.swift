@@ -392,9 +392,17 @@ extension PackedDeviceModel: VirtqueueDeviceModel {
         reset(toBase: addresses.base)
     }
 
+    // (Plain loops, not `map`: the EveryLayout tests convert millions of buffers in debug builds.)
     @discardableResult
-    public func popBuffers() -> [DeviceBuffer] { popAvailable().map { DeviceBuffer($0, ringSize: size) } }
-    public var pendingBuffers: [DeviceBuffer] { pending.map { DeviceBuffer($0, ringSize: size) } }
+    public func popBuffers() -> [DeviceBuffer] { Self.deviceBuffers(popAvailable()[...], ringSize: size) }
+    public var pendingBuffers: [DeviceBuffer] { Self.deviceBuffers(pending, ringSize: size) }
+
+    private static func deviceBuffers(_ buffers: ArraySlice<Buffer>, ringSize: Int) -> [DeviceBuffer] {
+        var out: [DeviceBuffer] = []
+        out.reserveCapacity(buffers.count)
+        for b in buffers { out.append(DeviceBuffer(b, ringSize: ringSize)) }
+        return out
+    }
 
     /// Walks the descriptors from `availPosition` while they are available with the right wrap
     /// counter, counting the chains that end there (at most a ring's worth).
@@ -445,8 +453,13 @@ extension PackedDeviceModel: VirtqueueDeviceModel {
 extension DeviceBuffer {
     /// A packed buffer: its buffer ID, and the consecutive ring positions from where it starts.
     public init(_ buffer: PackedDeviceModel.Buffer, ringSize: Int) {
-        let start = Int(buffer.position)
-        self.init(id: buffer.id, segments: buffer.segments,
-                  descriptors: (0..<buffer.descriptorCount).map { UInt16((start + $0) % ringSize) })
+        var descriptors: [UInt16] = [buffer.position]
+        var pos = Int(buffer.position)
+        for _ in 1..<max(1, buffer.descriptorCount) {
+            pos += 1
+            if pos == ringSize { pos = 0 }
+            descriptors.append(UInt16(pos))
+        }
+        self.init(id: buffer.id, segments: buffer.segments, descriptors: descriptors, writableBytes: buffer.writableBytes)
     }
 }

@@ -27,8 +27,13 @@ public struct DeviceBuffer: Equatable, Sendable, CustomStringConvertible {
     public var descriptorCount: Int { descriptors.count }
 
     public init(id: UInt16, segments: [DeviceSegment], descriptors: [UInt16]) {
-        self.id = id; self.segments = segments; self.descriptors = descriptors
-        writableBytes = segments.reduce(0) { $1.writable ? $0 &+ $1.len : $0 }
+        var writable: UInt32 = 0
+        for s in segments where s.writable { writable &+= s.len }
+        self.init(id: id, segments: segments, descriptors: descriptors, writableBytes: writable)
+    }
+
+    init(id: UInt16, segments: [DeviceSegment], descriptors: [UInt16], writableBytes: UInt32) {
+        self.id = id; self.segments = segments; self.descriptors = descriptors; self.writableBytes = writableBytes
     }
 
     public var description: String {
