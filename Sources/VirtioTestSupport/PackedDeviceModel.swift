@@ -94,7 +94,8 @@ public final class PackedDeviceModel {
     public func reset() {
         availPosition = 0; availWrap = true; usedPosition = 0; usedWrap = true
         pendingStorage = []; pendingHead = 0
-        for i in idInFlight.indices { idInFlight[i] = false }
+        // A new table rather than a loop over 65,536 entries (slow in debug builds).
+        idInFlight = Array(repeating: false, count: 1 << 16)
     }
 
     /// Where the device stopped, as vhost-user GET_VRING_BASE reports it: the next position to
