@@ -23,15 +23,7 @@ import Darwin
 /// `violations` rather than trapping, so a test can assert it stays empty.
 public final class SplitDeviceModel {
     /// One descriptor of a chain as the device read it (§2.7.5).
-    public struct Segment: Equatable, Sendable {
-        public var addr: UInt64
-        public var len: UInt32
-        /// VIRTQ_DESC_F_WRITE: the device may write this part.
-        public var writable: Bool
-        public init(addr: UInt64, len: UInt32, writable: Bool) {
-            self.addr = addr; self.len = len; self.writable = writable
-        }
-    }
+    public typealias Segment = DeviceSegment
 
     /// One available buffer: its head descriptor (the id a used element gives back, §2.7.8) and
     /// its descriptors in chain order.
@@ -328,6 +320,55 @@ public final class SplitDeviceModel {
 
     private func violation(_ message: String) {
         violations.append(message)
+    }
+}
+
+extension SplitDeviceModel: VirtqueueDeviceModel {
+    public static var layout: RingLayoutChoice { .split }
+    public static var maxUsedID: UInt32 { .max }
+
+    /// A device over the split ring at `addresses` (descriptor table, available and used ring
+    /// as `SplitRingLayout` places them), starting at `addresses.base`.
+    public convenience init(addresses: QueueAddresses, inOrder: Bool) {
+        guard let layout = try? SplitRingLayout(size: addresses.size),
+              let desc = UnsafeMutableRawPointer(bitPattern: UInt(addresses.desc)) else {
+            preconditionFailure("no split ring at \(addresses)")
+        }
+        precondition(addresses.avail == addresses.desc + UInt64(layout.availOffset - layout.descOffset)
+                     && addresses.used == addresses.desc + UInt64(layout.usedOffset - layout.descOffset),
+                     "\(addresses) is not a split ring laid out as SplitRingLayout(size: \(addresses.size))")
+        self.init(memory: desc - layout.descOffset, layout: layout, inOrder: inOrder)
+        reset(toBase: addresses.base)
+    }
+
+    @discardableResult
+    public func popBuffers() -> [DeviceBuffer] { popAvailable().map(DeviceBuffer.init) }
+    public var pendingBuffers: [DeviceBuffer] { pending.map(DeviceBuffer.init) }
+    public var pendingCount: Int { pending.count }
+    public var availableCount: Int { Int(availIdx &- lastAvail) }
+
+    public func completeInOrder(count: Int, lengths: [UInt32]?) {
+        precondition(lengths == nil || lengths!.count == count)
+        var i = 0
+        completeInOrder(count: count) { chain in
+            defer { i += 1 }
+            return lengths?[i] ?? chain.writableBytes
+        }
+    }
+
+    /// One used element at the next used slot, used index + 1.
+    public func injectUsed(id: UInt32, len: UInt32) { injectUsed(id: id, len: len, advance: 1) }
+    public var usedBase: UInt32 { UInt32(usedIdx) }
+
+    public var driverSuppressesUsedNotifications: Bool { availFlags & virtqAvailFlagNoInterrupt != 0 }
+    /// `avail_event` = `entry` mod 2^16.
+    public func setEventIndex(_ entry: Int) { setAvailEvent(UInt16(truncatingIfNeeded: entry)) }
+}
+
+extension DeviceBuffer {
+    /// A split chain: its head is its ID, its table descriptors its slots.
+    public init(_ chain: SplitDeviceModel.Chain) {
+        self.init(id: chain.headId, segments: chain.segments, descriptors: chain.descriptors)
     }
 }
 

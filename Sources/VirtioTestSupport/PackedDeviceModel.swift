@@ -27,7 +27,7 @@ import Darwin
 /// a buffer ID reused while in flight — each is recorded in `violations` rather than trapping.
 public final class PackedDeviceModel {
     /// One descriptor of a buffer as the device read it (§2.8.4): the same as the split model's.
-    public typealias Segment = SplitDeviceModel.Segment
+    public typealias Segment = DeviceSegment
 
     /// One available buffer: its buffer ID (from the chain's last descriptor, §2.8.6), where it
     /// starts in the ring and its descriptors in order.
@@ -94,7 +94,8 @@ public final class PackedDeviceModel {
     public func reset() {
         availPosition = 0; availWrap = true; usedPosition = 0; usedWrap = true
         pendingStorage = []; pendingHead = 0
-        for i in idInFlight.indices { idInFlight[i] = false }
+        // A new table rather than a loop over 65,536 entries (slow in debug builds).
+        idInFlight = Array(repeating: false, count: 1 << 16)
     }
 
     /// Where the device stopped, as vhost-user GET_VRING_BASE reports it: the next position to
@@ -371,4 +372,95 @@ public final class PackedDeviceModel {
     }
 
     private func hex(_ v: UInt16) -> String { "0x" + String(v, radix: 16) }
+}
+
+extension PackedDeviceModel: VirtqueueDeviceModel {
+    public static var layout: RingLayoutChoice { .packed }
+    public static var maxUsedID: UInt32 { UInt32(UInt16.max) }
+
+    /// A device over the packed ring at `addresses` (descriptor ring, driver and device event
+    /// suppression areas as `PackedRingLayout` places them), starting at `addresses.base`.
+    /// `inOrder` changes nothing here.
+    public convenience init(addresses: QueueAddresses, inOrder: Bool) {
+        guard let layout = try? PackedRingLayout(size: addresses.size),
+              let desc = UnsafeMutableRawPointer(bitPattern: UInt(addresses.desc)) else {
+            preconditionFailure("no packed ring at \(addresses)")
+        }
+        precondition(addresses.avail == addresses.desc + UInt64(layout.driverEventOffset - layout.descOffset)
+                     && addresses.used == addresses.desc + UInt64(layout.deviceEventOffset - layout.descOffset),
+                     "\(addresses) is not a packed ring laid out as PackedRingLayout(size: \(addresses.size))")
+        self.init(memory: desc - layout.descOffset, layout: layout)
+        reset(toBase: addresses.base)
+    }
+
+    // (Plain loops, not `map`: the EveryLayout tests convert millions of buffers in debug builds.)
+    @discardableResult
+    public func popBuffers() -> [DeviceBuffer] { Self.deviceBuffers(popAvailable()[...], ringSize: size) }
+    public var pendingBuffers: [DeviceBuffer] { Self.deviceBuffers(pending, ringSize: size) }
+
+    private static func deviceBuffers(_ buffers: ArraySlice<Buffer>, ringSize: Int) -> [DeviceBuffer] {
+        var out: [DeviceBuffer] = []
+        out.reserveCapacity(buffers.count)
+        for b in buffers { out.append(DeviceBuffer(b, ringSize: ringSize)) }
+        return out
+    }
+
+    /// Walks the descriptors from `availPosition` while they are available with the right wrap
+    /// counter, counting the chains that end there (at most a ring's worth).
+    public var availableCount: Int {
+        var pos = availPosition, wrap = availWrap
+        var buffers = 0
+        for _ in 0..<size {
+            let f = flags(at: pos)
+            guard isAvailable(f, wrap: wrap) else { break }
+            if f & VirtqDesc.flagNext == 0 { buffers += 1 }
+            pos &+= 1
+            if Int(pos) == size { pos = 0; wrap.toggle() }
+        }
+        return buffers
+    }
+
+    public func completeInOrder(count: Int, lengths: [UInt32]?) {
+        precondition(lengths == nil || lengths!.count == count)
+        var i = 0
+        completeInOrder(count: count) { buffer in
+            defer { i += 1 }
+            return lengths?[i] ?? buffer.writableBytes
+        }
+    }
+
+    /// One used descriptor at the used position with the right wrap counter; the used position
+    /// moves on by one.
+    public func injectUsed(id: UInt32, len: UInt32) {
+        precondition(id <= Self.maxUsedID, "a packed buffer ID has 16 bits; \(id) does not fit")
+        injectUsed(id: UInt16(id), len: len, advance: 1)
+    }
+    public var usedBase: UInt32 { UInt32(usedPosition) | (usedWrap ? 1 << 15 : 0) }
+
+    public var driverSuppressesUsedNotifications: Bool { driverEventFlags == PackedEventFlags.disable }
+    public func setNoNotify(_ on: Bool) {
+        setDeviceEvent(flags: on ? PackedEventFlags.disable : PackedEventFlags.enable)
+    }
+    /// Flags DESC, `off_wrap` = position `entry` mod `size` in lap `entry / size` (the wrap
+    /// counter is 1 in even laps, §2.8.1); laps repeat every two, so `entry` counts mod 2·size.
+    public func setEventIndex(_ entry: Int) {
+        let twoLaps = 2 * size
+        let e = (entry % twoLaps + twoLaps) % twoLaps
+        setDeviceEvent(flags: PackedEventFlags.desc,
+                       offWrap: Self.offWrap(position: UInt16(e % size), wrap: e < size))
+    }
+}
+
+extension DeviceBuffer {
+    /// A packed buffer: its buffer ID, and the consecutive ring positions from where it starts.
+    public init(_ buffer: PackedDeviceModel.Buffer, ringSize: Int) {
+        var descriptors: [UInt16] = [buffer.position]
+        var pos = Int(buffer.position)
+        for _ in 1..<max(1, buffer.descriptorCount) {
+            pos += 1
+            if pos == ringSize { pos = 0 }
+            descriptors.append(UInt16(pos))
+        }
+        self.init(id: buffer.id, segments: buffer.segments, descriptors: descriptors, writableBytes: buffer.writableBytes)
+    }
 }

@@ -3,7 +3,8 @@ import VirtioTestSupport
 import XCTest
 
 /// VIRTIO_F_INDIRECT_DESC (§2.7.5.3): a chain of several segments takes one ring descriptor that
-/// points at a per-head table; the device sees the same segments.
+/// points at a per-head table; the device sees the same segments. Split only: the packed queue
+/// does not implement indirect descriptors and says so.
 final class IndirectTests: XCTestCase {
     func tables(size: Int, entries: Int) -> IndirectTables {
         let base = UnsafeMutablePointer<VirtqDesc>.allocate(capacity: size * entries)
@@ -12,7 +13,7 @@ final class IndirectTests: XCTestCase {
     }
 
     func roundTrip(inOrder: Bool) throws {
-        let ring = try makeRing(size: 8, inOrder: inOrder)
+        let ring = try makeRing(SplitVirtqueue.self, size: 8, inOrder: inOrder)
         ring.device.indirectNegotiated = true
         var q = ring.queue(inOrder: inOrder)
         q.useIndirect(tables(size: 8, entries: 6))
@@ -60,7 +61,7 @@ final class IndirectTests: XCTestCase {
 
     /// The writable total of an indirect chain bounds the used length like any chain's.
     func testIndirectLengthTooLargeStopsQueue() throws {
-        let ring = try makeRing(size: 4, inOrder: false)
+        let ring = try makeRing(SplitVirtqueue.self, size: 4, inOrder: false)
         ring.device.indirectNegotiated = true
         var q = ring.queue(inOrder: false)
         q.useIndirect(tables(size: 4, entries: 4))
@@ -73,5 +74,20 @@ final class IndirectTests: XCTestCase {
         XCTAssertEqual(harvested(&q, max: 4).count, 0)
         XCTAssertEqual(q.failure, .usedLengthTooLarge(id: UInt32(chains[0].headId), length: 201, posted: 200))
         XCTAssertEqual(q.reclaimAll { XCTAssertEqual(key($0), 1) }, 1)
+    }
+
+    /// Packed: `useIndirect` refuses (so the driver must not negotiate the feature) and every
+    /// segment keeps its own ring descriptor.
+    func testPackedRefusesIndirectTables() throws {
+        let ring = try makeRing(PackedVirtqueue.self, size: 8, inOrder: false)
+        var q = ring.queue(inOrder: false)
+        XCTAssertFalse(q.useIndirect(tables(size: 8, entries: 6)))
+        XCTAssertEqual(q.descriptorsNeeded(forSegments: 5), 5)
+        XCTAssertTrue(q.addChain(count: 5, cookie: cookie(1)) { i in
+            VirtqSegment(addr: address(1, segment: i), len: 16, deviceWritable: i > 0)
+        })
+        XCTAssertEqual(q.freeCount, 3)
+        XCTAssertEqual(ring.device.popBuffers().map(\.descriptorCount), [5])
+        XCTAssertEqual(ring.device.violations, [])
     }
 }

@@ -2,73 +2,15 @@ import VirtioCore
 import VirtioTestSupport
 import XCTest
 
-/// The driver side of a packed virtqueue (VIRTIO 1.2 §2.8) against `PackedDeviceModel` in the
-/// same heap memory: the layout, every ring size × completion mode × burst through many wraps
-/// of the ring wrap counters, chains and random interleavings, a device that breaks §2.8,
-/// notification decisions (event suppression, §2.8.14), `vhostBase` and `reclaimAll`.
+/// What only the packed layout (VIRTIO 1.2 §2.8) has, against `PackedDeviceModel` in the same
+/// heap memory: the ring layout and its sizes (any from 1 to 32768), the descriptors as the
+/// driver writes them (AVAIL/USED bits, buffer IDs), the device model's own checks of the driver,
+/// and `vhostBase`. What both layouts share (every layout, chains and random interleavings, a
+/// device that breaks the ring, notification, in-order batches, reclaim and restart) is tested
+/// once for both in the other files.
 ///
 /// Buffer k's segment i lives at `address(k, segment: i)`, so the device can tell whose it is.
 final class PackedVirtqueueTests: XCTestCase {
-    // MARK: Fixture
-
-    struct Fixture {
-        let memory: UnsafeMutableRawPointer
-        let layout: PackedRingLayout
-        let device: PackedDeviceModel
-        /// The driver side over the same memory (zeroes it).
-        func queue(inOrder: Bool, eventIndex: Bool = false) -> PackedVirtqueue {
-            PackedVirtqueue(memory: memory, layout: layout, inOrder: inOrder, eventIndex: eventIndex)
-        }
-    }
-
-    /// Ring memory of `size` and a device over it, freed when the test ends.
-    func makeFixture(size: Int) throws -> Fixture {
-        let (memory, layout) = try PackedDeviceModel.allocateRing(size: size)
-        addTeardownBlock { PackedDeviceModel.freeRing(memory) }
-        return Fixture(memory: memory, layout: layout, device: PackedDeviceModel(memory: memory, layout: layout))
-    }
-
-    /// The cookie a device-side buffer belongs to.
-    static func owner(_ buffer: PackedDeviceModel.Buffer) -> Int { Int(buffer.segments[0].addr >> 16) }
-
-    static let filler = UnsafeMutableRawPointer(bitPattern: 0xF111_0000)!
-
-    /// `count` round trips of one read-only descriptor each (published, popped, completed in
-    /// order with length 0, harvested), so both sides' positions and wrap counters move by
-    /// `count`. The queue must be empty and healthy.
-    func roundTrips(_ q: inout PackedVirtqueue, _ device: PackedDeviceModel, _ count: Int,
-                    file: StaticString = #filePath, line: UInt = #line) {
-        precondition(q.inFlight == 0 && device.pendingCount == 0)
-        var left = count
-        while left > 0 {
-            let n = min(left, q.size)
-            q.addBurst(count: n, deviceWritable: false) { _ in (addr: 0, len: 64, cookie: Self.filler) }
-            _ = q.publish()
-            device.popAvailable()
-            device.completeInOrder(count: n) { _ in 0 }
-            var wrong = 0
-            let got = q.harvest(max: n) { c, len in if c != Self.filler || len != 0 { wrong += 1 } }
-            guard got == n, wrong == 0 else {
-                XCTFail("round trips: harvested \(got) of \(n), \(wrong) wrong, failure \(String(describing: q.failure))",
-                        file: file, line: line)
-                return
-            }
-            left -= n
-        }
-    }
-
-    /// One `harvest(max:)`, as (cookie, length) pairs.
-    static func harvest(_ q: inout PackedVirtqueue, max: Int) -> [(Int, UInt32)] {
-        var out: [(Int, UInt32)] = []
-        _ = q.harvest(max: max) { c, len in out.append((key(c), len)) }
-        return out
-    }
-
-    /// Adds buffer `k` as one descriptor at `address(k)`.
-    static func addSingle(_ q: inout PackedVirtqueue, _ k: Int, len: UInt32, writable: Bool) {
-        q.addBurst(count: 1, deviceWritable: writable) { _ in (addr: address(k), len: len, cookie: cookie(k)) }
-    }
-
     // MARK: Layout
 
     func testLayoutAcceptsEverySizeFromOneTo32768() throws {
@@ -118,17 +60,17 @@ final class PackedVirtqueueTests: XCTestCase {
     /// Not a power of two, and the largest size: a round trip at the ring's last position.
     func testOddAndLargestSizesWork() throws {
         for size in [3, 5, 32768] {
-            let f = try makeFixture(size: size)
+            let f = try makeRing(PackedVirtqueue.self, size: size, inOrder: size != 5)
             var q = f.queue(inOrder: size != 5)
-            roundTrips(&q, f.device, size - 1)
-            Self.addSingle(&q, 1, len: 10, writable: true)
-            Self.addSingle(&q, 2, len: 20, writable: true)
+            fastForward(&q, f.device, by: size - 1)
+            addSingle(&q, 1, len: 10, writable: true)
+            addSingle(&q, 2, len: 20, writable: true)
             XCTAssertTrue(q.publish())
             let popped = f.device.popAvailable()
             XCTAssertEqual(popped.map(\.position), [UInt16(size - 1), 0], "size \(size)")
             XCTAssertEqual(popped.map(\.wrap), [true, false], "size \(size)")
             f.device.completeInOrder(count: 2) { $0.writableBytes / 2 }
-            XCTAssertPairs(Self.harvest(&q, max: 8), [(1, 5), (2, 10)])
+            XCTAssertPairs(harvested(&q, max: 8), [(1, 5), (2, 10)])
             XCTAssertEqual(q.freeCount, size)
             XCTAssertEqual(f.device.violations, [])
         }
@@ -138,12 +80,12 @@ final class PackedVirtqueueTests: XCTestCase {
     /// counter, USED = the inverse, NEXT on every descriptor but a chain's last, WRITE on
     /// device-writable ones, the buffer ID in the last descriptor.
     func testDescriptorsAsTheDriverWritesThem() throws {
-        let f = try makeFixture(size: 4)
+        let f = try makeRing(PackedVirtqueue.self, size: 4, inOrder: true)
         var q = f.queue(inOrder: true)
         XCTAssertTrue(q.addChain(count: 3, cookie: cookie(1)) { i in
             VirtqSegment(addr: address(1, segment: i), len: UInt32(10 + i), deviceWritable: i > 0)
         })
-        Self.addSingle(&q, 2, len: 50, writable: false)
+        addSingle(&q, 2, len: 50, writable: false)
         let avail = PackedDesc.flagAvail, next = VirtqDesc.flagNext, write = VirtqDesc.flagWrite
         XCTAssertEqual((0..<UInt16(4)).map { f.device.descriptor(at: $0).flags },
                        [avail | next, avail | next | write, avail | write, avail])
@@ -158,9 +100,9 @@ final class PackedVirtqueueTests: XCTestCase {
         XCTAssertEqual(popped.map(\.descriptorCount), [3, 1])
         XCTAssertEqual(popped[0].writableBytes, 23)
         f.device.completeInOrder(count: 2)
-        XCTAssertPairs(Self.harvest(&q, max: 4), [(1, 23), (2, 0)])
+        XCTAssertPairs(harvested(&q, max: 4), [(1, 23), (2, 0)])
         // Second lap: wrap counter 0, so AVAIL clear and USED set.
-        Self.addSingle(&q, 3, len: 8, writable: true)
+        addSingle(&q, 3, len: 8, writable: true)
         XCTAssertEqual(f.device.descriptor(at: 0).flags, PackedDesc.flagUsed | write)
         XCTAssertEqual(f.device.popAvailable().map { "\($0.id)@\($0.position):\($0.wrap)" }, ["2@0:false"])
         XCTAssertEqual(f.device.violations, [])
@@ -168,8 +110,7 @@ final class PackedVirtqueueTests: XCTestCase {
 
     /// The model checks the driver too: what a broken driver writes ends up in `violations`.
     func testDeviceModelRecordsDriverViolations() throws {
-        let f = try makeFixture(size: 4)
-        let d = f.device
+        let d = try makeRing(PackedVirtqueue.self, size: 4, inOrder: false).device
         let avail = PackedDesc.flagAvail, next = VirtqDesc.flagNext, write = VirtqDesc.flagWrite
         // A readable descriptor after a writable one (head written last).
         d.writeUsed(at: 1, id: 0, len: 8, flags: avail)
@@ -188,713 +129,6 @@ final class PackedVirtqueueTests: XCTestCase {
         XCTAssertEqual(d.pendingCount, 2)
     }
 
-    // MARK: Every layout
-
-    static let layoutSizes = [1, 2, 3, 4, 8, 256]
-    static func bursts(_ size: Int) -> [Int] { Array(Set([1, min(32, size), size])).sorted() }
-    /// More than 2 × 65 536 buffers per case.
-    static func layoutTotal(_ size: Int) -> Int { 2 * 65536 + 3 * size + 7 }
-
-    func testEveryLayoutOutOfOrder() throws {
-        for size in Self.layoutSizes {
-            for burst in Self.bursts(size) { try runLayout(size: size, burst: burst, inOrder: false) }
-        }
-    }
-
-    func testEveryLayoutInOrder() throws {
-        for size in Self.layoutSizes {
-            for burst in Self.bursts(size) { try runLayout(size: size, burst: burst, inOrder: true) }
-        }
-    }
-
-    /// Single-descriptor buffers 1...total, posted a burst at a time (a random direction per
-    /// burst). Out of order the device completes a random subset in a random order; in order it
-    /// completes runs oldest first, each as one used descriptor per buffer or as one for the
-    /// whole run (which may straddle harvest calls). Every cookie comes back exactly once, in
-    /// the order the device wrote used descriptors, with the length it wrote.
-    ///
-    /// The loop runs millions of times in a debug build, so it avoids per-buffer arrays and
-    /// `XCTAssert` calls: the first failed check reports and ends the case.
-    func runLayout(size: Int, burst: Int, inOrder: Bool) throws {
-        let what = "\(inOrder ? "in order" : "out of order") size \(size) burst \(burst)"
-        let f = try makeFixture(size: size)
-        let device = f.device
-        var q = f.queue(inOrder: inOrder)
-        var rng = SplitMix64(seed: UInt64(size &* 1000 &+ burst &* 2 &+ (inOrder ? 1 : 0)))
-        /// Uniform in 0..<n (SplitMix64.int's generic range arithmetic is slow unoptimised).
-        func below(_ n: Int) -> Int { Int(truncatingIfNeeded: rng.next() % UInt64(n)) }
-        let total = Self.layoutTotal(size)
-        var writableBytes = [UInt32](repeating: 0, count: total + 1)
-        var returned = [Bool](repeating: false, count: total + 1)
-        var returnedCount = 0
-        var nextCookie = 1
-        // What the device completed, in the order of its used descriptors: what harvest must
-        // hand back (cookie, length).
-        var expectedCookie: [Int] = [], expectedLength: [UInt32] = []
-        var expectedHead = 0
-        var laps = 0
-        var failed = false
-        var order: [Int] = [], ids: [UInt16] = [], lengths: [UInt32] = []   // reused every round
-
-        func check(_ ok: Bool, _ message: @autoclosure () -> String, line: UInt = #line) -> Bool {
-            if !ok && !failed { XCTFail("\(what): \(message())", line: line); failed = true }
-            return ok
-        }
-        func expect(_ k: Int, _ len: UInt32) { expectedCookie.append(k); expectedLength.append(len) }
-
-        while returnedCount < total {
-            // Driver: a burst of one direction.
-            let first = nextCookie
-            let posted = min(burst, q.freeCount, total + 1 - nextCookie)
-            let writable = below(5) != 0
-            if posted > 0 {
-                q.addBurst(count: posted, deviceWritable: writable) { i in
-                    let k = first + i
-                    return (addr: address(k), len: UInt32(1 + k % 1500), cookie: cookie(k))
-                }
-                for k in first..<first + posted { writableBytes[k] = writable ? UInt32(1 + k % 1500) : 0 }
-                nextCookie += posted
-            }
-            guard check(q.publish() == (posted > 0), "publish after \(posted) adds") else { return }
-
-            // Device: exactly those buffers, in order.
-            let popped = device.popAvailable()
-            guard check(popped.count == posted, "popped \(popped.count), posted \(posted)") else { return }
-            var k = first
-            for b in popped {
-                let s = b.segments[0]
-                if b.segments.count != 1 || s.addr != address(k) || s.len != UInt32(1 + k % 1500)
-                    || s.writable != writable || Int(b.id) >= size {
-                    _ = check(false, "buffer \(b) for cookie \(k)"); return
-                }
-                if b.position == 0 && k > 1 { laps += 1 }   // a new lap starts
-                k += 1
-            }
-
-            // Device: complete all it holds, or (a quarter of the time) only part, so buffers
-            // stay in flight across rounds and positions drift.
-            let held = device.pendingCount
-            let count = below(4) == 0 ? below(held + 1) : held
-            if inOrder {
-                var done = 0
-                while done < count {
-                    let run = 1 + below(min(count - done, 2 * burst))
-                    if below(2) == 0 {
-                        let last = Self.owner(device.pending(run - 1))
-                        let lastLength = UInt32(below(Int(writableBytes[last]) + 1))
-                        for i in 0..<run - 1 { let o = Self.owner(device.pending(i)); expect(o, writableBytes[o]) }
-                        expect(last, lastLength)
-                        device.completeBatchAsOne(count: run, lastLength: lastLength)
-                    } else {
-                        device.completeInOrder(count: run) { b in
-                            let o = Self.owner(b)
-                            let len = UInt32(truncatingIfNeeded: o &* 2_654_435_761) % (writableBytes[o] + 1)
-                            expect(o, len)
-                            return len
-                        }
-                    }
-                    done += run
-                }
-            } else if count > 0 {
-                // `count` of the held buffers, in a random order (a partial Fisher–Yates shuffle).
-                order.removeAll(keepingCapacity: true)
-                for i in 0..<held { order.append(i) }
-                ids.removeAll(keepingCapacity: true); lengths.removeAll(keepingCapacity: true)
-                for i in 0..<count {
-                    let j = i + below(held - i)
-                    if j != i { order.swapAt(i, j) }
-                    let b = device.pending(order[i])
-                    let len = UInt32(below(Int(b.writableBytes) + 1))
-                    ids.append(b.id)
-                    lengths.append(len)
-                    expect(Self.owner(b), len)
-                }
-                device.complete(ids: ids, lengths: lengths)
-            }
-
-            // Driver: harvest with a random max until nothing is left.
-            while true {
-                let max = 1 + below(burst)
-                var seen = 0
-                let n = q.harvest(max: max) { c, len in
-                    seen += 1
-                    let k = key(c)
-                    if expectedHead >= expectedCookie.count || k != expectedCookie[expectedHead]
-                        || len != expectedLength[expectedHead] || k < 1 || k > total || returned[k] {
-                        _ = check(expectedHead < expectedCookie.count, "harvested \(k) that was never completed")
-                            && check(k == expectedCookie[expectedHead] && len == expectedLength[expectedHead],
-                                     "harvested \(k):\(len), expected \(expectedCookie[expectedHead]):\(expectedLength[expectedHead])")
-                            && check(false, "cookie \(k) returned twice")
-                        return
-                    }
-                    returned[k] = true
-                    returnedCount += 1
-                    expectedHead += 1
-                }
-                guard !failed, check(n == seen && n <= max, "harvest returned \(n), body saw \(seen)") else { return }
-                if n == 0 { break }
-            }
-            let outstanding = nextCookie - 1 - returnedCount
-            // (One cheap test first; the checks below only run to say what went wrong.)
-            if q.failure == nil && expectedHead == expectedCookie.count && q.inFlight == outstanding
-                && q.inFlight == device.pendingCount && q.freeCount + q.inFlight == size && device.violations.isEmpty {
-                expectedCookie.removeAll(keepingCapacity: true); expectedLength.removeAll(keepingCapacity: true)
-                expectedHead = 0
-                continue
-            }
-            _ = check(q.failure == nil, "failure \(String(describing: q.failure))")
-                && check(expectedHead == expectedCookie.count, "\(expectedCookie.count - expectedHead) completed buffers not harvested")
-                && check(q.inFlight == outstanding, "inFlight \(q.inFlight), expected \(outstanding)")
-                && check(q.inFlight == device.pendingCount, "inFlight \(q.inFlight), device holds \(device.pendingCount)")
-                && check(q.freeCount + q.inFlight == size, "freeCount \(q.freeCount) + inFlight \(q.inFlight) != \(size)")
-                && check(device.violations.isEmpty, "driver violations: \(device.violations)")
-            return
-        }
-        XCTAssertEqual(returnedCount, total, what)
-        XCTAssertTrue(returned.dropFirst().allSatisfy { $0 }, what)
-        // The wrap counters flipped once a lap: position = total mod size, wrap = even laps.
-        let lapsDone = total / size
-        XCTAssertEqual(laps, (total - 1) / size, what)
-        XCTAssertEqual(q.vhostBase, UInt32(total % size) | (lapsDone % 2 == 0 ? 1 << 15 : 0), what)
-        XCTAssertEqual(device.availPosition, UInt16(total % size), what)
-        XCTAssertEqual(device.availWrap, lapsDone % 2 == 0, what)
-        XCTAssertEqual(device.usedPosition, UInt16(total % size), what)
-        XCTAssertEqual(device.usedWrap, lapsDone % 2 == 0, what)
-        XCTAssertEqual(q.freeCount, size, what)
-        XCTAssertEqual(q.inFlight, 0, what)
-        XCTAssertEqual(q.reclaimAll { _ in }, 0, what)
-    }
-
-    // MARK: Chains and random interleavings
-
-    /// Seeded random steps over chains of 1–3 descriptors (`addChain`) mixed with single
-    /// buffers (`addBurst`), device pops, completions (out of order: random subsets in random
-    /// order; in order: runs, one used descriptor each or one per batch) and harvests of random
-    /// size. Harvest must hand back exactly what the device completed, in used order;
-    /// `freeCount` must equal the ring minus the descriptors in flight.
-    func testRandomInterleavingsWithChains() throws {
-        for inOrder in [false, true] {
-            for size in [1, 2, 3, 4, 5, 8, 16] {
-                for seed in 1...3 { try runInterleaving(size: size, inOrder: inOrder, seed: UInt64(seed)) }
-            }
-        }
-    }
-
-    func runInterleaving(size: Int, inOrder: Bool, seed: UInt64, steps: Int = 2500) throws {
-        let what = "\(inOrder ? "in order" : "out of order") size \(size) seed \(seed)"
-        let f = try makeFixture(size: size)
-        let device = f.device
-        var q = f.queue(inOrder: inOrder)
-        var rng = SplitMix64(seed: seed &* 7919 &+ UInt64(size) &* 31 &+ (inOrder ? 1 : 0))
-        struct Posted { var writable: UInt32; var descriptors: Int }
-        var posted: [Int: Posted] = [:]
-        var nextCookie = 1
-        var descriptorsInFlight = 0
-        var expected: [(cookie: Int, len: UInt32)] = []
-        var harvestedCount = 0
-        var chains = 0, batches = 0
-
-        func check(_ ok: Bool, _ message: @autoclosure () -> String, line: UInt = #line) -> Bool {
-            if !ok { XCTFail("\(what): \(message())", line: line) }
-            return ok
-        }
-        func takeHarvest(_ q: inout PackedVirtqueue, max: Int) -> Bool {
-            let got = Self.harvest(&q, max: max)
-            guard check(got.count == Swift.min(max, expected.count),
-                        "harvest(max: \(max)) gave \(got.count), \(expected.count) completed, failure \(String(describing: q.failure))")
-            else { return false }
-            for (i, (k, len)) in got.enumerated() {
-                guard check(k == expected[i].cookie && len == expected[i].len,
-                            "harvested \(k):\(len), expected \(expected[i])") else { return false }
-                descriptorsInFlight -= posted.removeValue(forKey: k)!.descriptors
-            }
-            expected.removeFirst(got.count)
-            harvestedCount += got.count
-            return true
-        }
-
-        for _ in 0..<steps {
-            switch rng.int(0...9) {
-            case 0, 1:   // a chain
-                let count = rng.int(1...3)
-                let readable = rng.int(0...count)
-                let lengths = (0..<count).map { _ in UInt32(rng.int(1...4096)) }
-                let k = nextCookie
-                let free = q.freeCount, inFlight = q.inFlight
-                let ok = q.addChain(count: count, cookie: cookie(k)) { i in
-                    VirtqSegment(addr: address(k, segment: i), len: lengths[i], deviceWritable: i >= readable)
-                }
-                guard check(ok == (count <= free), "addChain(\(count)) = \(ok) with \(free) free") else { return }
-                if ok {
-                    let writable = (readable..<count).reduce(UInt32(0)) { $0 + lengths[$1] }
-                    posted[k] = Posted(writable: writable, descriptors: count)
-                    descriptorsInFlight += count
-                    nextCookie += 1
-                    if count > 1 { chains += 1 }
-                } else {
-                    guard check(q.freeCount == free && q.inFlight == inFlight, "failed addChain changed the queue")
-                    else { return }
-                }
-            case 2:      // singles
-                guard q.freeCount > 0 else { continue }
-                let n = rng.int(1...Swift.min(4, q.freeCount))
-                let writable = rng.chance(70)
-                let first = nextCookie
-                q.addBurst(count: n, deviceWritable: writable) { i in
-                    (addr: address(first + i), len: UInt32(100 + first + i), cookie: cookie(first + i))
-                }
-                for k in first..<first + n {
-                    posted[k] = Posted(writable: writable ? UInt32(100 + k) : 0, descriptors: 1)
-                }
-                descriptorsInFlight += n
-                nextCookie += n
-            case 3:
-                _ = q.publish()
-            case 4, 5:
-                for b in device.popAvailable() {
-                    let k = Self.owner(b)
-                    guard check(posted[k] != nil, "device read unknown buffer \(b)") else { return }
-                    let p = posted[k]!
-                    guard check(b.descriptorCount == p.descriptors && b.writableBytes == p.writable,
-                                "device read \(b) for cookie \(k), posted \(p)"),
-                          check(b.segments.enumerated().allSatisfy { $1.addr == address(k, segment: $0) },
-                                "segments of \(k): \(b.segments)")
-                    else { return }
-                }
-            case 6, 7:   // device completes
-                let held = device.pendingCount
-                guard held > 0 else { continue }
-                let count = rng.int(1...held)
-                if inOrder {
-                    let owners = device.pending.prefix(count).map(Self.owner)
-                    let lastLength = UInt32(rng.int(0...Int(posted[owners.last!]!.writable)))
-                    if count > 1 && rng.chance(50) {
-                        expected += owners.dropLast().map { ($0, posted[$0]!.writable) }
-                        expected.append((owners.last!, lastLength))
-                        device.completeBatchAsOne(count: count, lastLength: lastLength)
-                        batches += 1
-                    } else {
-                        let lengths = owners.map { UInt32(rng.int(0...Int(posted[$0]!.writable))) }
-                        expected += zip(owners, lengths).map { ($0, $1) }
-                        var i = 0
-                        device.completeInOrder(count: count) { _ in defer { i += 1 }; return lengths[i] }
-                    }
-                } else {
-                    var chosen = Array(device.pending)
-                    chosen.shuffle(using: &rng)
-                    chosen.removeLast(held - count)
-                    let lengths = chosen.map { UInt32(rng.int(0...Int($0.writableBytes))) }
-                    expected += zip(chosen, lengths).map { (Self.owner($0), $1) }
-                    device.complete(ids: chosen.map(\.id), lengths: lengths)
-                }
-            default:     // harvest
-                guard takeHarvest(&q, max: rng.int(1...4)) else { return }
-            }
-            guard check(q.failure == nil, "failure \(String(describing: q.failure))"),
-                  check(q.inFlight == posted.count, "inFlight \(q.inFlight), \(posted.count) posted"),
-                  check(q.freeCount == size - descriptorsInFlight,
-                        "freeCount \(q.freeCount), \(descriptorsInFlight) descriptors in flight"),
-                  check(device.violations.isEmpty, "violations \(device.violations)")
-            else { return }
-        }
-        // Drain.
-        _ = q.publish()
-        device.popAvailable()
-        let owners = device.pending.map(Self.owner)
-        expected += owners.map { ($0, posted[$0]!.writable) }
-        device.completeInOrder(count: device.pendingCount)
-        guard takeHarvest(&q, max: Int.max) else { return }
-        XCTAssertEqual(q.inFlight, 0, what)
-        XCTAssertEqual(q.freeCount, size, what)
-        XCTAssertTrue(posted.isEmpty, what)
-        XCTAssertEqual(harvestedCount, nextCookie - 1, what)
-        XCTAssertEqual(device.violations, [], what)
-        if size >= 2 { XCTAssertGreaterThan(chains, 0, what) }
-        if inOrder && size >= 2 { XCTAssertGreaterThan(batches, 0, what) }
-    }
-
-    /// A chain longer than the ring, or than the free descriptors, is refused and adds nothing.
-    func testAddChainRefusedWithoutRoom() throws {
-        let f = try makeFixture(size: 4)
-        for inOrder in [false, true] {
-            var q = f.queue(inOrder: inOrder)
-            f.device.reset()
-            XCTAssertFalse(q.addChain(count: 5, cookie: cookie(9)) { _ in VirtqSegment(addr: 0, len: 1, deviceWritable: false) })
-            XCTAssertTrue(q.addChain(count: 3, cookie: cookie(1)) { i in
-                VirtqSegment(addr: address(1, segment: i), len: 1, deviceWritable: false)
-            })
-            XCTAssertFalse(q.addChain(count: 2, cookie: cookie(9)) { _ in VirtqSegment(addr: 0, len: 1, deviceWritable: false) })
-            XCTAssertEqual(q.freeCount, 1)
-            XCTAssertEqual(q.inFlight, 1)
-            XCTAssertTrue(q.publish())
-            XCTAssertEqual(f.device.popAvailable().map(Self.owner), [1])
-            XCTAssertFalse(q.publish(), "a refused chain added nothing")
-            XCTAssertEqual(f.device.violations, [])
-        }
-    }
-
-    /// In order: one used descriptor for five buffers, harvested two at a time, across the end
-    /// of the ring, with a buffer added in the middle of the batch.
-    func testBatchStraddlingHarvestCalls() throws {
-        let f = try makeFixture(size: 8)
-        var q = f.queue(inOrder: true)
-        roundTrips(&q, f.device, 6)
-        for k in 1...6 { Self.addSingle(&q, k, len: UInt32(10 * k), writable: true) }
-        _ = q.publish()
-        XCTAssertEqual(f.device.popAvailable().map(\.position), [6, 7, 0, 1, 2, 3])
-        f.device.completeBatchAsOne(count: 5, lastLength: 7)
-        XCTAssertPairs(Self.harvest(&q, max: 2), [(1, 10), (2, 20)])
-        XCTAssertEqual(q.inFlight, 4)
-        XCTAssertEqual(q.freeCount, 4)
-        XCTAssertPairs(Self.harvest(&q, max: 2), [(3, 30), (4, 40)])
-        Self.addSingle(&q, 7, len: 70, writable: true)      // position 4, mid-batch
-        _ = q.publish()
-        XCTAssertEqual(f.device.popAvailable().map(\.position), [4])
-        XCTAssertPairs(Self.harvest(&q, max: 8), [(5, 7)])
-        XCTAssertPairs(Self.harvest(&q, max: 8), [])
-        f.device.completeInOrder(count: 2) { $0.writableBytes - 1 }
-        XCTAssertPairs(Self.harvest(&q, max: 8), [(6, 59), (7, 69)])
-        XCTAssertEqual(q.freeCount, 8)
-        XCTAssertNil(q.failure)
-        XCTAssertEqual(f.device.violations, [])
-    }
-
-    /// In order, chains: a batch's used descriptor skips every descriptor of every buffer in it.
-    func testBatchOfChains() throws {
-        let f = try makeFixture(size: 8)
-        var q = f.queue(inOrder: true)
-        roundTrips(&q, f.device, 5)
-        for (k, n) in [(1, 3), (2, 1), (3, 2)] {
-            XCTAssertTrue(q.addChain(count: n, cookie: cookie(k)) { i in
-                VirtqSegment(addr: address(k, segment: i), len: 100, deviceWritable: i == n - 1)
-            })
-        }
-        _ = q.publish()
-        XCTAssertEqual(f.device.popAvailable().map(\.position), [5, 0, 1])
-        f.device.completeBatchAsOne(count: 2, lastLength: 3)
-        XCTAssertPairs(Self.harvest(&q, max: 1), [(1, 100)])
-        XCTAssertEqual(q.freeCount, 5)
-        f.device.completeInOrder(count: 1)
-        XCTAssertPairs(Self.harvest(&q, max: 8), [(2, 3), (3, 100)])
-        XCTAssertEqual(q.vhostBase, 3)
-        XCTAssertEqual(f.device.usedPosition, 3)
-        XCTAssertEqual(q.freeCount, 8)
-        XCTAssertEqual(f.device.violations, [])
-    }
-
-    // MARK: Faults
-
-    /// A queue of `size` after `start` round trips, with buffers 1...count posted (buffer k: one
-    /// descriptor, writable length 100·k, read-only when k is in `readOnly`) and popped; then
-    /// `fault` (given the buffer IDs by cookie), one harvest of everything, and: the exact error;
-    /// only the `good` buffers came back; nothing more comes out however the device goes on;
-    /// `reclaimAll` returns every other cookie exactly once; after it the queue works again.
-    func checkFault(inOrder: Bool, size: Int = 8, start: Int = 0, count: Int = 4, readOnly: Set<Int> = [],
-                    expectedError: (_ ids: [Int: UInt16]) -> VirtqueueError,
-                    good: [(Int, UInt32)],
-                    file: StaticString = #filePath, line: UInt = #line,
-                    _ fault: (_ device: PackedDeviceModel, _ ids: [Int: UInt16], _ q: inout PackedVirtqueue,
-                              _ returned: inout [(Int, UInt32)]) -> Void) throws {
-        let f = try makeFixture(size: size)
-        let device = f.device
-        var q = f.queue(inOrder: inOrder)
-        roundTrips(&q, device, start, file: file, line: line)
-        for k in 1...count { Self.addSingle(&q, k, len: UInt32(100 * k), writable: !readOnly.contains(k)) }
-        _ = q.publish()
-        var ids: [Int: UInt16] = [:]
-        for b in device.popAvailable() { ids[Self.owner(b)] = b.id }
-        XCTAssertEqual(ids.count, count, file: file, line: line)
-
-        var returned: [(Int, UInt32)] = []
-        fault(device, ids, &q, &returned)
-        returned += Self.harvest(&q, max: Int.max)
-        XCTAssertPairs(returned, good, file: file, line: line)
-        XCTAssertEqual(q.failure, expectedError(ids), file: file, line: line)
-
-        // Stopped: nothing more comes out, however the device goes on.
-        device.completeInOrder(count: device.pendingCount)
-        XCTAssertEqual(q.harvest(max: Int.max) { _, _ in XCTFail("harvest after failure", file: file, line: line) }, 0,
-                       file: file, line: line)
-        XCTAssertEqual(q.failure, expectedError(ids), "the first error stays", file: file, line: line)
-
-        // Every other cookie comes back exactly once.
-        var back: [Int] = []
-        let n = q.reclaimAll { back.append(key($0)) }
-        let goodSet = Set(good.map(\.0))
-        let rest = (1...count).filter { !goodSet.contains($0) }
-        XCTAssertEqual(n, rest.count, file: file, line: line)
-        if inOrder {
-            XCTAssertEqual(back, rest, "in order: oldest first", file: file, line: line)
-        } else {
-            XCTAssertEqual(back.sorted(), rest, file: file, line: line)
-        }
-        XCTAssertNil(q.failure, file: file, line: line)
-        XCTAssertEqual(q.freeCount, size, file: file, line: line)
-        XCTAssertEqual(q.inFlight, 0, file: file, line: line)
-
-        // And the queue works again with a reset device.
-        device.reset()
-        Self.addSingle(&q, 99, len: 64, writable: true)
-        XCTAssertTrue(q.publish(), file: file, line: line)
-        XCTAssertEqual(device.popAvailable().map(Self.owner), [99], file: file, line: line)
-        device.completeInOrder(count: 1) { _ in 64 }
-        XCTAssertPairs(Self.harvest(&q, max: 8), [(99, 64)], file: file, line: line)
-        XCTAssertNil(q.failure, file: file, line: line)
-    }
-
-    func testUsedIDOutOfRange() throws {
-        for inOrder in [false, true] {
-            for (start, badID) in [(0, UInt16(8)), (13, UInt16(0xFFFF)), (6, UInt16(9))] {
-                try checkFault(inOrder: inOrder, start: start, expectedError: { _ in .usedIDOutOfRange(id: UInt32(badID), size: 8) },
-                               good: [(1, 10)]) { device, _, _, _ in
-                    device.completeInOrder(count: 1) { _ in 10 }
-                    device.injectUsed(id: badID, len: 0)
-                }
-            }
-        }
-    }
-
-    /// Out of order: an ID already completed and harvested.
-    func testUsedIDNotInFlightAfterHarvest() throws {
-        for start in [0, 11] {
-            try checkFault(inOrder: false, start: start, expectedError: { .usedIDNotInFlight(id: UInt32($0[2]!)) },
-                           good: [(2, 5)]) { device, ids, q, returned in
-                device.complete(ids: [ids[2]!], lengths: [5])
-                returned += Self.harvest(&q, max: 8)
-                device.injectUsed(id: ids[2]!, len: 5)
-            }
-        }
-    }
-
-    /// Out of order: the same ID twice in one harvest.
-    func testUsedIDDuplicateInOneHarvest() throws {
-        try checkFault(inOrder: false, expectedError: { .usedIDNotInFlight(id: UInt32($0[3]!)) },
-                       good: [(3, 7)]) { device, ids, _, _ in
-            device.complete(ids: [ids[3]!], lengths: [7])
-            device.injectUsed(id: ids[3]!, len: 7)
-        }
-    }
-
-    /// Out of order: an ID in range that no buffer was ever given.
-    func testUsedIDNeverPosted() throws {
-        try checkFault(inOrder: false, expectedError: { ids in
-            .usedIDNotInFlight(id: UInt32((0..<8).first { id in !ids.values.contains(UInt16(id)) }!))
-        }, good: [(1, 1)]) { device, ids, _, _ in
-            device.completeInOrder(count: 1) { _ in 1 }
-            device.injectUsed(id: UInt16((0..<8).first { id in !ids.values.contains(UInt16(id)) }!), len: 0)
-        }
-    }
-
-    func testUsedLengthLargerThanWritable() throws {
-        for inOrder in [false, true] {
-            try checkFault(inOrder: inOrder, start: 7, expectedError: { .usedLengthTooLarge(id: UInt32($0[2]!), length: 201, posted: 200) },
-                           good: [(1, 100)]) { device, ids, _, _ in
-                device.completeInOrder(count: 1) { _ in 100 }
-                device.complete(ids: [ids[2]!], lengths: [201])
-            }
-            // A read-only buffer: nothing may be written.
-            try checkFault(inOrder: inOrder, readOnly: [1], expectedError: { .usedLengthTooLarge(id: UInt32($0[1]!), length: 1, posted: 0) },
-                           good: []) { device, _, _, _ in
-                device.completeInOrder(count: 1) { _ in 1 }
-            }
-        }
-        // In order, the length of a batch's used descriptor is checked against its last buffer.
-        try checkFault(inOrder: true, start: 6, expectedError: { .usedLengthTooLarge(id: UInt32($0[3]!), length: 301, posted: 300) },
-                       good: []) { device, _, _, _ in
-            device.completeBatchAsOne(count: 3, lastLength: 301)
-        }
-    }
-
-    /// A used descriptor whose AVAIL/USED bits carry the other lap's wrap counter (§2.8.1).
-    func testUsedDescriptorWithWrongWrapCounter() throws {
-        for inOrder in [false, true] {
-            // Lap 0 (wrap 1), position 1.
-            try checkFault(inOrder: inOrder, expectedError: { _ in .usedWrapMismatch(position: 1, expectedWrap: true) },
-                           good: [(1, 3)]) { device, ids, _, _ in
-                device.completeInOrder(count: 1) { _ in 3 }
-                device.injectUsedWithWrongWrap(id: ids[2]!, len: 0)
-            }
-            // Lap 1 (wrap 0): 13 round trips put the buffers at 5, 6, 7, 0.
-            try checkFault(inOrder: inOrder, start: 13, expectedError: { _ in .usedWrapMismatch(position: 6, expectedWrap: false) },
-                           good: [(1, 3)]) { device, ids, _, _ in
-                device.completeInOrder(count: 1) { _ in 3 }
-                device.injectUsedWithWrongWrap(id: ids[2]!, len: 0)
-            }
-            // Just past the end of the ring: the driver's used wrap counter has flipped back to 1.
-            try checkFault(inOrder: inOrder, start: 13, expectedError: { _ in .usedWrapMismatch(position: 0, expectedWrap: true) },
-                           good: [(1, 3), (2, 3), (3, 3)]) { device, ids, _, _ in
-                device.completeInOrder(count: 3) { _ in 3 }
-                device.injectUsedWithWrongWrap(id: ids[4]!, len: 0)
-            }
-            // Raw: a stale used descriptor from the previous lap left at the next position.
-            try checkFault(inOrder: inOrder, start: 8, expectedError: { _ in .usedWrapMismatch(position: 0, expectedWrap: false) },
-                           good: []) { device, ids, _, _ in
-                device.writeUsed(at: 0, id: ids[1]!, len: 0, flags: PackedDesc.flagAvail | PackedDesc.flagUsed)
-            }
-        }
-    }
-
-    /// In order: a used descriptor naming a buffer that is not in flight (already completed)
-    /// where the next in-order buffer is due. Like the split queue (FaultTests
-    /// .testDuplicateIDInOrder), this is `.usedIDOutOfOrder`, expected = the oldest ID in flight.
-    /// (`harvest` checks "not in flight" before the in-order check, so in order every ID outside
-    /// the buffers in flight is reported as `.usedIDNotInFlight` and `startBatch`'s
-    /// `.usedIDOutOfOrder` is unreachable.)
-    func testInOrderIDAlreadyCompleted() throws {
-        try checkFault(inOrder: true, expectedError: { .usedIDOutOfOrder(id: UInt32($0[1]!), expected: $0[2]!) },
-                       good: [(1, 4)]) { device, ids, _, _ in
-            device.completeInOrder(count: 1) { _ in 4 }
-            device.injectUsed(id: ids[1]!, len: 4)
-        }
-    }
-
-    /// In order: an ID in range that is not among the buffers in flight (never handed out).
-    func testInOrderIDNeverPosted() throws {
-        // 3 round trips first: buffers 1...4 get IDs 3...6, so 7 was never handed out.
-        try checkFault(inOrder: true, start: 3, expectedError: { .usedIDOutOfOrder(id: 7, expected: $0[2]!) },
-                       good: [(1, 4)]) { device, ids, _, _ in
-            XCTAssertEqual(ids[4], 6)
-            device.completeInOrder(count: 1) { _ in 4 }
-            device.injectUsed(id: 7, len: 0)
-        }
-    }
-
-    // MARK: Notification (§2.8.14, §2.8.21.3)
-
-    func testPublishFalseWhenNothingWasAdded() throws {
-        let f = try makeFixture(size: 8)
-        for eventIndex in [false, true] {
-            var q = f.queue(inOrder: false, eventIndex: eventIndex)
-            f.device.reset()
-            XCTAssertFalse(q.publish(), "fresh queue")
-            Self.addSingle(&q, 1, len: 1, writable: true)
-            XCTAssertTrue(q.publish(), "device event flags 0 = enable")
-            XCTAssertFalse(q.publish(), "nothing since the last publish")
-            f.device.popAvailable()
-            f.device.completeInOrder(count: 1)
-            XCTAssertEqual(Self.harvest(&q, max: 8).count, 1)
-            XCTAssertFalse(q.publish(), "harvesting adds nothing")
-        }
-    }
-
-    func testDeviceEventFlagsDisableAndEnable() throws {
-        let f = try makeFixture(size: 4)
-        for eventIndex in [false, true] {
-            var q = f.queue(inOrder: true, eventIndex: eventIndex)
-            f.device.reset()
-            var k = 0
-            func post(_ q: inout PackedVirtqueue) {
-                k += 1
-                Self.addSingle(&q, k, len: 1, writable: false)
-                f.device.popAvailable()
-                f.device.completeInOrder(count: 1)
-                _ = Self.harvest(&q, max: 1)
-            }
-            for round in 0..<6 {   // across the end of the ring
-                f.device.setDeviceEvent(flags: PackedEventFlags.disable)
-                post(&q)
-                XCTAssertFalse(q.publish(), "disable, round \(round), eventIndex \(eventIndex)")
-                f.device.setDeviceEvent(flags: PackedEventFlags.enable)
-                post(&q)
-                XCTAssertTrue(q.publish(), "enable, round \(round), eventIndex \(eventIndex)")
-            }
-        }
-        // RING_EVENT_FLAGS_DESC without VIRTIO_F_RING_EVENT_IDX is not valid; the driver notifies.
-        var q = f.queue(inOrder: false, eventIndex: false)
-        f.device.setDeviceEvent(flags: PackedEventFlags.desc, offWrap: PackedDeviceModel.offWrap(position: 3, wrap: false))
-        Self.addSingle(&q, 1, len: 1, writable: false)
-        XCTAssertTrue(q.publish())
-    }
-
-    /// Reference for RING_EVENT_FLAGS_DESC: the device wants a notification when the driver makes
-    /// available the descriptor at offset `off` in a lap whose driver wrap counter is `wrap`
-    /// (lap L has wrap counter 1 when L is even, §2.8.1). Positions are counted from the ring's
-    /// start (`oldAbs` = descriptors made available before the previous publish, `newAbs` = now);
-    /// at most one ring's worth between them, so at most two laps are touched.
-    static func referenceKick(size: Int, oldAbs: Int, newAbs: Int, offWrap: UInt16) -> Bool {
-        precondition(newAbs - oldAbs <= size)
-        guard newAbs > oldAbs else { return false }
-        let off = Int(offWrap & 0x7fff), wrap = offWrap >> 15 != 0
-        for lap in Set([oldAbs / size, (newAbs - 1) / size]) where (lap % 2 == 0) == wrap {
-            let event = lap * size + off
-            if oldAbs <= event && event < newAbs { return true }
-        }
-        return false
-    }
-
-    /// A fresh queue of `size` with event index, `start` descriptors made available (and used)
-    /// and published, then `added` more; the device asks for (off, wrap). What `publish` says.
-    func eventIndexPublish(size: Int, start: Int, added: Int, off: UInt16, wrap: Bool) throws -> Bool {
-        let f = try makeFixture(size: size)
-        var q = f.queue(inOrder: false, eventIndex: true)
-        roundTrips(&q, f.device, start)
-        for k in 1...added { Self.addSingle(&q, k, len: 1, writable: false) }
-        f.device.setDeviceEvent(flags: PackedEventFlags.desc, offWrap: PackedDeviceModel.offWrap(position: off, wrap: wrap))
-        return q.publish()
-    }
-
-    /// A few hand-checked cases on a ring of 8: within a lap, landing on the end of the ring, and
-    /// across the wrap (lap 0 → 1 and lap 1 → 2). An event in the *new* lap, at or after its
-    /// start and before the new position (start 6 +4 → event 0 or 1 with wrap 0), must notify:
-    /// the driver made that descriptor available in this publish.
-    func testEventIndexCases() throws {
-        // (start, added, off, wrap, expected)
-        let cases: [(Int, Int, UInt16, Bool, Bool)] = [
-            // Lap 0 (wrap 1), positions 0, 1, 2.
-            (0, 3, 0, true, true), (0, 3, 2, true, true), (0, 3, 3, true, false), (0, 3, 2, false, false),
-            // Lap 1 (wrap 0), positions 2, 3.
-            (10, 2, 3, false, true), (10, 2, 3, true, false), (10, 2, 1, false, false),
-            // Up to the end of the ring: positions 5, 6, 7 (wrap 1); the next is 0 with wrap 0.
-            (5, 3, 7, true, true), (5, 3, 0, false, false), (5, 3, 4, true, false),
-            // Across the wrap: 6, 7 (wrap 1), then 0, 1 (wrap 0).
-            (6, 4, 7, true, true), (6, 4, 6, true, true), (6, 4, 5, true, false),
-            (6, 4, 0, false, true), (6, 4, 1, false, true), (6, 4, 2, false, false),
-            // Across the next wrap: 6, 7 (wrap 0), then 0, 1 (wrap 1).
-            (14, 4, 7, false, true), (14, 4, 0, true, true), (14, 4, 1, true, true), (14, 4, 2, true, false),
-        ]
-        for (start, added, off, wrap, expected) in cases {
-            let offWrap = PackedDeviceModel.offWrap(position: off, wrap: wrap)
-            XCTAssertEqual(Self.referenceKick(size: 8, oldAbs: start, newAbs: start + added, offWrap: offWrap), expected,
-                           "reference: start \(start) +\(added), event \(off)/wrap \(wrap ? 1 : 0)")
-            XCTAssertEqual(try eventIndexPublish(size: 8, start: start, added: added, off: off, wrap: wrap), expected,
-                           "publish: start \(start) +\(added), event \(off)/wrap \(wrap ? 1 : 0)")
-        }
-    }
-
-    /// Seeded random publishes of 1...size descriptors on one queue against `referenceKick`.
-    func testEventIndexMatchesReference() throws {
-        for size in [1, 3, 8, 256] {
-            let f = try makeFixture(size: size)
-            var q = f.queue(inOrder: size % 2 == 0, eventIndex: true)
-            var rng = SplitMix64(seed: UInt64(size) &* 101)
-            var abs = 0
-            var mismatches: [String] = []
-            var kicks = 0
-            let steps = size == 256 ? 300 : 1500
-            for step in 0..<steps {
-                let n = rng.int(1...size)
-                for i in 0..<n { Self.addSingle(&q, abs + i + 1, len: 1, writable: false) }
-                let off = UInt16(rng.int(0...size - 1)), wrap = rng.chance(50)
-                let offWrap = PackedDeviceModel.offWrap(position: off, wrap: wrap)
-                f.device.setDeviceEvent(flags: PackedEventFlags.desc, offWrap: offWrap)
-                let got = q.publish()
-                let want = Self.referenceKick(size: size, oldAbs: abs, newAbs: abs + n, offWrap: offWrap)
-                if got != want {
-                    mismatches.append("step \(step): from position \(abs % size) (wrap \((abs / size) % 2 == 0 ? 1 : 0)) "
-                                      + "+\(n), event \(off)/wrap \(wrap ? 1 : 0): publish \(got), expected \(want)")
-                }
-                if want { kicks += 1 }
-                abs += n
-                f.device.popAvailable()
-                f.device.completeInOrder(count: n)
-                XCTAssertEqual(Self.harvest(&q, max: n).count, n)
-            }
-            XCTAssertGreaterThan(kicks, 0)
-            XCTAssert(mismatches.isEmpty, "size \(size): \(mismatches.count) of \(steps) publishes differ; first: "
-                      + mismatches.prefix(4).joined(separator: "; "))
-        }
-    }
-
     // MARK: vhostBase
 
     /// SET_VRING_BASE for a packed ring: next avail position in bits 0–14, driver wrap counter in
@@ -902,91 +136,25 @@ final class PackedVirtqueueTests: XCTestCase {
     func testVhostBaseAfterAdds() throws {
         for inOrder in [false, true] {
             let size = 5
-            let f = try makeFixture(size: size)
+            let f = try makeRing(PackedVirtqueue.self, size: size, inOrder: inOrder)
             var q = f.queue(inOrder: inOrder)
             func base(_ n: Int) -> UInt32 { UInt32(n % size) | ((n / size) % 2 == 0 ? 1 << 15 : 0) }
             XCTAssertEqual(q.vhostBase, 1 << 15)
             for n in 1...23 {
-                roundTrips(&q, f.device, 1)
+                fastForward(&q, f.device, by: 1)
                 XCTAssertEqual(q.vhostBase, base(n), "after \(n) adds")
             }
             // Still in flight: the base moves on add, not on completion.
-            for k in 1...3 { Self.addSingle(&q, k, len: 1, writable: false) }
+            for k in 1...3 { addSingle(&q, k, len: 1, writable: false) }
             XCTAssertEqual(q.vhostBase, base(26))      // 1 | wrap 0
             XCTAssertTrue(q.addChain(count: 2, cookie: cookie(4)) { i in VirtqSegment(addr: address(4, segment: i), len: 1, deviceWritable: false) })
             XCTAssertEqual(q.vhostBase, base(28))
             XCTAssertEqual(q.vhostBase, 3)
             f.device.popAvailable()
             f.device.completeInOrder(count: 4)
-            XCTAssertEqual(Self.harvest(&q, max: 8).map(\.0), [1, 2, 3, 4])
+            XCTAssertEqual(harvested(&q, max: 8).map(\.0), [1, 2, 3, 4])
             XCTAssertEqual(q.vhostBase, base(28))
             XCTAssertEqual(f.device.violations, [])
-        }
-    }
-
-    // MARK: reclaimAll
-
-    /// Buffers in every state (completed and harvested; completed, not harvested; popped, not
-    /// completed; not popped): `reclaimAll` returns each one not harvested exactly once (in
-    /// order: oldest first), zeroes the ring, and the queue and a reset device start over.
-    func testReclaimAllWithBuffersInFlightAndReuse() throws {
-        for inOrder in [false, true] {
-            for start in [0, 13] {
-                let what = "\(inOrder ? "in order" : "out of order") start \(start)"
-                let size = 8
-                let f = try makeFixture(size: size)
-                let device = f.device
-                var q = f.queue(inOrder: inOrder)
-                roundTrips(&q, device, start)
-                XCTAssertTrue(q.addChain(count: 2, cookie: cookie(1)) { i in VirtqSegment(addr: address(1, segment: i), len: 10, deviceWritable: i == 1) })
-                Self.addSingle(&q, 2, len: 20, writable: true)
-                XCTAssertTrue(q.addChain(count: 3, cookie: cookie(3)) { i in VirtqSegment(addr: address(3, segment: i), len: 30, deviceWritable: true) })
-                _ = q.publish()
-                XCTAssertEqual(device.popAvailable().count, 3, what)
-                Self.addSingle(&q, 4, len: 40, writable: true)     // never popped
-                device.completeInOrder(count: 1)
-                XCTAssertPairs(Self.harvest(&q, max: 8), [(1, 10)])
-                if inOrder { device.completeInOrder(count: 1) } else { device.complete(ids: [device.pending.last!.id]) }
-                // 2 (or 3) completed but not harvested; the other popped; 4 not popped.
-                XCTAssertEqual(q.inFlight, 3, what)
-                XCTAssertEqual(q.freeCount, 3, what)
-                var seen: [Int] = []
-                XCTAssertEqual(q.forEachInFlight { seen.append(key($0)) }, 3, what)
-                XCTAssertEqual(q.inFlight, 3, "forEachInFlight changes nothing; \(what)")
-                var back: [Int] = []
-                XCTAssertEqual(q.reclaimAll { back.append(key($0)) }, 3, what)
-                if inOrder { XCTAssertEqual(back, [2, 3, 4], what) } else { XCTAssertEqual(back.sorted(), [2, 3, 4], what) }
-                XCTAssertEqual(seen, back, what)
-                XCTAssertEqual(q.inFlight, 0, what)
-                XCTAssertEqual(q.freeCount, size, what)
-                XCTAssertNil(q.failure, what)
-                XCTAssertEqual(q.vhostBase, 1 << 15, what)
-                XCTAssertEqual(q.reclaimAll { _ in XCTFail("twice") }, 0, what)
-                XCTAssertEqual(device.driverEventFlags, PackedEventFlags.disable, what)
-                XCTAssertFalse(q.publish(), "nothing added since the reset; \(what)")
-
-                // Reuse: a full ring, completed in a random order (or as one batch in order).
-                device.reset()
-                q.addBurst(count: size, deviceWritable: true) { i in (addr: address(10 + i), len: UInt32(i + 1), cookie: cookie(10 + i)) }
-                XCTAssertEqual(q.freeCount, 0, what)
-                XCTAssertTrue(q.publish(), what)
-                let popped = device.popAvailable()
-                XCTAssertEqual(popped.map(\.position), (0..<UInt16(size)).map { $0 }, what)
-                XCTAssertEqual(Set(popped.map(\.id)).count, size, "distinct IDs; \(what)")
-                if inOrder {
-                    XCTAssertEqual(popped.map(\.id), (0..<UInt16(size)).map { $0 }, what)
-                    device.completeBatchAsOne(count: size, lastLength: 1)
-                    XCTAssertPairs(Self.harvest(&q, max: 100), (10..<10 + size).map { ($0, $0 == 9 + size ? 1 : UInt32($0 - 9)) })
-                } else {
-                    var rng = SplitMix64(seed: UInt64(start))
-                    let order = popped.shuffled(using: &rng)
-                    device.complete(ids: order.map(\.id), lengths: order.map { $0.writableBytes - 1 })
-                    XCTAssertPairs(Self.harvest(&q, max: 100), order.map { (Self.owner($0), $0.writableBytes - 1) })
-                }
-                XCTAssertEqual(q.freeCount, size, what)
-                XCTAssertEqual(q.vhostBase, 0, "one full lap: position 0, wrap 0; \(what)")
-                XCTAssertEqual(device.violations, [], what)
-            }
         }
     }
 }

@@ -5,6 +5,7 @@ import XCTest
 /// Stop and restart of a queue, as a vhost-user port does it: the device stops (GET_VRING_BASE
 /// reports where), the driver reclaims what is in flight, and both sides continue from the
 /// reported position — for packed rings that includes the wrap counter — through many more laps.
+/// Every topic runs on both layouts.
 final class RestartTests: XCTestCase {
     static let cookie = UnsafeMutableRawPointer(bitPattern: 0xC000)!
 
@@ -51,16 +52,17 @@ final class RestartTests: XCTestCase {
         return reclaimed
     }
 
-    func testPackedRestartKeepsWrapCounters() throws {
+    /// Both layouts from the same starts: within the first lap, at its end, a lap and more
+    /// later, and next to the UInt16 wrap of the split indexes.
+    func restartContinues<Q: TestedQueue & ~Copyable>(_: Q.Type) throws {
         for inOrder in [true, false] {
-            for start in [0, 5, 8, 13, 21] {
-                let what = "packed \(inOrder ? "in order" : "out of order") start \(start)"
-                let (memory, layout) = try PackedDeviceModel.allocateRing(size: 8)
-                defer { PackedDeviceModel.freeRing(memory) }
-                let device = PackedDeviceModel(memory: memory, layout: layout)
-                var q = PackedVirtqueue(memory: memory, layout: layout, inOrder: inOrder)
-                let reclaimed = exercise(&q, start: start, pop: { device.popAvailable().count },
-                                         complete: { device.completeInOrder(count: $0) },
+            for start in [0, 5, 8, 13, 21, 65_533] {
+                let what = "\(Q.layoutName) \(inOrder ? "in order" : "out of order") start \(start)"
+                let ring = try makeRing(Q.self, size: 8, inOrder: inOrder)
+                let device = ring.device
+                var q = ring.queue(inOrder: inOrder)
+                let reclaimed = exercise(&q, start: start, pop: { device.popBuffers().count },
+                                         complete: { device.completeInOrder(count: $0, lengths: nil) },
                                          stoppedBase: { device.stoppedBase }, resetDevice: { device.reset(toBase: $0) }, what)
                 XCTAssertEqual(reclaimed, 3, what)
                 XCTAssertEqual(device.violations, [], what)
@@ -68,37 +70,29 @@ final class RestartTests: XCTestCase {
         }
     }
 
-    func testPackedBaseCarriesWrapCounter() throws {
-        let (memory, layout) = try PackedDeviceModel.allocateRing(size: 8)
-        defer { PackedDeviceModel.freeRing(memory) }
-        let device = PackedDeviceModel(memory: memory, layout: layout)
-        var q = PackedVirtqueue(memory: memory, layout: layout, inOrder: true)
-        roundTrips(&q, pop: { device.popAvailable().count }, complete: { device.completeInOrder(count: $0) }, 13, "13")
-        // 13 = one lap (wrap flips to 0) + 5.
-        XCTAssertEqual(device.stoppedBase, 5)
-        XCTAssertEqual(q.addresses.base, 5)
+    /// After 13 round trips the base is `at13`; restarted there, three more reach `at16`.
+    func baseCarriesPosition<Q: TestedQueue & ~Copyable>(_: Q.Type, at13: UInt32, at16: UInt32) throws {
+        let ring = try makeRing(Q.self, size: 8, inOrder: true)
+        let device = ring.device
+        var q = ring.queue(inOrder: true)
+        let pop = { device.popBuffers().count }, complete = { device.completeInOrder(count: $0, lengths: nil) }
+        roundTrips(&q, pop: pop, complete: complete, 13, "13")
+        XCTAssertEqual(device.stoppedBase, at13)
+        XCTAssertEqual(q.addresses.base, at13)
         _ = q.reclaimAll { _ in }
-        q.restart(at: 5)
-        device.reset(toBase: 5)
-        roundTrips(&q, pop: { device.popAvailable().count }, complete: { device.completeInOrder(count: $0) }, 3, "3 more")
-        XCTAssertEqual(q.addresses.base, 1 << 15, "position 0 of the next lap: wrap back to 1")
+        q.restart(at: at13)
+        device.reset(toBase: at13)
+        roundTrips(&q, pop: pop, complete: complete, 3, "3 more")
+        XCTAssertEqual(q.addresses.base, at16)
+        XCTAssertEqual(device.stoppedBase, at16)
         XCTAssertEqual(device.violations, [])
     }
 
-    func testSplitRestartContinuesIndexes() throws {
-        for inOrder in [true, false] {
-            for start in [0, 5, 8, 13, 65_533] {
-                let what = "split \(inOrder ? "in order" : "out of order") start \(start)"
-                let (memory, layout) = try SplitDeviceModel.allocateRing(size: 8)
-                defer { SplitDeviceModel.freeRing(memory) }
-                let device = SplitDeviceModel(memory: memory, layout: layout, inOrder: inOrder)
-                var q = SplitVirtqueue(memory: memory, layout: layout, inOrder: inOrder)
-                let reclaimed = exercise(&q, start: start, pop: { device.popAvailable().count },
-                                         complete: { device.completeInOrder(count: $0) },
-                                         stoppedBase: { device.stoppedBase }, resetDevice: { device.reset(toBase: $0) }, what)
-                XCTAssertEqual(reclaimed, 3, what)
-                XCTAssertEqual(device.violations, [], what)
-            }
-        }
-    }
+    func testRestartContinuesSplit() throws { try restartContinues(SplitVirtqueue.self) }
+    func testRestartContinuesPacked() throws { try restartContinues(PackedVirtqueue.self) }
+    /// Split: the avail index, 13 and then 16.
+    func testBaseCarriesAvailIndexSplit() throws { try baseCarriesPosition(SplitVirtqueue.self, at13: 13, at16: 16) }
+    /// Packed: 13 = one lap (wrap flips to 0) + 5; three more reach position 0 of the next lap,
+    /// wrap back to 1.
+    func testBaseCarriesWrapCounterPacked() throws { try baseCarriesPosition(PackedVirtqueue.self, at13: 5, at16: 1 << 15) }
 }
