@@ -193,8 +193,6 @@ public enum EAL {
     /// Waits until every worker lcore has finished what `launch` gave it.
     public static func waitForWorkers() { rte_eal_mp_wait_lcore() }
 
-    /// This thread's lcore id (`rte_lcore_id`).
-    public static var lcoreID: UInt32 { rte_lcore_id() }
 
     nonisolated(unsafe) public private(set) static var isCleanedUp = false
 

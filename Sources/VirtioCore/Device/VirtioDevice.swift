@@ -4,7 +4,6 @@ import Synchronization
 public enum VirtioDeviceError: Error, CustomStringConvertible, Equatable, Sendable {
     case missingFeatures(device: String, VirtioFeatures)
     case layoutNotOffered(device: String, RingLayoutChoice)
-    case invalidQueueSize(device: String, Int, allowed: ClosedRange<Int>)
     /// The device (or its transport) gave a queue count the driver cannot use.
     case invalidQueueCount(device: String, String)
     case restartUnsupported(String)
@@ -13,7 +12,6 @@ public enum VirtioDeviceError: Error, CustomStringConvertible, Equatable, Sendab
         switch self {
         case let .missingFeatures(d, f): return "the \(d) device lacks required features: \(f)"
         case let .layoutNotOffered(d, l): return "the \(d) device does not offer \(l) virtqueues (VIRTIO_F_RING_PACKED)"
-        case let .invalidQueueSize(d, s, r): return "\(d) queue size \(s) must be a power of two from \(r.lowerBound) to \(r.upperBound)"
         case let .invalidQueueCount(d, why): return "\(d): \(why)"
         case .restartUnsupported(let why): return "cannot restart the device: \(why)"
         }
