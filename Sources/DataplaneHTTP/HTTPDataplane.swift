@@ -106,7 +106,7 @@ public enum HTTPDataplane {
         do {
             device = try VirtioNetDevice(transport: try VhostUserConnection(path: config.vhostUserPath, logger: logger),
                                          pool: pool, options: opts, logger: logger)
-            port = try device.makePort(0)
+            port = try device.makePort(0)  // the port keeps its device
         } catch {
             throw HTTPDataplaneError.setup("port vhost:\(config.vhostUserPath): \(error)")
         }
@@ -153,7 +153,6 @@ public enum HTTPDataplane {
             if shouldStop() || signalStop.load(ordering: .relaxed) { break }
         }
         _ = port.close()
-        withExtendedLifetime(device) {}
         if let e = linkError { throw HTTPDataplaneError.linkLost(e) }
     }
 }

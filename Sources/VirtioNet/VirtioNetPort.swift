@@ -25,7 +25,6 @@ public enum VirtioNetError: Error, CustomStringConvertible {
     case queueFailed(queue: String, VirtqueueError)
     case poolTooSmall(need: Int, have: Int)
     case layoutNotOffered(String)
-    case restartUnsupported
     case restartInconsistent(queue: String, device: UInt32, driver: UInt32)
     case restartNeedsOnePair(Int)
     case invalidQueuePairs(requested: Int, max: Int, why: String)
@@ -41,7 +40,6 @@ public enum VirtioNetError: Error, CustomStringConvertible {
         case .invalidRingSize(let s): return "ring size \(s) must be a power of two from 64 to 4096"
         case let .queueFailed(q, e): return "\(q) queue stopped: \(e)"
         case let .poolTooSmall(need, have): return "mbuf pool of \(have) cannot fill the rings (\(need) needed plus bursts in flight)"
-        case .restartUnsupported: return "the transport did not report where the device stopped its rings"
         case .layoutNotOffered(let l): return "the virtio-net device does not offer \(l) virtqueues"
         case .restartNeedsOnePair(let n): return "a restart of one port stops the whole device; it has \(n) queue pairs (restart them together)"
         case let .invalidQueuePairs(r, m, why): return "\(r) queue pair(s) requested, at most \(m): \(why)"

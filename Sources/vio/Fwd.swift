@@ -112,6 +112,7 @@ struct Fwd: ParsableCommand {
         defer { meters.deallocate() }
         let hz = Double(TSC.hz)
         let start = TSC.now()
+        let end = duration.map { start + UInt64($0 * hz) } ?? .max
         let workers = EAL.workerLcores
         for l in 1..<max(1, lcoreCount) {
             let lane = lanes + l, meter = meters + l, plan = plans[l]
@@ -138,7 +139,7 @@ struct Fwd: ParsableCommand {
                 }
                 before = now
             }
-            let ended = tick.done || (TSC.now() >= (duration.map { start + UInt64($0 * hz) } ?? .max))
+            let ended = tick.done || TSC.now() >= end
                 || count.map { c in now.reduce(0) { $0 + forwarded($1) } >= c } == true
             if ended { control.stop.store(true, ordering: .relaxed) }
         })
