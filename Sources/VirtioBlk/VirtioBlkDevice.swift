@@ -6,6 +6,7 @@ public enum VirtioBlkError: Error, CustomStringConvertible {
     case missingFeatures(VirtioFeatures)
     case noConfigSpace
     case invalidQueueSize(Int)
+    case invalidDirectChainLimit(Int)
     case layoutNotOffered(RingLayoutChoice)
     /// The device (config space or transport) gave a queue count the driver cannot use.
     case badQueueCount(String)
@@ -15,6 +16,7 @@ public enum VirtioBlkError: Error, CustomStringConvertible {
         case .missingFeatures(let f): return "the virtio-blk device lacks required features: \(f)"
         case .noConfigSpace: return "the device has no config space (vhost-user: VHOST_USER_PROTOCOL_F_CONFIG not offered); capacity unknown"
         case .invalidQueueSize(let s): return "queue size \(s) must be a power of two from 4 to 4096"
+        case .invalidDirectChainLimit(let n): return "direct chain limit \(n) must be at least 1"
         case .layoutNotOffered(let l): return "the device does not offer \(l) virtqueues (VIRTIO_F_RING_PACKED)"
         case .badQueueCount(let s): return "virtio-blk: \(s)"
         }
@@ -28,6 +30,13 @@ public struct VirtioBlkOptions: Sendable {
     public var allowInOrder = true
     public var allowIndirect = true
     public var allowEventIndex = true
+    /// Split rings with VIRTIO_F_INDIRECT_DESC: requests of at most this many descriptors
+    /// (header, data segments, status) go straight into the ring while half of it stays free;
+    /// longer ones, and the rest, take an indirect table. 1: every request takes a table.
+    public var directChainLimit = 4
+    /// Spaces polls while many requests are in flight, so that each poll finds a batch of
+    /// completions (see `VirtioBlkQueue.pollPacing`).
+    public var pollPacing = true
     /// Ring layout: `auto` takes packed when the device offers VIRTIO_F_RING_PACKED.
     public var ring: RingLayoutChoice = .auto
     public init() {}
@@ -73,6 +82,8 @@ public final class VirtioBlkDevice<Ring: Virtqueue & ~Copyable>: @unchecked Send
     public let config: BlkConfig
     public let queueCount: Int
     public let queueSize: Int
+    let directChainLimit: Int
+    let pollPacing: Bool
     /// Data segments per request the device accepts (seg_max, or what fits the ring).
     public let maxSegments: Int
     /// Bytes per data segment, or nil for no limit (size_max 0 is "no limit", as SPDK treats it).
@@ -91,6 +102,7 @@ public final class VirtioBlkDevice<Ring: Virtqueue & ~Copyable>: @unchecked Send
         guard options.queueSize >= 4, options.queueSize <= 4096, options.queueSize & (options.queueSize - 1) == 0 else {
             throw VirtioBlkError.invalidQueueSize(options.queueSize)
         }
+        guard options.directChainLimit >= 1 else { throw VirtioBlkError.invalidDirectChainLimit(options.directChainLimit) }
         let offered = t.deviceFeatures
         guard offered.contains(.version1) || t.isLegacy else { throw VirtioBlkError.missingFeatures(.version1) }
         guard offered.isSuperset(of: Ring.layoutFeatures) else { throw VirtioBlkError.layoutNotOffered(Ring.layout) }
@@ -135,6 +147,8 @@ public final class VirtioBlkDevice<Ring: Virtqueue & ~Copyable>: @unchecked Send
         queueSize = options.queueSize
         self.slabs = slabs; self.tables = tables
         self.logger = logger
+        directChainLimit = options.directChainLimit
+        pollPacing = options.pollPacing
         let mib = cfg.capacity / 2048
         logger.info("virtio-blk \(t.deviceDescription): \(cfg.capacity) sectors (\(mib) MiB), block \(cfg.blockSize), seg_max \(cfg.segMax), size_max \(cfg.sizeMax), \(queues) \(Ring.layoutName) queue(s) of \(options.queueSize), features \(chosen)")
     }
@@ -151,6 +165,10 @@ public final class VirtioBlkDevice<Ring: Virtqueue & ~Copyable>: @unchecked Send
             let used = vq.useIndirect(tables)
             precondition(used, "indirect descriptors are negotiated for split rings only")
         }
+        vq.directChainLimit = directChainLimit
+        // Without VIRTIO_F_IN_ORDER, descriptors still go round the table in order: the device
+        // reads it front to back, each line once, as its prefetcher expects.
+        vq.recycleInTableOrder = true
         let slab = slabs[index]
         return VirtioBlkQueue(index: index, queue: vq, slab: slab.pointer, slabAddress: core.deviceAddress(of: slab), device: self)
     }

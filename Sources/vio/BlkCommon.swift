@@ -38,6 +38,10 @@ struct BlkOptions: ParsableArguments {
     var noIndirect = false
     @Flag(help: "Do not negotiate VIRTIO_F_IN_ORDER.")
     var noInOrder = false
+    @Option(help: "With indirect descriptors: requests of at most this many descriptors (header, data, status) go straight into the ring while it has room; 1 puts every request in a table.")
+    var directChainLimit = 4
+    @Flag(help: "Poll the used ring on every call, also while many requests are in flight (default: space polls so each finds a batch).")
+    var noPollPacing = false
     @Option(help: "CPUs to poll on, one lcore each (e.g. 0,1); queues are spread over them (blkbench). Default: one lcore on the process affinity.")
     var lcores: CPUList?
     @Flag(help: "Log negotiation details.")
@@ -70,6 +74,8 @@ struct BlkSetup {
         opts.queueSize = o.queueSize
         opts.allowIndirect = !o.noIndirect
         opts.allowInOrder = !o.noInOrder
+        opts.directChainLimit = o.directChainLimit
+        opts.pollPacing = !o.noPollPacing
         opts.ring = o.ring
         options = opts
         uri = dev

@@ -295,5 +295,6 @@ struct BlkJob<Ring: Virtqueue & ~Copyable>: ~Copyable {
                                       maxNs: latency.max, meanNs: latency.mean)
         }
         r.slotsOutstandingAtExit = outstanding
+        for q in 0..<queueCount { r.notifications += queues[q].notifications }
     }
 }

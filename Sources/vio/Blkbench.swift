@@ -28,6 +28,8 @@ struct BlkbenchReport: Codable {
     var verifyErrors: UInt64
     var failedInFlight: UInt64
     var slotsOutstandingAtExit: Int
+    /// Kicks (available-buffer notifications) sent, over the whole run.
+    var notifications: UInt64 = 0
     var memory: String
     var features: String
     var ring: String
@@ -183,7 +185,7 @@ extension Blkbench {
             for l in 1..<lanes {
                 let o = jobs[l].r
                 r.reads += o.reads; r.writes += o.writes; r.errors += o.errors; r.verified += o.verified
-                r.verifyErrors += o.verifyErrors; r.failedInFlight += o.failedInFlight
+                r.verifyErrors += o.verifyErrors; r.failedInFlight += o.failedInFlight; r.notifications += o.notifications
                 r.slotsOutstandingAtExit += o.slotsOutstandingAtExit
                 r.seconds = max(r.seconds, o.seconds)
                 latency.add(jobs[l].latency)

@@ -80,8 +80,15 @@ final class BlkQueueTests: XCTestCase {
 
     let base: VirtioFeatures = [.version1, .blkFlush, .blkSegMax, .eventIndex]
 
+    /// Poll pacing is off unless a test turns it on: these tests complete requests and poll
+    /// once, and pacing may defer that poll (`testPollPacing` covers it).
+    var directChainLimit = 4
+    var pollPacing = false
+
     func options(ring: RingLayoutChoice, queueSize: Int, inOrder: Bool) -> VirtioBlkOptions {
         var o = VirtioBlkOptions()
+        o.directChainLimit = directChainLimit
+        o.pollPacing = pollPacing
         o.queueSize = queueSize
         o.ring = ring
         o.allowInOrder = inOrder
@@ -208,7 +215,7 @@ final class BlkQueueTests: XCTestCase {
         for (k, a) in avail.enumerated() {
             // Split with indirect tables reads the chain from the table; packed always has it in the ring.
             XCTAssertEqual(a.segments.count, 2 + k + 1)
-            XCTAssertEqual(a.ringDescriptors, expectIndirect ? 1 : a.segments.count)
+            XCTAssertEqual(a.ringDescriptors, expectIndirect && a.segments.count > directChainLimit ? 1 : a.segments.count)
             _ = serve(a.id, a.segments)
         }
         dev.complete(avail.reversed().map(\.id), avail.reversed().map { _ in 1 })
@@ -251,7 +258,89 @@ final class BlkQueueTests: XCTestCase {
         try roundTrip(PackedVirtqueue.self, offered: base.union([.ringPacked, .indirectDescriptors]), expectIndirect: false)
     }
     func testRoundTripSplitIndirect() throws {
+        directChainLimit = 1
         try roundTrip(SplitVirtqueue.self, offered: base.union([.indirectDescriptors]), expectIndirect: true)
+    }
+    /// The default limit (4): the 3- and 4-descriptor requests go straight into the ring, the
+    /// 5- and 6-descriptor ones into tables.
+    func testRoundTripSplitShortChainsDirect() throws {
+        XCTAssertEqual(VirtioBlkOptions().directChainLimit, 4)
+        try roundTrip(SplitVirtqueue.self, offered: base.union([.indirectDescriptors]), expectIndirect: true)
+    }
+
+    /// A short request takes a table when its chain would eat into the half of the ring kept for
+    /// tables, and a queue with no descriptor left is full.
+    func testDirectChainFallsBackToTableWhenRingIsShort() throws {
+        let (t, d) = try open(SplitVirtqueue.self, offered: base.union([.indirectDescriptors]), queueSize: 8)
+        let dev = try ringDevice(t, d)
+        var q = d.makeQueue(0)
+        let arena = try DMAMemory(size: 1 << 16)
+        var used: [Int] = []
+        for k in 0..<7 {
+            let b = [BlkBuffer(arena.pointer + k * 4096, length: 4096)]
+            // (Returned, not caught in the loop: Swift 6.3.1's ownership verifier crashes on that.)
+            if let e = Self.read(&q, b, sector: UInt64(k * 8), tag: UInt64(k)) {
+                XCTAssertEqual(e, .queueFull); used.append(-1); continue
+            }
+            q.commit()
+            used += dev.pop().map(\.ringDescriptors)
+        }
+        // One chain of 3 in the ring leaves 5 free; direct chains never take the last half of the
+        // ring, so the next five requests take a table each, then the queue is full.
+        XCTAssertEqual(used, [3, 1, 1, 1, 1, 1, -1])
+        XCTAssertEqual(dev.violations(), [])
+    }
+
+    static func read(_ q: inout VirtioBlkQueue<SplitVirtqueue>, _ b: [BlkBuffer], sector: UInt64, tag: UInt64) -> BlkRequestError? {
+        do {
+            try b.withUnsafeBufferPointer { (p) throws(BlkRequestError) in try q.read(sector: sector, into: p, tag: tag) }
+            return nil
+        } catch { return error }
+    }
+
+    /// With pacing on, a queue kept 24 deep completes thousands of requests, each once, while
+    /// the device completes two at a time: a deferred poll only waits, it loses nothing.
+    func testPollPacing() throws {
+        pollPacing = true
+        let (t, d) = try open(SplitVirtqueue.self, offered: base.union([.indirectDescriptors]), queueSize: 64)
+        let dev = try ringDevice(t, d)
+        var q = d.makeQueue(0)
+        XCTAssertTrue(q.pollPacing)
+        let arena = try DMAMemory(size: 32 * 4096)
+        var tag: UInt64 = 0
+        var outstanding = Set<UInt64>()
+        func submit(_ q: inout VirtioBlkQueue<SplitVirtqueue>, slot: Int) throws {
+            tag += 1
+            let b = [BlkBuffer(arena.pointer + slot * 4096, length: 4096)]
+            try b.withUnsafeBufferPointer { (p) throws(BlkRequestError) in try q.read(sector: UInt64(slot * 8), into: p, tag: tag) }
+            outstanding.insert(tag)
+        }
+        for s in 0..<24 { try submit(&q, slot: s) }
+        q.commit()
+        var done = 0, emptyPolls = 0
+        let out = UnsafeMutablePointer<BlkCompletion>.allocate(capacity: 64)
+        defer { out.deallocate() }
+        let deadline = Date().addingTimeInterval(20)
+        var waiting: [UInt16] = []
+        while done < 5000 && Date() < deadline {
+            for a in dev.pop() { _ = serve(a.id, a.segments); waiting.append(a.id) }
+            let now = waiting.prefix(2)
+            if !now.isEmpty { dev.complete(Array(now), now.map { _ in 4097 }) }
+            waiting.removeFirst(now.count)
+            let n = q.poll(into: out, max: 64)
+            if n == 0 { emptyPolls += 1 }
+            for i in 0..<n {
+                XCTAssertEqual(out[i].status, .ok)
+                XCTAssertNotNil(outstanding.remove(out[i].tag), "tag \(out[i].tag) completed once")
+                done += 1
+                try submit(&q, slot: Int(out[i].tag % 24))
+            }
+            q.commit()
+        }
+        XCTAssertEqual(done, 5000, "pacing must not stall the queue")
+        XCTAssertGreaterThan(emptyPolls, 0, "with completions waiting, some polls were deferred")
+        XCTAssertEqual(q.inFlight, 24)
+        XCTAssertEqual(dev.violations(), [])
     }
     func testRoundTripSplitChains() throws {
         try roundTrip(SplitVirtqueue.self, offered: base, expectIndirect: false)

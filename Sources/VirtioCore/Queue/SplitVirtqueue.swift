@@ -85,6 +85,12 @@ public struct SplitVirtqueue: ~Copyable {
     @usableFromInline var freeDescs: Int
     /// In order: next descriptor to hand out (free-running). Out of order: head of the free list.
     @usableFromInline var descHead: UInt16 = 0
+    /// Out of order: last descriptor of the free list (valid while the list is not empty).
+    @usableFromInline var freeTail: UInt16 = 0
+    /// Out of order: completed chains join the end of the free list, so descriptors are handed out
+    /// in a cycle over the whole table (the device then reads the table front to back, as with
+    /// IN_ORDER); false puts them at the front (the most recently used descriptors first).
+    public var recycleInTableOrder = false
     /// In order: first descriptor of the oldest buffer not yet completed (free-running).
     @usableFromInline var oldestDesc: UInt16 = 0
     /// In order: a single used element covers buffers up to `batchEnd`, which gets `batchLen`.
@@ -105,10 +111,21 @@ public struct SplitVirtqueue: ~Copyable {
         return true
     }
 
+    /// With indirect tables: chains of at most this many descriptors still go into the ring
+    /// itself (the device then reads one line fewer per request), as long as half the ring stays
+    /// free for chains in tables: the queue then still holds at least `size / 2` buffers however
+    /// long they are. 1 (the default) puts every chain longer than one into a table.
+    public var directChainLimit = 1
+
+    /// Whether a chain of `count` descriptors goes into an indirect table.
+    @inlinable func goesIndirect(_ count: Int) -> Bool {
+        guard let t = indirect, count > 1, count <= t.entriesPerTable else { return false }
+        return count > directChainLimit || freeDescs &- count < size / 2
+    }
+
     /// Ring descriptors a chain of `count` segments takes.
     @inlinable public func descriptorsNeeded(forSegments count: Int) -> Int {
-        if let t = indirect, count > 1, count <= t.entriesPerTable { return 1 }
-        return count
+        goesIndirect(count) ? 1 : count
     }
 
     /// Lays a fresh queue over `memory` (at least `layout.totalBytes`, 4 KiB aligned), zeroing it.
@@ -156,6 +173,7 @@ public struct SplitVirtqueue: ~Copyable {
         published.initialize(repeating: false, count: size)
         slots.initialize(repeating: SlotInfo(cookie: nil, writable: 0, ndesc: 0, last: 0), count: size)
         nextAvail = 0; publishedAvail = 0; lastUsed = 0; descHead = 0; oldestDesc = 0
+        freeTail = UInt16(truncatingIfNeeded: size - 1)
         freeDescs = size; outstanding = 0; inBatch = false; failure = nil
     }
 
@@ -235,7 +253,7 @@ public struct SplitVirtqueue: ~Copyable {
     @inlinable
     public mutating func addChain(count: Int, cookie: UnsafeMutableRawPointer?, _ segment: (Int) -> VirtqSegment) -> Bool {
         precondition(count >= 1 && failure == nil)
-        if let t = indirect, count > 1, count <= t.entriesPerTable {
+        if goesIndirect(count), let t = indirect {
             return addIndirect(t, count: count, cookie: cookie, segment)
         }
         guard count <= freeDescs else { return false }
@@ -410,7 +428,8 @@ public struct SplitVirtqueue: ~Copyable {
     mutating func harvestOutOfOrder(_ n: Int, _ body: (Int, UnsafeMutableRawPointer?, UInt32) -> Void) -> Int {
         let slots = self.slots, usedRing = self.usedRing, links = self.links, published = self.published
         let mask = self.mask, size = UInt32(self.size)
-        var used = lastUsed, freeHead = descHead
+        var used = lastUsed, freeHead = descHead, freeTail = self.freeTail
+        let fifo = recycleInTableOrder, freeBefore = freeDescs
         var freed = 0
         var i = 0
         while i < n {
@@ -422,9 +441,15 @@ public struct SplitVirtqueue: ~Copyable {
             guard e.len <= slot.writable else {
                 fail(.usedLengthTooLarge(id: e.id, length: e.len, posted: slot.writable)); break
             }
-            // Splice the chain back onto the front of the free list.
-            links[Int(slot.last)] = freeHead
-            freeHead = UInt16(truncatingIfNeeded: id)
+            // Splice the chain back onto the free list: its end (table order) or its front.
+            let h = UInt16(truncatingIfNeeded: id)
+            if freeBefore &+ freed == 0 {
+                freeHead = h; freeTail = slot.last
+            } else if fifo {
+                links[Int(freeTail)] = h; freeTail = slot.last
+            } else {
+                links[Int(slot.last)] = freeHead; freeHead = h
+            }
             freed &+= Int(slot.ndesc)
             slots[id].ndesc = 0
             published[id] = false
@@ -434,6 +459,7 @@ public struct SplitVirtqueue: ~Copyable {
         }
         lastUsed = used
         descHead = freeHead
+        self.freeTail = freeTail
         freeDescs &+= freed
         outstanding &-= i
         return i

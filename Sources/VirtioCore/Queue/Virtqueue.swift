@@ -35,6 +35,12 @@ public protocol Virtqueue: ~Copyable {
     /// VIRTIO_F_INDIRECT_DESC); false when the layout does not implement indirect descriptors
     /// (packed), so the caller must not negotiate them.
     mutating func useIndirect(_ tables: IndirectTables) -> Bool
+    /// With indirect tables: the longest chain that still goes into the ring itself while there
+    /// is room (1: every longer chain takes a table). Layouts without tables ignore it.
+    var directChainLimit: Int { get set }
+    /// Out of order: whether completed descriptors are reused in table order (see
+    /// `SplitVirtqueue.recycleInTableOrder`). Layouts that always hand out in ring order ignore it.
+    var recycleInTableOrder: Bool { get set }
     /// Ring descriptors a buffer of `count` segments takes (split with indirect tables: one).
     func descriptorsNeeded(forSegments count: Int) -> Int
     /// One buffer of `count` descriptors; false (adding nothing) when there is no room.
@@ -63,6 +69,8 @@ extension Virtqueue where Self: ~Copyable {
     @inlinable public func descriptorsNeeded(forSegments count: Int) -> Int { count }
     /// Indirect tables are not implemented for this layout.
     public mutating func useIndirect(_ tables: IndirectTables) -> Bool { false }
+    public var directChainLimit: Int { get { 0 } set {} }
+    public var recycleInTableOrder: Bool { get { true } set {} }
 }
 
 /// The ring layout a driver asks for: `auto` takes packed when the device offers it.
