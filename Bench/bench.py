@@ -18,6 +18,8 @@ appends a dated entry with the exact command to Bench/RESULTS.md.
 import argparse, atexit, json, os, re, shlex, signal, statistics, subprocess, sys, tempfile, time
 from datetime import datetime, timezone
 
+from plotting import pyplot
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VIO = os.path.join(ROOT, ".build/release/vio")
 TESTPMD = "/usr/bin/dpdk-testpmd"
@@ -349,20 +351,9 @@ def fmt_row(r):
 
 
 def plot(results, path, doc):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception:
-        # Bench-only dependency, from PyPI.
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "matplotlib"])
-        try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except Exception:
-            print("bench: matplotlib is not available; no plot written", file=sys.stderr)
-            return
+    plt = pyplot("bench")
+    if plt is None:
+        return
     labels = [f"{r['scenario']} {r.get('ring', 'split')} q{r.get('queues', 1)}\n{r['size']}B io={r['in_order']}\n{r['memory']}" for r in results]
     x = range(len(results))
     fig, ax = plt.subplots(figsize=(max(8, 1.2 * len(results)), 5))

@@ -46,6 +46,8 @@ entry with the exact command to Bench/RESULTS.md.
 import argparse, json, os, re, shlex, shutil, signal, statistics, subprocess, sys, tempfile, time
 from datetime import datetime, timezone
 
+from plotting import pyplot
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VIO = os.path.join(ROOT, ".build/release/vio")
 JOBS = [("randread", "4k", 1), ("randread", "4k", 32), ("randread", "4k", 128), ("randwrite", "4k", 32), ("read", "128k", 8)]
@@ -499,20 +501,9 @@ def fmt(r):
 def plot(rows, path, doc, against):
     if not rows:
         return
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception:
-        # Bench-only dependency, from PyPI.
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "matplotlib"])
-        try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except Exception:
-            print("blk bench: matplotlib is not available; no plot written", file=sys.stderr)
-            return
+    plt = pyplot("blk bench")
+    if plt is None:
+        return
     labels = [f"{r['rw']} {r['bs']}\nQD{r['iodepth']}" for r in rows]
     has_dev = any(r.get("device_instructions") is not None for r in rows)
     has_spdk = any(r.get("spdk_iops") for r in rows)
