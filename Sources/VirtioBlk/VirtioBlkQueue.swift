@@ -51,7 +51,7 @@ public struct VirtioBlkQueue<Ring: Virtqueue & ~Copyable>: ~Copyable {
     @usableFromInline let dying: UnsafeMutablePointer<UInt16>
     @usableFromInline var dyingCount = 0
     @usableFromInline var idlePolls = 0
-    /// Notifications sent to the device (kicks); off the hot path's cost, counted for the bench.
+    /// Kicks sent to the device (an increment per kick, none per request), for the bench.
     /// Poll pacing: while at least `pacingMinInFlight` requests are out, a poll that comes sooner
     /// than `nextPollAt` (TSC) returns at once without reading the ring. Each look at the used
     /// index while the device is writing it moves that cache line to us and back; spacing polls
@@ -117,7 +117,7 @@ public struct VirtioBlkQueue<Ring: Virtqueue & ~Copyable>: ~Copyable {
     }
 
     /// Split rings with indirect tables: requests of at most this many descriptors (header, data
-    /// segments, status) go straight into the ring while it has room.
+    /// segments, status) go straight into the ring while half of it stays free.
     public var directChainLimit: Int {
         get { vq.directChainLimit }
         set { vq.directChainLimit = newValue }
