@@ -116,13 +116,6 @@ public struct VirtioBlkQueue<Ring: Virtqueue & ~Copyable>: ~Copyable {
         busAddresses.deallocate()
     }
 
-    /// Split rings with indirect tables: requests of at most this many descriptors (header, data
-    /// segments, status) go straight into the ring while half of it stays free.
-    public var directChainLimit: Int {
-        get { vq.directChainLimit }
-        set { vq.directChainLimit = newValue }
-    }
-
     /// Requests submitted and not yet completed.
     @inlinable
     public var inFlight: Int { vq.inFlight + dyingCount }

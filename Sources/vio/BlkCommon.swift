@@ -38,7 +38,7 @@ struct BlkOptions: ParsableArguments {
     var noIndirect = false
     @Flag(help: "Do not negotiate VIRTIO_F_IN_ORDER.")
     var noInOrder = false
-    @Option(help: "With indirect descriptors: requests of at most this many descriptors (header, data, status) go straight into the ring while it has room; 1 puts every request in a table.")
+    @Option(help: "With indirect descriptors: requests of at most this many descriptors (header, data, status) go straight into the ring while half of it stays free; 1 puts every request in a table.")
     var directChainLimit = 4
     @Flag(help: "Poll the used ring on every call, also while many requests are in flight (default: space polls so each finds a batch).")
     var noPollPacing = false
