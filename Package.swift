@@ -70,7 +70,10 @@ let package = Package(
         .testTarget(name: "VirtioNetTests", dependencies: ["VirtioNet", "VirtioCore", "DPDK", "VirtioTestSupport"]),
         .testTarget(name: "VirtioBlkTests", dependencies: ["VirtioBlk", "VirtioCore", "DPDK", "VirtioTestSupport"]),
         .testTarget(name: "VirtioPCITests", dependencies: ["VirtioPCI", "VirtioCore"]),
-        .testTarget(name: "IntegrationTests", dependencies: ["vio"]),
+        // The test suite's own vhost-user device, which misbehaves on command (Tests/HostileDevice).
+        .executableTarget(name: "hostile-device", dependencies: ["VhostUser", "VirtioCore", "VirtioTestSupport", "CVioLinux"],
+                          path: "Tests/HostileDevice"),
+        .testTarget(name: "IntegrationTests", dependencies: ["vio", "hostile-device"]),
         .testTarget(name: "DataplaneHTTPTests", dependencies: [
             "DataplaneHTTP", "NetStack",
             .product(name: "NIOCore", package: "swift-nio"),

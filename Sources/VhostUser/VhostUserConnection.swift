@@ -14,7 +14,7 @@ public enum VhostUserError: Error, CustomStringConvertible, Equatable, Sendable 
     case pathTooLong(path: String)
     case io(request: String, errno: Int32)
     case backendClosed(request: String)
-    case timeout(request: String)
+    case timeout(request: String, seconds: Double)
     case badReply(request: String, detail: String)
     case requestFailed(request: String, code: UInt64)
     case incompatibleFeatures(missing: String)
@@ -29,7 +29,7 @@ public enum VhostUserError: Error, CustomStringConvertible, Equatable, Sendable 
         case .pathTooLong(let p): return "vhost-user socket path is too long: \(p)"
         case let .io(r, e): return "vhost-user \(r): \(String(cString: strerror(e)))"
         case .backendClosed(let r): return "vhost-user backend closed the connection during \(r)"
-        case .timeout(let r): return "vhost-user backend did not answer \(r) in time"
+        case let .timeout(r, s): return "vhost-user backend did not answer \(r) within \(s == s.rounded() ? String(Int(s)) : String(s)) s"
         case let .badReply(r, d): return "malformed vhost-user reply to \(r): \(d)"
         case let .requestFailed(r, c): return "vhost-user backend rejected \(r) (reply-ack code \(c))"
         case .incompatibleFeatures(let m): return "vhost-user backend lacks required features: \(m)"
@@ -59,6 +59,8 @@ public final class VhostUserConnection: VirtioTransport, @unchecked Sendable {
     /// What GET_VRING_BASE returned for each ring at the last stop.
     public private(set) var stoppedBases: [UInt32]?
     private var queueCount = 0
+    /// Each ring's size, as the last SET_VRING_NUM gave it.
+    private var ringSizes: [Int] = []
     private var started = false
     private let alive = Atomic<Bool>(true)
     private let reasonLock = Mutex<String?>(nil)
@@ -71,9 +73,18 @@ public final class VhostUserConnection: VirtioTransport, @unchecked Sendable {
 
     /// Connects and runs the first part of the handshake: SET_OWNER, GET_FEATURES, protocol
     /// features, GET_QUEUE_NUM.
-    public init(path: String, logger: Logger = Logger(label: "vhost-user"), replyTimeoutSeconds: Int = 10) throws {
+    /// How long a reply may take by default (vio's `--reply-timeout`).
+    public static let defaultReplyTimeout: Double = 5
+    /// How long each reply may take before the request is reported unanswered.
+    public let replyTimeout: Double
+
+    public init(path: String, logger: Logger = Logger(label: "vhost-user"), replyTimeoutSeconds: Double = VhostUserConnection.defaultReplyTimeout) throws {
         self.path = path
         self.logger = logger
+        guard replyTimeoutSeconds > 0, replyTimeoutSeconds <= 3600 else {
+            throw VhostUserError.badReply(request: "setup", detail: "reply timeout \(replyTimeoutSeconds) s must be in (0, 3600]")
+        }
+        replyTimeout = replyTimeoutSeconds
         let s = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard s >= 0 else { throw VhostUserError.connectFailed(path: path, errno: errno) }
         var addr = sockaddr_un()
@@ -95,7 +106,8 @@ public final class VhostUserConnection: VirtioTransport, @unchecked Sendable {
             default: throw VhostUserError.connectFailed(path: path, errno: e)
             }
         }
-        var tv = timeval(tv_sec: replyTimeoutSeconds, tv_usec: 0)
+        let whole = replyTimeoutSeconds.rounded(.down)
+        var tv = timeval(tv_sec: Int(whole), tv_usec: Int((replyTimeoutSeconds - whole) * 1e6))
         setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
         fd = s
         wakeFD = cvio_eventfd()
@@ -223,6 +235,8 @@ public final class VhostUserConnection: VirtioTransport, @unchecked Sendable {
     public func setupQueue(_ index: Int, addresses: QueueAddresses) throws {
         // GET_VRING_BASE made the backend drop the ring's call descriptor; a restart sends it again.
         if stoppedBases != nil { try send(.u64(.setVringCall, UInt64(index), fds: [callFDs[index]])) }
+        while ringSizes.count <= index { ringSizes.append(0) }
+        ringSizes[index] = addresses.size
         try send(.vringState(.setVringNum, index: index, num: UInt32(addresses.size)))
         try send(.vringState(.setVringBase, index: index, num: addresses.base))
         try send(.vringAddress(index: index, addresses))
@@ -254,14 +268,42 @@ public final class VhostUserConnection: VirtioTransport, @unchecked Sendable {
         }
         // GET_VRING_BASE stops each ring; after the last reply the backend touches none of our memory.
         var bases: [UInt32] = []
-        for i in 0..<queueCount {
-            let r = try request(.vringState(.getVringBase, index: i, num: 0))
-            guard r.u32(at: 0) == UInt32(i), let base = r.u32(at: 4) else {
-                throw VhostUserError.badReply(request: "GET_VRING_BASE", detail: "reply names ring \(r.u32(at: 0).map(String.init) ?? "?")")
+        do {
+            for i in 0..<queueCount {
+                let r = try request(.vringState(.getVringBase, index: i, num: 0))
+                guard let ring = r.u32(at: 0), let base = r.u32(at: 4) else {
+                    throw VhostUserError.badReply(request: "GET_VRING_BASE", detail: "payload of \(r.payload.count) bytes for ring \(i) (needs 8)")
+                }
+                guard ring == UInt32(i) else {
+                    throw VhostUserError.badReply(request: "GET_VRING_BASE", detail: "reply names ring \(ring), asked for ring \(i)")
+                }
+                try checkStoppedBase(base, ring: i)
+                bases.append(base)
             }
-            bases.append(base)
+        } catch {
+            // Unanswered or garbage: the rings may still be in use by the backend, and the
+            // stream is out of step (a late reply would answer the next request), so the
+            // connection is done. The caller gets the error; the log says it too.
+            logger.warning("vhost-user \(path): the backend did not confirm that it stopped: \(error); it may still use the rings' memory")
+            lost("the final stop failed: \(error)")
+            throw error
         }
         stoppedBases = bases
+    }
+
+    /// A ring base from GET_VRING_BASE: split, a 16-bit avail index; packed, a position inside
+    /// the ring with the wrap counter in bit 15 (vhost-user.rst, "Ring states").
+    private func checkStoppedBase(_ base: UInt32, ring: Int) throws {
+        if negotiatedFeatures.contains(.ringPacked) {
+            let size = ring < ringSizes.count ? ringSizes[ring] : 0
+            guard base >> 16 == 0, Int(base & 0x7fff) < size else {
+                throw VhostUserError.badReply(request: "GET_VRING_BASE", detail: "packed ring \(ring) base 0x\(String(base, radix: 16)) is not a position in a ring of \(size) with the wrap counter in bit 15")
+            }
+        } else {
+            guard base <= 0xffff else {
+                throw VhostUserError.badReply(request: "GET_VRING_BASE", detail: "split ring \(ring) base \(base) is not a 16-bit avail index")
+            }
+        }
     }
 
     @inline(never)
@@ -320,7 +362,7 @@ public final class VhostUserConnection: VirtioTransport, @unchecked Sendable {
             if n == 0 { lost("backend closed the connection"); throw VhostUserError.backendClosed(request: name) }
             if n < 0 {
                 let e = errno
-                if e == EAGAIN || e == EWOULDBLOCK { throw VhostUserError.timeout(request: name) }
+                if e == EAGAIN || e == EWOULDBLOCK { throw VhostUserError.timeout(request: name, seconds: replyTimeout) }
                 if e == ECONNRESET { lost("backend reset the connection"); throw VhostUserError.backendClosed(request: name) }
                 throw VhostUserError.io(request: name, errno: e)
             }

@@ -68,7 +68,7 @@ public enum BlkStatus: Equatable, Sendable, CustomStringConvertible {
     public var description: String {
         switch self {
         case .ok: "ok"; case .ioError: "I/O error"; case .unsupported: "unsupported"
-        case .badStatus(let b): "invalid status \(b)"; case .deviceGone: "device gone"
+        case .badStatus(let b): b == 0xff ? "no status (the device did not write the status byte)" : "invalid status byte \(b)"; case .deviceGone: "device gone"
         }
     }
 }
@@ -147,7 +147,7 @@ public enum BlkRequestError: Error, Equatable, Sendable, CustomStringConvertible
     public var description: String {
         switch self {
         case .queueFull: "queue full"
-        case let .outOfRange(s, n, c): "sectors \(s)..<\(s + n) are past the capacity of \(c) sectors"
+        case let .outOfRange(s, n, c): "\(n) sectors from sector \(s) are past the capacity of \(c) sectors"
         case .readOnly: "the device is read-only"
         case .unsupported(let op): "the device does not support \(op)"
         case let .tooManySegments(n, m): "\(n) data segments exceed the device's seg_max of \(m)"

@@ -10,6 +10,8 @@ public enum VirtioBlkError: Error, CustomStringConvertible {
     case layoutNotOffered(RingLayoutChoice)
     /// The device (config space or transport) gave a queue count the driver cannot use.
     case badQueueCount(String)
+    /// A config-space value no device can mean (VIRTIO 1.2 §5.2.4), named with its value.
+    case badConfig(String)
 
     public var description: String {
         switch self {
@@ -19,6 +21,7 @@ public enum VirtioBlkError: Error, CustomStringConvertible {
         case .invalidDirectChainLimit(let n): return "direct chain limit \(n) must be at least 1"
         case .layoutNotOffered(let l): return "the device does not offer \(l) virtqueues (VIRTIO_F_RING_PACKED)"
         case .badQueueCount(let s): return "virtio-blk: \(s)"
+        case .badConfig(let s): return "virtio-blk config space: \(s)"
         }
     }
 }
@@ -84,6 +87,8 @@ public final class VirtioBlkDevice<Ring: Virtqueue & ~Copyable>: @unchecked Send
     public let queueSize: Int
     let directChainLimit: Int
     let pollPacing: Bool
+    /// The most data segments a request of this driver has (the indirect tables are sized by it).
+    public static var segmentLimit: Int { 256 }
     /// Data segments per request the device accepts (seg_max, or what fits the ring).
     public let maxSegments: Int
     /// Bytes per data segment, or nil for no limit (size_max 0 is "no limit", as SPDK treats it).
@@ -127,7 +132,21 @@ public final class VirtioBlkDevice<Ring: Virtqueue & ~Copyable>: @unchecked Send
             queues = 1
         }
         if let m = t.queueLimit?.value { queues = min(queues, m) }
-        let segMax = chosen.contains(.blkSegMax) && cfg.segMax > 0 ? Int(cfg.segMax) : options.queueSize - 2
+        // Byte offsets and sizes are Ints: a capacity past 2^63 bytes is no real device.
+        guard cfg.capacity <= UInt64(Int.max) / UInt64(blkSectorSize) else {
+            throw VirtioBlkError.badConfig("capacity \(cfg.capacity) sectors is more than 2^63 bytes")
+        }
+        if chosen.contains(.blkBlockSize) {
+            guard cfg.blockSize >= 512, cfg.blockSize <= 1 << 20, cfg.blockSize & (cfg.blockSize - 1) == 0 else {
+                throw VirtioBlkError.badConfig("blk_size \(cfg.blockSize) is not a power of two from 512 to 1 MiB")
+            }
+        }
+        var segMax = chosen.contains(.blkSegMax) && cfg.segMax > 0 ? Int(cfg.segMax) : options.queueSize - 2
+        // seg_max sizes every request's indirect table: more than the driver ever sends is capped.
+        if segMax > Self.segmentLimit {
+            logger.warning("virtio-blk \(t.deviceDescription): seg_max \(cfg.segMax) is more than this driver uses; using \(Self.segmentLimit)")
+            segMax = Self.segmentLimit
+        }
         let indirect = chosen.contains(.indirectDescriptors)
         // Without indirect descriptors a request's chain (header, data, status) must fit the ring.
         maxSegments = indirect ? segMax : min(segMax, options.queueSize - 2)

@@ -44,8 +44,17 @@ struct BlkOptions: ParsableArguments {
     var noPollPacing = false
     @Option(help: "CPUs to poll on, one lcore each (e.g. 0,1); queues are spread over them (blkbench). Default: one lcore on the process affinity.")
     var lcores: CPUList?
+    @Option(help: "A request the device has not completed after this long fails the run (e.g. 5s, 500ms).")
+    var ioTimeout = Seconds(5)
+    @Option(help: "How long a vhost-user backend may take to answer a control message (e.g. 5s).")
+    var replyTimeout = Seconds(VhostUserConnection.defaultReplyTimeout)
     @Flag(help: "Log negotiation details.")
     var verbose = false
+
+    func validate() throws {
+        guard ioTimeout.value > 0, ioTimeout.value <= 3600 else { throw ValidationError("--io-timeout must be more than 0 and at most 3600 s") }
+        guard replyTimeout.value > 0, replyTimeout.value <= 3600 else { throw ValidationError("--reply-timeout must be more than 0 and at most 3600 s") }
+    }
 }
 
 /// EAL and the connection to the device; `open` negotiates and runs a body on the device.
@@ -81,7 +90,7 @@ struct BlkSetup {
         uri = dev
         do {
             transport = dev.isPCI ? try VirtioPCITransport(address: dev.path, expecting: .block, logger: logger)
-                                  : try VhostUserConnection(path: dev.path, logger: logger)
+                                  : try VhostUserConnection(path: dev.path, logger: logger, replyTimeoutSeconds: o.replyTimeout.value)
         } catch {
             throw VioFailure(description: "\(dev): \(error)")
         }
@@ -121,14 +130,17 @@ struct ByteSize: ExpressibleByArgument, CustomStringConvertible {
         default: scale = 1
         }
         guard let v = Int(digits), v > 0 else { return nil }
-        bytes = v * scale
+        let (b, overflow) = v.multipliedReportingOverflow(by: scale)
+        guard !overflow else { return nil }
+        bytes = b
     }
     var description: String { "\(bytes)" }
 }
 
 /// Seconds with an optional s/ms suffix: 10s, 500ms, 2.
-struct Seconds: ExpressibleByArgument {
+struct Seconds: ExpressibleByArgument, CustomStringConvertible {
     var value: Double
+    var description: String { "\(value == value.rounded() ? String(Int(value)) : String(value))s" }
     init(_ v: Double) { value = v }
     init?(argument: String) {
         let a = argument.lowercased()

@@ -23,6 +23,8 @@ struct BlkJobParameters {
     var ramp: Double
     var runtime: Double?
     var seed: UInt64
+    /// A request outstanding longer than this fails the run (the device lost it or stopped).
+    var ioTimeout: Double = 5
 }
 
 /// One blkbench job on every queue of a device, specialised for its ring layout.
@@ -46,6 +48,8 @@ struct BlkJob<Ring: Virtqueue & ~Copyable>: ~Copyable {
     let slotStart: UnsafeMutableBufferPointer<UInt64>
     let slotVerifyPass: UnsafeMutableBufferPointer<Bool>
     let slotCounted: UnsafeMutableBufferPointer<Bool>
+    /// Whether the slot has a request at the device (for the --io-timeout scan).
+    let slotBusy: UnsafeMutableBufferPointer<Bool>
     /// Slots with nothing in flight (a stack).
     let idle: UnsafeMutablePointer<Int>
     var idleCount = 0
@@ -66,6 +70,13 @@ struct BlkJob<Ring: Virtqueue & ~Copyable>: ~Copyable {
     var verifyCursor = 0
     var r: BlkbenchReport
     var failure: String?
+    /// Completions whose status byte was invalid or unwritten (a device fault, not an I/O error).
+    var invalidStatus: UInt64 = 0
+    /// The first failed request, described.
+    var firstError: String?
+    /// The device, stopped when a request times out or a stop leaves requests stuck, so every
+    /// slot comes back (as `.deviceGone`).
+    let device: VirtioBlkDevice<Ring>
     /// Whether this job prints the live line (only the main lcore's job does), and what it adds
     /// to it (with several lcores: "lcore 0 of N", since the line counts that lcore's share).
     var printStats = true
@@ -76,6 +87,7 @@ struct BlkJob<Ring: Virtqueue & ~Copyable>: ~Copyable {
     /// A job on the device's queues `queueIndices` (one lcore's share).
     init(device: VirtioBlkDevice<Ring>, queueIndices: [Int], params: BlkJobParameters, data: UnsafeMutableRawPointer, memory: String) {
         p = params
+        self.device = device
         queueCount = queueIndices.count
         slots = queueCount * params.iodepth
         queues = .allocate(capacity: queueCount)
@@ -90,6 +102,7 @@ struct BlkJob<Ring: Virtqueue & ~Copyable>: ~Copyable {
         slotStart = .allocate(capacity: slots); slotStart.initialize(repeating: 0)
         slotVerifyPass = .allocate(capacity: slots); slotVerifyPass.initialize(repeating: false)
         slotCounted = .allocate(capacity: slots); slotCounted.initialize(repeating: false)
+        slotBusy = .allocate(capacity: slots); slotBusy.initialize(repeating: false)
         idle = .allocate(capacity: slots)
         generation = .allocate(capacity: params.verify ? params.blocks : 0); generation.initialize(repeating: 0)
         busy = .allocate(capacity: params.verify ? params.blocks : 0); busy.initialize(repeating: false)
@@ -104,7 +117,7 @@ struct BlkJob<Ring: Virtqueue & ~Copyable>: ~Copyable {
     deinit {
         queues.deinitialize(count: queueCount); queues.deallocate()
         scratch.deallocate(); completions.deallocate(); segments.deallocate()
-        slotBlock.deallocate(); slotWrite.deallocate(); slotStart.deallocate(); slotVerifyPass.deallocate(); slotCounted.deallocate()
+        slotBlock.deallocate(); slotWrite.deallocate(); slotStart.deallocate(); slotVerifyPass.deallocate(); slotCounted.deallocate(); slotBusy.deallocate()
         idle.deallocate(); generation.deallocate(); busy.deallocate()
     }
 
@@ -172,6 +185,7 @@ struct BlkJob<Ring: Virtqueue & ~Copyable>: ~Copyable {
         if p.verify { busy[block] = true }
         slotBlock[slot] = block; slotWrite[slot] = write; slotStart[slot] = TSC.now()
         slotCounted[slot] = measuring
+        slotBusy[slot] = true
         if measuring { bytesIssued &+= UInt64(p.bs) }
         outstanding += 1
         return true
@@ -195,10 +209,11 @@ struct BlkJob<Ring: Virtqueue & ~Copyable>: ~Copyable {
             let c = completions[i]
             let slot = Int(c.tag)
             outstanding -= 1
+            slotBusy[slot] = false
             let block = slotBlock[slot]
             if c.status == .deviceGone { r.failedInFlight += 1; continue }
             if p.verify { busy[block] = false }
-            if c.status != .ok { r.errors += 1 } else {
+            if c.status != .ok { noteError(c, slot: slot) } else {
                 if slotVerifyPass[slot] || (p.verify && !slotWrite[slot] && generation[block] != 0) {
                     stamp(scratch, block: block, gen: generation[block])
                     r.verified += 1
@@ -220,6 +235,38 @@ struct BlkJob<Ring: Virtqueue & ~Copyable>: ~Copyable {
         queues[q].commit()
     }
 
+    /// Counts a failed completion; the first is kept, described.
+    @inline(never)
+    mutating func noteError(_ c: BlkCompletion, slot: Int) {
+        r.errors += 1
+        if case .badStatus = c.status { invalidStatus += 1 }
+        if firstError == nil { firstError = "\(describe(slot: slot)): \(c.status)" }
+    }
+
+    /// What slot `slot` has in flight, for messages: "write of 8 sectors at sector 1024 (slot 3)".
+    func describe(slot: Int) -> String {
+        let sectors = p.bs / blkSectorSize
+        return "\(slotWrite[slot] ? "write" : "read") of \(sectors) sectors at sector \((p.firstBlock + slotBlock[slot]) * sectors) (slot \(slot))"
+    }
+
+    /// The oldest request outstanding longer than `limit` cycles at `now`, if any.
+    func overdue(now: UInt64, limit: UInt64) -> Int? {
+        var oldest: Int?
+        for s in 0..<slots where slotBusy[s] && now &- slotStart[s] > limit {
+            if oldest == nil || slotStart[s] < slotStart[oldest!] { oldest = s }
+        }
+        return oldest
+    }
+
+    /// Ends the run with `reason`: stops the device, so every request still out comes back
+    /// as `.deviceGone` at the next poll and no slot is left behind.
+    @inline(never)
+    mutating func abandon(_ reason: String) {
+        if failure == nil { failure = reason; shared?.fail(reason) }
+        issuing = false; verifyPass = false
+        device.stop(reason: reason)
+    }
+
     /// Runs the job to its end (time, size, a signal or a failed device); the results are in `r`
     /// and `failure`.
     mutating func run() throws {
@@ -230,6 +277,12 @@ struct BlkJob<Ring: Virtqueue & ~Copyable>: ~Copyable {
         let end = p.runtime.map { rampEnd + UInt64($0 * hz) } ?? .max
         var clock = Clock(start: start, end: .max, period: UInt64(hz))
         var beforeIOs: UInt64 = 0, beforeBytes: UInt64 = 0
+        let timeoutCycles = UInt64(p.ioTimeout * hz)
+        var nextTimeoutCheck = start
+        // When a signal (or another lcore's failure) asked to stop: what is still out then must
+        // be back within `stopGrace`, or the device is stopped to get it back.
+        var stopAskedAt: UInt64?
+        let stopGrace = UInt64(0.5 * hz)
 
         // Fill every slot.
         for q in 0..<queueCount {
@@ -260,6 +313,20 @@ struct BlkJob<Ring: Virtqueue & ~Copyable>: ~Copyable {
                 }
             }
             if failure != nil && outstanding == 0 { break }
+            if now >= nextTimeoutCheck {
+                nextTimeoutCheck = now + UInt64(hz / 20)
+                if let slot = overdue(now: now, limit: timeoutCycles) {
+                    let waited = Double(now - slotStart[slot]) / hz
+                    abandon(String(format: "the device did not complete the %@ in %.1f s (--io-timeout %g s); %d requests outstanding",
+                                   describe(slot: slot), waited, p.ioTimeout, outstanding))
+                }
+            }
+            if tick.done || (shared?.shouldStop ?? false) {
+                if stopAskedAt == nil { stopAskedAt = now }
+                if outstanding > 0, now - stopAskedAt! > stopGrace, device.core.link.isUp {
+                    abandon("stopped with \(outstanding) requests still at the device after \(String(format: "%.1f", Double(stopGrace) / hz)) s (the oldest: \(overdue(now: now, limit: 0).map { describe(slot: $0) } ?? "?"))")
+                }
+            }
             if failure != nil { issuing = false; verifyPass = false; continue }
             if issuing && (now >= end || tick.done || (p.limitBytes.map { bytesDone >= $0 } ?? false)) {
                 issuing = false
@@ -295,6 +362,8 @@ struct BlkJob<Ring: Virtqueue & ~Copyable>: ~Copyable {
                                       maxNs: latency.max, meanNs: latency.mean)
         }
         r.slotsOutstandingAtExit = outstanding
+        r.invalidStatus = invalidStatus
+        r.firstError = firstError
         for q in 0..<queueCount { r.notifications += queues[q].notifications }
     }
 }

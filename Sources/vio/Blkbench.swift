@@ -30,6 +30,10 @@ struct BlkbenchReport: Codable {
     var slotsOutstandingAtExit: Int
     /// Kicks (available-buffer notifications) sent, over the whole run.
     var notifications: UInt64 = 0
+    /// Completions with an invalid or unwritten status byte (counted in `errors` too).
+    var invalidStatus: UInt64 = 0
+    /// The first failed request and its status.
+    var firstError: String?
     var memory: String
     var features: String
     var ring: String
@@ -106,8 +110,8 @@ struct Blkbench: ParsableCommand {
             throw ValidationError("--lcores gives \(l) lcores for \(nq) queue(s): each lcore needs at least one")
         }
         let setup = try BlkSetup(blk, queues: nq)
-        var (r, failure) = try setup.open(Run(size: size, verify: verify, lcores: blk.lcores?.cpus.count ?? 1, rw: rw, bs: bs, iodepth: iodepth, mix: mix, ramp: ramp, runtime: runtime, seed: seed,
-                                              memory: setup.eal.mode.rawValue))
+        var (r, failure, stopFailure) = try setup.open(Run(size: size, verify: verify, lcores: blk.lcores?.cpus.count ?? 1, rw: rw, bs: bs, iodepth: iodepth, mix: mix, ramp: ramp, runtime: runtime, seed: seed,
+                                              ioTimeout: blk.ioTimeout.value, memory: setup.eal.mode.rawValue))
         r.error = failure
         print(String(format: "%@ bs=%d iodepth=%d queues=%d: %llu reads, %llu writes in %.2f s: %.0f IOPS, %.1f MiB/s, %llu errors",
                      rw.rawValue, bs, iodepth, r.queues, r.reads, r.writes, r.seconds, r.iops, r.mibPerSecond, r.errors))
@@ -120,16 +124,23 @@ struct Blkbench: ParsableCommand {
         try writeJSON(r, to: json)
         EAL.cleanup()
         if let failure { throw VioFailure(description: failure, exitCode: 2) }
+        if let s = stopFailure { throw VioFailure(description: "stopping the device: \(s)", exitCode: 2) }
+        let first = r.firstError.map { " (first: \($0))" } ?? ""
+        if r.invalidStatus > 0 {
+            throw VioFailure(description: "the device completed \(r.invalidStatus) requests with an invalid status byte\(first)", exitCode: 2)
+        }
         if r.verifyErrors > 0 { throw VioFailure(description: "verify found \(r.verifyErrors) mismatching blocks") }
-        if r.errors > 0 { throw VioFailure(description: "\(r.errors) requests failed") }
+        if r.errors > 0 { throw VioFailure(description: "\(r.errors) requests failed\(first)") }
     }
 }
 
 extension Blkbench {
     /// Sizes the job for the device and runs a `BlkJob` on its queues; its report and failure.
     struct Run: VirtioBlkDeviceBody {
-        let size: Int, verify: Bool, lcores: Int, rw: BlkPattern, bs: Int, iodepth: Int, mix: Int, ramp: Double, runtime: Double?, seed: UInt64, memory: String
-        func run<Ring: Virtqueue & ~Copyable>(_ dev: VirtioBlkDevice<Ring>) throws -> (BlkbenchReport, String?) {
+        let size: Int, verify: Bool, lcores: Int, rw: BlkPattern, bs: Int, iodepth: Int, mix: Int, ramp: Double, runtime: Double?, seed: UInt64
+        let ioTimeout: Double, memory: String
+        /// The report, the run's failure, and why the final stop failed (if it did).
+        func run<Ring: Virtqueue & ~Copyable>(_ dev: VirtioBlkDevice<Ring>) throws -> (BlkbenchReport, String?, String?) {
             defer { dev.stop() }
             let capacityBytes = Int(dev.config.capacity) * blkSectorSize
             let region = min(size, capacityBytes)
@@ -142,7 +153,7 @@ extension Blkbench {
             let segsPerIO = (bs + segBytes - 1) / segBytes
             guard segsPerIO <= dev.maxSegments else { throw VioFailure(description: "--bs \(bs) needs \(segsPerIO) segments; the device takes \(dev.maxSegments)") }
             let params = BlkJobParameters(rw: rw, bs: bs, iodepth: iodepth, mix: mix, verify: verify, blocks: blocks, limitBytes: limitBytes,
-                                          segmentBytes: segBytes, segmentsPerIO: segsPerIO, ramp: ramp, runtime: runtime, seed: seed)
+                                          segmentBytes: segBytes, segmentsPerIO: segsPerIO, ramp: ramp, runtime: runtime, seed: seed, ioTimeout: ioTimeout)
             let data = try DMAMemory(size: dev.queueCount * iodepth * bs + 4096)
             // Queue q on lcore q mod L, each lcore's jobs on their own slice of the region.
             // A device that offers fewer queues than asked leaves some lcores without one.
@@ -187,6 +198,8 @@ extension Blkbench {
                 r.reads += o.reads; r.writes += o.writes; r.errors += o.errors; r.verified += o.verified
                 r.verifyErrors += o.verifyErrors; r.failedInFlight += o.failedInFlight; r.notifications += o.notifications
                 r.slotsOutstandingAtExit += o.slotsOutstandingAtExit
+                r.invalidStatus += o.invalidStatus
+                if r.firstError == nil { r.firstError = o.firstError }
                 r.seconds = max(r.seconds, o.seconds)
                 latency.add(jobs[l].latency)
                 bytes += jobs[l].bytesDone
@@ -203,7 +216,8 @@ extension Blkbench {
                                               maxNs: latency.max, meanNs: latency.mean)
                 }
             }
-            return (r, failure)
+            dev.stop()
+            return (r, failure, dev.core.stopFailure)
         }
     }
 }

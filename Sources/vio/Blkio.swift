@@ -44,6 +44,7 @@ struct Blkio: ParsableCommand {
     func run() throws { try reportingFailures { try execute() } }
 
     func execute() throws {
+        installStopHandler()
         let setup = try BlkSetup(blk, queues: 1)
         try setup.open(Run(blkio: self))
         EAL.cleanup()
@@ -61,6 +62,8 @@ struct Blkio: ParsableCommand {
         defer { completions.deallocate() }
         var results: [BlkioResult] = []
         var tag: UInt64 = 0
+        /// A device fault (a lost request, an invalid status byte, a broken ring): ends the run, status 2.
+        var fault: String?
         for text in commands {
             let w = text.split(separator: " ").map(String.init)
             var r = BlkioResult(command: text, status: "ok")
@@ -113,8 +116,17 @@ struct Blkio: ParsableCommand {
                     throw VioFailure(description: "unknown command: \(text)")
                 }
                 q.commit()
-                let c = try waitFor(&q, tag: tag, completions)
+                guard let c = waitFor(&q, tag: tag, completions) else {
+                    let why = q.stopReason.map { "the queue stopped: \($0)" }
+                        ?? "no completion within \(blk.ioTimeout) (--io-timeout)"
+                    r.status = "failed"; r.error = why
+                    fault = "\(text): \(why)"
+                    print("\(text): failed (\(why))")
+                    results.append(r)
+                    break
+                }
                 r.status = c.status.description
+                if case .badStatus = c.status { fault = "\(text): the device returned \(c.status)" }
                 if c.status == .ok {
                     if let check { r.mismatches = check() }
                     if w[0] == "get-id" {
@@ -129,10 +141,13 @@ struct Blkio: ParsableCommand {
             }
             print("\(text): \(r.status)\(r.error.map { " (\($0))" } ?? "")\(r.mismatches.map { ", \($0) mismatched bytes" } ?? "")\(r.id.map { ", id \"\($0)\"" } ?? "")")
             results.append(r)
-            if q.isStopped { break }
+            if fault != nil { break }
+            if q.isStopped { fault = "\(text): the queue stopped: \(q.stopReason ?? "")"; break }
         }
         device.stop()
         try writeJSON(results, to: json)
+        if let fault { throw VioFailure(description: fault, exitCode: 2) }
+        if let s = device.core.stopFailure { throw VioFailure(description: "stopping the device: \(s)", exitCode: 2) }
     }
 
     /// `segments` buffers of together `bytes`, spread over the arena with gaps between them.
@@ -152,13 +167,15 @@ struct Blkio: ParsableCommand {
         return out
     }
 
-    func waitFor<Ring: Virtqueue & ~Copyable>(_ q: inout VirtioBlkQueue<Ring>, tag: UInt64, _ out: UnsafeMutablePointer<BlkCompletion>) throws -> BlkCompletion {
-        let deadline = TSC.now() + TSC.hz * 10
-        while TSC.now() < deadline {
+    /// The completion of `tag`, or nil when the queue stopped or `--io-timeout` (or a signal)
+    /// ended the wait.
+    func waitFor<Ring: Virtqueue & ~Copyable>(_ q: inout VirtioBlkQueue<Ring>, tag: UInt64, _ out: UnsafeMutablePointer<BlkCompletion>) -> BlkCompletion? {
+        let deadline = TSC.now() + UInt64(blk.ioTimeout.value * Double(TSC.hz))
+        while TSC.now() < deadline && !stopRequested.load(ordering: .relaxed) {
             let n = q.poll(into: out, max: 8)
             for i in 0..<n where out[i].tag == tag { return out[i] }
-            if n == 0 { q.checkDevice() }
+            if n == 0 { q.checkDevice(); if q.isStopped { return nil } }
         }
-        throw VioFailure(description: "no completion within 10 s")
+        return nil
     }
 }

@@ -87,6 +87,8 @@ struct DataplaneOptions: ParsableArguments {
     var lcores: CPUList?
     @Flag(help: "Also print stats lines per queue pair.")
     var perQueue = false
+    @Option(help: "How long a vhost-user backend may take to answer a control message (e.g. 5s).")
+    var replyTimeout = Seconds(VhostUserConnection.defaultReplyTimeout)
     @Flag(help: "Promiscuous RX mode (VIRTIO_NET_CTRL_RX_PROMISC on the control queue).")
     var promisc = false
     @Flag(help: "All-multicast RX mode (VIRTIO_NET_CTRL_RX_ALLMULTI).")
@@ -120,6 +122,7 @@ struct DataplaneOptions: ParsableArguments {
         guard portCount.contains(ports.count) else {
             throw ValidationError("give \(portCount.lowerBound == portCount.upperBound ? "\(portCount.lowerBound)" : "\(portCount.lowerBound) or \(portCount.upperBound)") --port vhost:PATH")
         }
+        guard replyTimeout.value > 0, replyTimeout.value <= 3600 else { throw ValidationError("--reply-timeout must be more than 0 and at most 3600 s") }
         for p in ports where p.isPCI && PCIAddress(p.path) == nil {
             throw ValidationError("--port \(p): not a PCI address (expected pci:DDDD:BB:DD.F, e.g. pci:0000:00:04.0)")
         }
@@ -170,7 +173,7 @@ struct Dataplane {
         try o.ports.enumerated().map { id, uri in
             do {
                 return uri.isPCI ? try VirtioPCITransport(address: uri.path, expecting: .net, logger: logger)
-                                 : try VhostUserConnection(path: uri.path, logger: logger)
+                                 : try VhostUserConnection(path: uri.path, logger: logger, replyTimeoutSeconds: o.replyTimeout.value)
             } catch {
                 throw VioFailure(description: "port \(id) (\(uri)): \(error)")
             }

@@ -17,8 +17,10 @@ final class TempDir {
 
 /// Paths of the tools under test.
 enum Tools {
-    /// The `vio` binary built next to this test bundle.
+    /// The `vio` binary built next to this test bundle, or `$VIO_BINARY` when set (e.g. a
+    /// sanitizer build of vio in its own scratch path: Scripts/sanitize.sh).
     static var vio: String {
+        if let path = ProcessInfo.processInfo.environment["VIO_BINARY"], !path.isEmpty { return path }
         let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
         var dir = URL(fileURLWithPath: exe).deletingLastPathComponent()
         // The test binary lives inside …/debug/<package>PackageTests.xctest (a file on Linux).
@@ -28,6 +30,8 @@ enum Tools {
         return dir.appendingPathComponent("vio").path
     }
     static let testpmd = "/usr/bin/dpdk-testpmd"
+    /// The test suite's own misbehaving vhost-user device (Tests/HostileDevice), built next to `vio`.
+    static var hostileDevice: String { URL(fileURLWithPath: vio).deletingLastPathComponent().appendingPathComponent("hostile-device").path }
 
     static var hugepagesAvailable: Bool {
         guard let info = try? String(contentsOfFile: "/proc/meminfo", encoding: .utf8),
@@ -102,6 +106,34 @@ final class SocketServerProcess {
     }
 
     deinit { kill() }
+}
+
+/// The suite's own vhost-user device (Tests/HostileDevice): real traffic (net echoes each frame
+/// back, blk is a RAM disk) until a fault from `faults` fires after `after` frames or requests.
+final class HostileDevice {
+    let server: SocketServerProcess
+    var socket: String { server.socket }
+
+    init(_ type: String, dir: TempDir, packed: Bool = false, queues: Int = 1, after: Int = 0, faults: [String] = [], name: String = "hostile") throws {
+        let socket = dir.path("\(name).sock")
+        server = try SocketServerProcess(
+            socket: socket, log: dir.path("\(name).log"),
+            command: [Tools.hostileDevice, "--socket", socket, "--type", type, "--queues", "\(queues)", "--after", "\(after)"]
+                + (packed ? ["--packed"] : []) + faults.flatMap { ["--fault", $0] },
+            name: "hostile-device")
+    }
+
+    func tail(_ n: Int = 3000) -> String { server.tail(n) }
+    /// Waits until the device's log contains `text`.
+    func waitForLog(_ text: String, timeout: Double = 20) -> Bool {
+        let deadline = Date().addingTimeInterval(timeout)
+        while !tail(100_000).contains(text) {
+            guard Date() < deadline else { return false }
+            usleep(50_000)
+        }
+        return true
+    }
+    func kill() { server.kill() }
 }
 
 /// A `dpdk-testpmd` vhost-user device (net_vhost), started and stopped by the test.

@@ -11,7 +11,7 @@ import Glibc
 final class ConnectionErrorTests: XCTestCase {
 
     /// Runs the connection's init against a backend with `faults` and returns the error it throws.
-    private func initError(_ faults: [Fault], script: BackendScript = BackendScript(), timeout: Int = 2,
+    private func initError(_ faults: [Fault], script: BackendScript = BackendScript(), timeout: Double = 2,
                            file: StaticString = #filePath, line: UInt = #line) throws -> (VhostUserError?, FakeBackend) {
         var s = script
         s.faults = faults
@@ -120,7 +120,7 @@ final class ConnectionErrorTests: XCTestCase {
         let start = Date()
         let (error, backend) = try initError([.noReply(Code.getFeatures)], timeout: 1)
         defer { backend.shutdown() }
-        XCTAssertEqual(error, .timeout(request: "GET_FEATURES"))
+        XCTAssertEqual(error, .timeout(request: "GET_FEATURES", seconds: 1))
         let elapsed = Date().timeIntervalSince(start)
         XCTAssertGreaterThanOrEqual(elapsed, 0.9)
         XCTAssertLessThan(elapsed, 5)
@@ -132,7 +132,7 @@ final class ConnectionErrorTests: XCTestCase {
         script.sendAcks = false
         let (error, backend) = try initError([], script: script, timeout: 1)
         defer { backend.shutdown() }
-        XCTAssertEqual(error, .timeout(request: "SET_STATUS"))
+        XCTAssertEqual(error, .timeout(request: "SET_STATUS", seconds: 1))
     }
 
     func testGetVringBaseReplyForWrongRing() throws {

@@ -118,6 +118,7 @@ public final class VirtioDevice<Ring: Virtqueue & ~Copyable>: @unchecked Sendabl
     /// Whether the device runs. Held while a stop talks to the transport, so a second stopper
     /// (another lcore's queue) returns only once the device has let go of our memory.
     private let running = Mutex<Bool>(false)
+    private let stopError = Mutex<String?>(nil)
 
     /// Accepts `negotiation.chosen` for a device that will use `queues` (§3.1.1 steps 4–6;
     /// `transportQueueCount` is what the transport must provide for, e.g. a net control queue's
@@ -211,10 +212,16 @@ public final class VirtioDevice<Ring: Virtqueue & ~Copyable>: @unchecked Sendabl
     /// Safe from any thread; the first stop does the work.
     public func stop(reason: String = "device stopped") {
         running.withLock { r in
-            if r { try? transport.stop(); r = false }
+            guard r else { return }
+            r = false
+            do { try transport.stop() } catch { stopError.withLock { $0 = "\(error)" } }
         }
         link.markDown(reason)
     }
+
+    /// Why the last stop could not confirm that the device let go of our memory (vhost-user: a
+    /// GET_VRING_BASE unanswered or garbage), or nil. Apps report it and end with a failure status.
+    public var stopFailure: String? { stopError.withLock { $0 } }
 
     // MARK: Restart (stop and start again on the same connection)
 
