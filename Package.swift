@@ -69,7 +69,7 @@ let package = Package(
         .testTarget(name: "DPDKTests", dependencies: ["DPDK"]),
         .testTarget(name: "VirtioNetTests", dependencies: ["VirtioNet", "VirtioCore", "DPDK", "VirtioTestSupport"]),
         .testTarget(name: "VirtioBlkTests", dependencies: ["VirtioBlk", "VirtioCore", "DPDK", "VirtioTestSupport"]),
-        .testTarget(name: "VirtioPCITests", dependencies: ["VirtioPCI", "VirtioCore"]),
+        .testTarget(name: "VirtioPCITests", dependencies: ["VirtioPCI", "VirtioCore", "VirtioTestSupport"]),
         // The test suite's own vhost-user device, which misbehaves on command (Tests/HostileDevice).
         .executableTarget(name: "hostile-device", dependencies: ["VhostUser", "VirtioCore", "VirtioTestSupport", "CVioLinux"],
                           path: "Tests/HostileDevice"),

@@ -16,7 +16,8 @@ public protocol VirtioPCIInterface: AnyObject {
     func setupQueue(_ index: Int, size: Int, desc: UInt64, avail: UInt64, used: UInt64) throws(VirtioPCIError)
     func enableQueue(_ index: Int)
     func notify(_ index: Int)
-    func readConfig(offset: Int, count: Int) -> [UInt8]
+    /// Device config bytes; a modern device's config_generation must settle (§4.1.4.3.1).
+    func readConfig(offset: Int, count: Int) throws(VirtioPCIError) -> [UInt8]
     var configLength: Int { get }
 }
 
@@ -126,16 +127,21 @@ public final class ModernInterface: VirtioPCIInterface {
 
     public var configLength: Int { device?.length ?? 0 }
 
-    /// Device config with the generation check of §4.1.4.3.1 (re-read while it changes).
-    public func readConfig(offset: Int, count: Int) -> [UInt8] {
+    /// How many times a config read is retried while config_generation changes under it.
+    public static let configReadAttempts = 100
+
+    /// Device config with the generation check of §4.1.4.3.1 (re-read while it changes); a
+    /// generation that never holds still for one read is an error, not a torn value.
+    public func readConfig(offset: Int, count: Int) throws(VirtioPCIError) -> [UInt8] {
         guard let device else { return [] }
-        var out: [UInt8] = []
-        for _ in 0..<100 {
-            let before = common.read8(Common.configGeneration)
-            out = readWindow(device, offset: offset, count: count)
-            if common.read8(Common.configGeneration) == before { break }
+        var before = common.read8(Common.configGeneration)
+        for _ in 0..<Self.configReadAttempts {
+            let out = readWindow(device, offset: offset, count: count)
+            let after = common.read8(Common.configGeneration)
+            if after == before { return out }
+            before = after
         }
-        return out
+        throw .configGenerationUnstable(offset: offset, count: count, attempts: Self.configReadAttempts)
     }
 }
 
@@ -207,7 +213,7 @@ public final class LegacyInterface: VirtioPCIInterface {
 
     public var configLength: Int { max(0, io.length - configOffset) }
 
-    public func readConfig(offset: Int, count: Int) -> [UInt8] {
+    public func readConfig(offset: Int, count: Int) throws(VirtioPCIError) -> [UInt8] {
         (0..<count).map { io.read8(configOffset + offset + $0) }
     }
 }

@@ -26,9 +26,12 @@ public enum VirtioPCIError: Error, CustomStringConvertible, Equatable, Sendable 
     case notDMAMemory(String)
     case ringBaseNotZero(queue: Int, base: UInt32)
     case deviceNeedsReset(status: UInt8)
+    case configGenerationUnstable(offset: Int, count: Int, attempts: Int)
 
     public var description: String {
         switch self {
+        case let .configGenerationUnstable(o, n, a):
+            return "the device's config_generation changed during each of \(a) reads of config bytes \(o)..<\(o + n) (§4.1.4.3.1): its config space never settles"
         case let .ringBaseNotZero(q, base):
             return "queue \(q): virtio-pci starts every ring at position 0 after a reset, not 0x\(String(base, radix: 16))"
         case .badAddress(let a): return "\(a) is not a PCI address (expected DDDD:BB:DD.F, e.g. 0000:00:04.0)"

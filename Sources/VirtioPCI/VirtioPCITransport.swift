@@ -154,7 +154,7 @@ public final class VirtioPCITransport: VirtioTransport, @unchecked Sendable {
         guard offset >= 0, count >= 0, offset + count <= interface.configLength else {
             throw VirtioPCIError.barOutOfRange("config read \(offset)+\(count) beyond the \(interface.configLength)-byte device config")
         }
-        return interface.readConfig(offset: offset, count: count)
+        return try interface.readConfig(offset: offset, count: count)
     }
 
     /// §3.1.1 steps 4–6: write the features, set FEATURES_OK and check the device kept it.

@@ -13,6 +13,8 @@ final class FakeModernBAR: RegisterSpace {
     var status: UInt8 = 0
     var statusHistory: [UInt8] = []
     var generation: UInt8 = 0
+    /// Reads of config_generation that find it changed again (Int.max: it never settles).
+    var generationChangesLeft = 0
     var queueSelect: UInt16 = 0
     var numQueues: UInt16
     var maxSize: UInt16
@@ -42,7 +44,9 @@ final class FakeModernBAR: RegisterSpace {
         case 20:
             if resetLag > 0 { resetLag -= 1; return 0x0f }
             return status
-        case 21: return generation
+        case 21:
+            if generationChangesLeft > 0 { generationChangesLeft -= 1; generation &+= 1 }
+            return generation
         case 0x100: return 1
         case 0x200..<0x210: return deviceConfig[o - 0x200]
         default: return 0
@@ -102,9 +106,9 @@ final class FakeModernBAR: RegisterSpace {
         }
     }
 
-    func interface(notifyLength: Int = 0x100) throws -> ModernInterface {
+    func interface(notifyLength: Int = 0x100, notifyMultiplier: UInt32 = 4) throws -> ModernInterface {
         try ModernInterface(common: RegisterWindow(self, offset: 0, length: 56), notify: RegisterWindow(self, offset: 0x1000, length: notifyLength),
-                            notifyMultiplier: 4, isr: RegisterWindow(self, offset: 0x100, length: 1),
+                            notifyMultiplier: notifyMultiplier, isr: RegisterWindow(self, offset: 0x100, length: 1),
                             device: RegisterWindow(self, offset: 0x200, length: 16))
     }
 }

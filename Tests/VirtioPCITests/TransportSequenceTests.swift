@@ -198,7 +198,7 @@ final class TransportSequenceTests: XCTestCase {
 
     func testLegacyConfigOffsetWithMSIX() {
         let io = FakeLegacyIO(features: 0)
-        XCTAssertEqual(LegacyInterface(io: io, msixEnabled: false).readConfig(offset: 0, count: 2), [0x52, 0x54])
-        XCTAssertEqual(LegacyInterface(io: io, msixEnabled: true).readConfig(offset: 0, count: 2), [0x34, 0x56], "config moves to 24 with MSI-X")
+        XCTAssertEqual(try LegacyInterface(io: io, msixEnabled: false).readConfig(offset: 0, count: 2), [0x52, 0x54])
+        XCTAssertEqual(try LegacyInterface(io: io, msixEnabled: true).readConfig(offset: 0, count: 2), [0x34, 0x56], "config moves to 24 with MSI-X")
     }
 }

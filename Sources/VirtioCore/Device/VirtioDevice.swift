@@ -138,7 +138,10 @@ public final class VirtioDevice<Ring: Virtqueue & ~Copyable>: @unchecked Sendabl
         self.queues = try queues.map { q in
             guard q.size == 0 else { return q }
             let max = transport.maxQueueSize(q.index) ?? q.sizeLimit
-            let size = transport.isLegacy ? max : Swift.min(q.sizeLimit, max)
+            // A modern device takes any power of two up to its maximum (§4.1.4.3.2): the largest
+            // that fits both. A legacy device's size is fixed.
+            var size = transport.isLegacy ? max : Swift.min(q.sizeLimit, max)
+            if !transport.isLegacy, size > 0 { size = 1 << (Int.bitWidth - 1 - size.leadingZeroBitCount) }
             guard size > 0, size & (size - 1) == 0, size <= 32768 else {
                 throw VirtioDeviceError.invalidQueueCount(device: transport.deviceDescription, "queue \(q.index) has size \(max)")
             }
