@@ -161,7 +161,9 @@ struct Fwd: ParsableCommand {
         for l in 0..<lcoreCount { (lanes + l).move().close() }
         queueReports.sort { ($0.port, $0.queue) < ($1.port, $1.queue) }
         let reports = (0..<devices.count).map { p in PortReport.sum(queueReports.filter { $0.port == p }) }
-        try finish(dp, reports, queues: o.queues > 1 ? queueReports : nil, seconds: Double(total) / hz, meter: meter, failure: control.failure)
+        // A final stop the backend did not confirm (GET_VRING_BASE) fails the run too.
+        let stopFailure = devices.indices.lazy.compactMap { p in devices[p].core.stopFailure.map { "port \(p) (\(o.ports[p])): stopping the device: \($0)" } }.first
+        try finish(dp, reports, queues: o.queues > 1 ? queueReports : nil, seconds: Double(total) / hz, meter: meter, failure: control.failure ?? stopFailure)
     }
 
     /// One lcore's loop over its streams until the run stops; `report` runs on the main lcore

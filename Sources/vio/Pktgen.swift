@@ -329,6 +329,8 @@ struct Pktgen: ParsableCommand {
         if rxOnly { r.received = portReport.rxPackets }
         lane.close()
         r.mbufsInUseAfterStop = dp.pool.inUseCount
+        // A final stop the backend did not confirm (GET_VRING_BASE) fails the run too.
+        if failure == nil, let s = device.core.stopFailure { failure = "port 0 (\(o.ports[0])): stopping the device: \(s)" }
         r.error = failure
         print("sent \(r.sent) received \(r.received) lost \(r.lost) reordered \(r.reordered) duplicates \(r.duplicates) "
               + "corrupt \(r.corrupt) mac-mismatch \(r.macMismatch) foreign \(r.foreign) max-segments \(r.maxSegments) "

@@ -192,6 +192,17 @@ final class HostileDeviceTests: XCTestCase {
         }
     }
 
+    /// The same for net: pktgen and fwd warn and end with status 2.
+    func testNetFinalStopNotConfirmed() throws {
+        for args in [["pktgen", "--count", "1000"], ["fwd", "--mode", "macswap", "--duration", "1"]] {
+            let (r, _, dev, _) = try run("net", args + ["--reply-timeout", "1s"], faults: ["vring-base=garbage"])
+            XCTAssertEqual(r.status, 2, "\(args[0]): \(r)\n\(dev.tail())")
+            XCTAssertTrue(r.stderr.contains("did not confirm that it stopped"), r.stderr)
+            XCTAssertTrue(r.stderr.contains("stopping the device: malformed vhost-user reply to GET_VRING_BASE"), r.stderr)
+            XCTAssertEqual(r.int("mbufsInUseAfterStop"), 0, "\(r)")
+        }
+    }
+
     // MARK: Ring faults through a real connection (the queue core's checks, end to end)
 
     func checkBrokenRing(_ type: String, fault: String, packed: Bool, message: String, file: StaticString = #filePath, line: UInt = #line) throws {
