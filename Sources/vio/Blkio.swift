@@ -118,7 +118,8 @@ struct Blkio: ParsableCommand {
                 q.commit()
                 guard let c = waitFor(&q, tag: tag, completions) else {
                     let why = q.stopReason.map { "the queue stopped: \($0)" }
-                        ?? "no completion within \(blk.ioTimeout) (--io-timeout)"
+                        ?? (stopRequested.load(ordering: .relaxed) ? "interrupted before it completed"
+                                                                   : "no completion within \(blk.ioTimeout) (--io-timeout)")
                     r.status = "failed"; r.error = why
                     fault = "\(text): \(why)"
                     print("\(text): failed (\(why))")

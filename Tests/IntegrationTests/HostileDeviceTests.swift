@@ -109,6 +109,21 @@ final class HostileDeviceTests: XCTestCase {
         XCTAssertLessThan(took, 6)
     }
 
+    /// blkio waiting on a command the device sits on: SIGINT ends it at once, status 2.
+    func testSignalEndsBlkioWait() throws {
+        let dir = try TempDir()
+        let dev = try HostileDevice("blk", dir: dir, after: 0, faults: ["stop"])
+        let vio = try Vio(["blkio", "--dev", "vhost-user-blk:\(dev.socket)", "--io-timeout", "60s", "--cmd", "flush"] + noHuge, dir: dir, json: false)
+        XCTAssertTrue(dev.waitForLog("fault: stop"), dev.tail())
+        let sent = Date()
+        vio.signal(SIGINT)
+        let r = vio.wait(timeout: 10)
+        XCTAssertFalse(r.timedOut, "\(r)")
+        XCTAssertLessThan(Date().timeIntervalSince(sent), 1.5)
+        XCTAssertEqual(r.status, 2, "\(r)")
+        XCTAssertTrue(r.stderr.contains("flush: interrupted before it completed"), r.stderr)
+    }
+
     // MARK: Status bytes
 
     func testBlkbenchInvalidStatusByte() throws {
