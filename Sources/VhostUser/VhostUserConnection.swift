@@ -76,7 +76,7 @@ public final class VhostUserConnection: VirtioTransport, @unchecked Sendable {
     /// How long a reply may take by default (vio's `--reply-timeout`).
     public static let defaultReplyTimeout: Double = 5
     /// How long each reply may take before the request is reported unanswered.
-    public let replyTimeout: Double
+    public private(set) var replyTimeout: Double
 
     public init(path: String, logger: Logger = Logger(label: "vhost-user"), replyTimeoutSeconds: Double = VhostUserConnection.defaultReplyTimeout) throws {
         self.path = path
@@ -125,6 +125,14 @@ public final class VhostUserConnection: VirtioTransport, @unchecked Sendable {
     }
 
     public var isConnected: Bool { alive.load(ordering: .relaxed) }
+
+    public func limitReplyWait(seconds: Double) {
+        guard seconds > 0, seconds < replyTimeout else { return }
+        replyTimeout = seconds
+        let whole = seconds.rounded(.down)
+        var tv = timeval(tv_sec: Int(whole), tv_usec: Int((seconds - whole) * 1e6))
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+    }
     public var disconnectReason: String? { reasonLock.withLock { $0 } }
 
     private func lost(_ reason: String) {

@@ -324,6 +324,8 @@ struct BlkJob<Ring: Virtqueue & ~Copyable>: ~Copyable {
             if tick.done || (shared?.shouldStop ?? false) {
                 if stopAskedAt == nil { stopAskedAt = now }
                 if outstanding > 0, now - stopAskedAt! > stopGrace, device.core.link.isUp {
+                    // The device sits on requests; it may not answer the stop either.
+                    device.transport.limitReplyWait(seconds: 0.4)
                     abandon("stopped with \(outstanding) requests still at the device after \(String(format: "%.1f", Double(stopGrace) / hz)) s (the oldest: \(overdue(now: now, limit: 0).map { describe(slot: $0) } ?? "?"))")
                 }
             }

@@ -117,6 +117,7 @@ struct Blkio: ParsableCommand {
                 }
                 q.commit()
                 guard let c = waitFor(&q, tag: tag, completions) else {
+                    if stopRequested.load(ordering: .relaxed) { device.transport.limitReplyWait(seconds: 0.4) }
                     let why = q.stopReason.map { "the queue stopped: \($0)" }
                         ?? (stopRequested.load(ordering: .relaxed) ? "interrupted before it completed"
                                                                    : "no completion within \(blk.ioTimeout) (--io-timeout)")

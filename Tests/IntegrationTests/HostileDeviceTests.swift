@@ -97,6 +97,25 @@ final class HostileDeviceTests: XCTestCase {
         }
     }
 
+    /// The device sits on every request and does not answer the stop either: one signal still
+    /// ends the run within a second (the final stop waits 0.4 s, not the reply timeout).
+    func testSignalEndsRunWhenTheStopIsNotAnsweredEither() throws {
+        let dir = try TempDir()
+        let dev = try HostileDevice("blk", dir: dir, after: 1000, faults: ["stop", "vring-base=none"])
+        let vio = try Vio(["blkbench", "--dev", "vhost-user-blk:\(dev.socket)", "--iodepth", "16", "--runtime", "60s",
+                           "--io-timeout", "60s", "--reply-timeout", "30s"] + noHuge, dir: dir)
+        XCTAssertTrue(dev.waitForLog("fault: stop"), dev.tail())
+        let sent = Date()
+        vio.signal(SIGINT)
+        let r = vio.wait(timeout: 40)
+        XCTAssertFalse(r.timedOut, "\(r)")
+        XCTAssertLessThan(Date().timeIntervalSince(sent), 1.5, "\(r)")
+        XCTAssertEqual(r.status, 2, "\(r)")
+        XCTAssertTrue(r.stderr.contains("still at the device"), r.stderr)
+        XCTAssertTrue(r.stderr.contains("did not answer GET_VRING_BASE within 0.4 s"), r.stderr)
+        XCTAssertEqual(r.int("slotsOutstandingAtExit"), 0, "\(r)")
+    }
+
     /// blkio: a command the device never completes fails after --io-timeout with status 2, and
     /// names the command (it used to wait 10 s per command and exit 0).
     func testBlkioCommandNeverCompleted() throws {

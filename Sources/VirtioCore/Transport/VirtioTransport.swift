@@ -46,6 +46,9 @@ public protocol VirtioTransport: AnyObject {
     /// The largest size the device allows for queue `index`, or nil if any size goes (vhost-user).
     /// A legacy PCI device fixes it: the ring must have exactly this size.
     func maxQueueSize(_ index: Int) -> Int?
+    /// From now on, waits at most `seconds` for each control reply (a run being ended by a
+    /// signal must not wait the full reply timeout on a backend that stopped answering).
+    func limitReplyWait(seconds: Double)
     /// Whether the device itself processes a virtio-net control queue (virtio-pci). A vhost-user
     /// backend never sees one: the frontend carries out the commands itself, as QEMU and DPDK's
     /// virtio_user do.
@@ -115,6 +118,7 @@ public struct TransportError: Error, CustomStringConvertible, Sendable {
 extension VirtioTransport {
     public var stoppedBases: [UInt32]? { nil }
     public func maxQueueSize(_ index: Int) -> Int? { nil }
+    public func limitReplyWait(seconds: Double) {}
     public var carriesControlQueue: Bool { false }
     public func setQueueEnabled(_ index: Int, _ enabled: Bool) throws {
         throw TransportError("\(deviceDescription) cannot enable or disable single queues")
