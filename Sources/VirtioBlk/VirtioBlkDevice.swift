@@ -132,6 +132,8 @@ public final class VirtioBlkDevice<Ring: Virtqueue & ~Copyable>: @unchecked Send
             queues = 1
         }
         if let m = t.queueLimit?.value { queues = min(queues, m) }
+        // virtio-pci num_queues 0 (vhost-user's GET_QUEUE_NUM 0 is refused by the transport).
+        guard queues >= 1 else { throw VirtioBlkError.badQueueCount("\(t.deviceDescription) offers 0 queues") }
         // Byte offsets and sizes are Ints: a capacity past 2^63 bytes is no real device.
         guard cfg.capacity <= UInt64(Int.max) / UInt64(blkSectorSize) else {
             throw VirtioBlkError.badConfig("capacity \(cfg.capacity) sectors is more than 2^63 bytes")

@@ -583,4 +583,18 @@ final class BlkQueueTests: XCTestCase {
             XCTAssertEqual("\(e)", "virtio-blk: the device offers VIRTIO_BLK_F_MQ with num_queues 0")
         }
     }
+
+    /// Found by the blk-config-status fuzz target (Fuzz/Regressions/blk-config-status): a transport
+    /// that allows 0 queues (virtio-pci num_queues 0) opened a device without queues, and the
+    /// first `makeQueue(0)` trapped.
+    func testTransportWithZeroQueuesIsRefused() throws {
+        for limit in [QueueLimit.virtqueues(0), .deviceUnits(0)] {
+            var c = [UInt8](repeating: 0, count: BlkConfig.size)
+            c[0] = 64
+            let t = FakeTransport(offered: base, config: c, queueLimit: limit)
+            XCTAssertThrowsError(try VirtioBlkDevice<SplitVirtqueue>(transport: t, options: options(ring: .split, queueSize: 8, inOrder: true))) { e in
+                XCTAssertTrue("\(e)".hasSuffix("offers 0 queues"), "\(e)")
+            }
+        }
+    }
 }
