@@ -6,6 +6,7 @@
 #include <lwip/etharp.h>
 #include <lwip/pbuf.h>
 #include <netif/ethernet.h>
+#include <pthread.h>
 #include <semaphore.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -44,6 +45,7 @@ static vlw_stats g_stats;
 static vlw_conn *g_ready_head, *g_ready_tail;
 static atomic_int g_ready_count;
 static atomic_int g_tx_pending;
+static pthread_t g_tcpip_thread;   // lwIP's own thread, set once before vlw_start returns
 
 void vlw_lock(void) { LOCK_TCPIP_CORE(); }
 void vlw_unlock(void) { UNLOCK_TCPIP_CORE(); }
@@ -75,6 +77,7 @@ static err_t vlw_linkoutput(struct netif *n, struct pbuf *p) {
     pbuf_copy_partial(p, dst, p->tot_len, 0);
     g_stats.tx_frames++;
     g_stats.tx_bytes += p->tot_len;
+    if (pthread_equal(pthread_self(), g_tcpip_thread)) g_stats.tx_timer_frames++;
     atomic_store_explicit(&g_tx_pending, 1, memory_order_relaxed);
     return ERR_OK;
 }
@@ -91,7 +94,11 @@ static err_t vlw_netif_init(struct netif *n) {
     return ERR_OK;
 }
 
-static void tcpip_ready(void *arg) { sem_post((sem_t *)arg); }
+// Runs on the tcpip thread once it has started (vlw_start waits for it).
+static void tcpip_ready(void *arg) {
+    g_tcpip_thread = pthread_self();
+    sem_post((sem_t *)arg);
+}
 
 int vlw_start(const uint8_t mac[6], uint32_t ip, uint32_t mask, uint32_t gw, uint16_t mtu,
               vlw_tx_alloc_fn tx_alloc, void *ctx) {

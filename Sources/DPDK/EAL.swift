@@ -157,7 +157,10 @@ public enum EAL {
         let p = preset ?? (chosen == .hugepages ? .hugepages : .nohuge)
         let args = ["vio"] + p.expanded(memoryMB: memoryMB, prefix: prefix, lcores: lcores) + extraArguments
         var argv: [UnsafeMutablePointer<CChar>?] = args.map { strdup($0) }
-        // rte_eal_init keeps pointers into argv; the strings are intentionally never freed.
+        // rte_eal_init keeps pointers into argv; the strings are intentionally never freed. They
+        // are kept in a static (a copy of the list: rte_eal_init rewrites argv entries), so they
+        // stay reachable and LeakSanitizer does not report them.
+        ealArgv = argv
         let rc = argv.withUnsafeMutableBufferPointer { rte_eal_init(Int32(args.count), $0.baseAddress) }
         if rc < 0 {
             let e = vio_rte_errno()
@@ -171,6 +174,8 @@ public enum EAL {
     }
 
     nonisolated(unsafe) static var runtimeDirectory: String?
+    /// The strdup'ed argument strings `rte_eal_init` was given (it keeps pointers into them).
+    nonisolated(unsafe) private static var ealArgv: [UnsafeMutablePointer<CChar>?] = []
 
     /// The worker lcores (all but the main one), in order.
     public static var workerLcores: [UInt32] {

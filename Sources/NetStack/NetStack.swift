@@ -56,6 +56,9 @@ public struct StackCounters: Codable, Sendable, Equatable {
     public var accepted: UInt64, acceptFailed: UInt64, activeConnections: UInt64, closed: UInt64
     public var aborted: UInt64, resetByPeer: UInt64, connectionErrors: UInt64
     public var bytesRead: UInt64, bytesWritten: UInt64, writeWouldBlock: UInt64
+    /// Of `txFrames`, those lwIP's own tcpip thread produced (timers: retransmits, window
+    /// probes, delayed ACKs, keep-alive), which the next poll sends.
+    public var txTimerFrames: UInt64
 
     init(_ s: vlw_stats, stagingDrops: UInt64) {
         rxFrames = s.rx_frames; rxBytes = s.rx_bytes; rxDropped = s.rx_dropped; rxNoPbuf = s.rx_no_pbuf
@@ -64,6 +67,7 @@ public struct StackCounters: Codable, Sendable, Equatable {
         accepted = s.accepted; acceptFailed = s.accept_failed; activeConnections = s.active; closed = s.closed
         aborted = s.aborted; resetByPeer = s.reset_by_peer; connectionErrors = s.errors
         bytesRead = s.bytes_read; bytesWritten = s.bytes_written; writeWouldBlock = s.write_would_block
+        txTimerFrames = s.tx_timer_frames
     }
 }
 

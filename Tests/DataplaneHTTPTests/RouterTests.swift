@@ -6,6 +6,12 @@ import XCTest
 
 /// The parts of the HTTP layer that need no port: address parsing, routing, static files.
 final class RouterTests: XCTestCase {
+    /// Under LeakSanitizer, XCTest's own retain cycles are not reported (LeakCheckRoots.swift).
+    override class func setUp() {
+        super.setUp()
+        LeakCheckRoots.install
+    }
+
     func request(_ method: HTTPMethod, _ uri: String) -> HTTPRequest {
         HTTPRequest(head: HTTPRequestHead(version: .http1_1, method: method, uri: uri), body: ByteBuffer())
     }

@@ -319,6 +319,38 @@ final class HTTPIntegrationTests: XCTestCase {
         stopServer()
     }
 
+    /// A client that stops reading with its window full: lwIP's own (tcpip) thread sends the
+    /// zero-window probes from its timers, the dataplane's next poll puts them on the ring, and
+    /// the whole file arrives once the client reads again. This is where lwIP's thread and the
+    /// dataplane lcore meet in our code (Scripts/sanitize.sh runs it under ThreadSanitizer); the
+    /// other tests never make lwIP's thread send a frame.
+    func testZeroWindowProbesFromTheStackThread() throws {
+        try start()
+        let r = try ns!.python("""
+            import hashlib, socket, time
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.settimeout(60)
+            s.connect(("198.18.0.2", 8080))
+            s.sendall(b"GET /big.bin HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n")
+            time.sleep(4)
+            data = bytearray()
+            while True:
+                d = s.recv(65536)
+                if not d: break
+                data += d
+            head, _, body = bytes(data).partition(b"\\r\\n\\r\\n")
+            print(head.split(b"\\r\\n")[0].decode().replace(" ", "_"), len(body), hashlib.sha256(body).hexdigest())
+            """, timeout: 120)
+        XCTAssertEqual(r.status, 0, r.stderr)
+        let sum = try runCommand(["/usr/bin/sha256sum", dir.path("www/big.bin")], timeout: 30, dir: dir)
+        let digest = sum.text.split(separator: " ").first.map(String.init) ?? "?"
+        XCTAssertEqual(r.text.trimmingCharacters(in: .whitespacesAndNewlines), "HTTP/1.1_200_OK \(10 << 20) \(digest)", r.stderr)
+        let json = try stats()
+        XCTAssertGreaterThan(number(json, "stack", "txTimerFrames"), 0, "lwIP's thread sent no frame (no window probe?)")
+        stopServer()
+    }
+
     /// Bad arguments exit 64 with a message; a socket nobody serves exits 1 with the reason.
     func testBadArgumentsAndMissingDevice() throws {
         let dir = try TempDir()

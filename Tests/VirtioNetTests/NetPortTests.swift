@@ -290,6 +290,7 @@ final class NetPortTests: XCTestCase {
         var commands: [[UInt8]] = []
         var answer: UInt8 = 0
         var model: SplitDeviceModel?
+        defer { t.onNotify = nil }   // the handler captures `t`: break the cycle (LeakSanitizer)
         t.onNotify = { q in
             guard q == 8 else { return }
             if model == nil { model = try? t.splitModel(8) }

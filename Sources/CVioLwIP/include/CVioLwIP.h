@@ -35,6 +35,7 @@ typedef struct {
     uint64_t tx_frames, tx_bytes, tx_no_buffer, tx_too_big;
     uint64_t accepted, accept_failed, active, closed, aborted, reset_by_peer, errors;
     uint64_t bytes_read, bytes_written, write_would_block;
+    uint64_t tx_timer_frames;   ///< of tx_frames, those lwIP's tcpip thread produced (its timers)
 } vlw_stats;
 
 /// Starts lwIP's tcpip thread and adds the one Ethernet interface (address, mask, gateway in
