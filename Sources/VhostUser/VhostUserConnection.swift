@@ -62,10 +62,10 @@ public final class VhostUserConnection: VirtioTransport, @unchecked Sendable {
     /// Each ring's size, as the last SET_VRING_NUM gave it.
     private var ringSizes: [Int] = []
     private var started = false
-    private let alive = Atomic<Bool>(true)
-    private let reasonLock = Mutex<String?>(nil)
+    /// Whether the backend is still there, and why not: shared with the hang-up monitor, which
+    /// holds only this (never the connection, so the connection is never released on its thread).
+    private let state = ConnectionState()
     private let stopLock = Mutex<Void>(())
-    private let deviceLink = Mutex<DeviceLink?>(nil)
     private let wakeFD: Int32
     private var monitor: pthread_t?
     /// Protocol features we use when the backend offers them.
@@ -124,7 +124,7 @@ public final class VhostUserConnection: VirtioTransport, @unchecked Sendable {
         for f in kickFDs + callFDs where f >= 0 { close(f) }
     }
 
-    public var isConnected: Bool { alive.load(ordering: .relaxed) }
+    public var isConnected: Bool { state.alive.load(ordering: .relaxed) }
 
     public func limitReplyWait(seconds: Double) {
         guard seconds > 0, seconds < replyTimeout else { return }
@@ -133,16 +133,12 @@ public final class VhostUserConnection: VirtioTransport, @unchecked Sendable {
         var tv = timeval(tv_sec: Int(whole), tv_usec: Int((seconds - whole) * 1e6))
         setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
     }
-    public var disconnectReason: String? { reasonLock.withLock { $0 } }
+    public var disconnectReason: String? { state.reason.withLock { $0 } }
 
-    private func lost(_ reason: String) {
-        reasonLock.withLock { if $0 == nil { $0 = reason } }
-        alive.store(false, ordering: .relaxed)
-        deviceLink.withLock { $0 }?.markDown(disconnectReason ?? reason)
-    }
+    private func lost(_ reason: String) { state.lost(reason) }
 
     public func attach(_ link: DeviceLink) {
-        deviceLink.withLock { $0 = link }
+        state.deviceLink.withLock { $0 = link }
         if !isConnected { link.markDown(disconnectReason ?? "vhost-user backend \(path) is gone") }
     }
 
@@ -396,7 +392,7 @@ public final class VhostUserConnection: VirtioTransport, @unchecked Sendable {
     // MARK: Hang-up monitor
 
     private func startMonitor() {
-        let box = Unmanaged.passRetained(MonitorBox(connection: self))
+        let box = Unmanaged.passRetained(MonitorBox(state: state, fd: fd, wake: wakeFD, path: path))
         var tid = pthread_t()
         let rc = pthread_create(&tid, nil, { arg in
             let box = Unmanaged<MonitorBox>.fromOpaque(arg!).takeRetainedValue()
@@ -417,9 +413,9 @@ public final class VhostUserConnection: VirtioTransport, @unchecked Sendable {
 
 
     private final class MonitorBox {
-        unowned(unsafe) let connection: VhostUserConnection
-        let fd: Int32, wake: Int32
-        init(connection: VhostUserConnection) { self.connection = connection; fd = connection.fd; wake = connection.wakeFD }
+        let state: ConnectionState
+        let fd: Int32, wake: Int32, path: String
+        init(state: ConnectionState, fd: Int32, wake: Int32, path: String) { self.state = state; self.fd = fd; self.wake = wake; self.path = path }
         func run() {
             var fds = [pollfd(fd: fd, events: Int16(pollRDHUP), revents: 0), pollfd(fd: wake, events: Int16(POLLIN), revents: 0)]
             while true {
@@ -428,11 +424,23 @@ public final class VhostUserConnection: VirtioTransport, @unchecked Sendable {
                 if n < 0 { if errno == EINTR { continue }; return }
                 if fds[1].revents != 0 { return }
                 if fds[0].revents & Int16(POLLHUP | pollRDHUP | POLLERR) != 0 {
-                    connection.lost("vhost-user backend \(connection.path) hung up")
+                    state.lost("vhost-user backend \(path) hung up")
                     return
                 }
             }
         }
+    }
+}
+
+/// The connection's liveness, shared by the connection and its hang-up monitor thread.
+final class ConnectionState: @unchecked Sendable {
+    let alive = Atomic<Bool>(true)
+    let reason = Mutex<String?>(nil)
+    let deviceLink = Mutex<DeviceLink?>(nil)
+    func lost(_ why: String) {
+        reason.withLock { if $0 == nil { $0 = why } }
+        alive.store(false, ordering: .relaxed)
+        deviceLink.withLock { $0 }?.markDown(reason.withLock { $0 } ?? why)
     }
 }
 let pollRDHUP: Int32 = 0x2000  // POLLRDHUP from <poll.h> (hidden behind _GNU_SOURCE)

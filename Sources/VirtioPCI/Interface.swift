@@ -175,9 +175,14 @@ public final class LegacyInterface: VirtioPCIInterface {
     let io: RegisterSpace
     let configOffset: Int
 
-    public init(io: RegisterSpace, msixEnabled: Bool) {
+    /// The I/O BAR must hold the registers (20 bytes; 24 with MSI-X) before any is touched.
+    public init(io: RegisterSpace, msixEnabled: Bool) throws(VirtioPCIError) {
+        let offset = msixEnabled ? Reg.configMSIX : Reg.configNoMSIX
+        guard io.length >= offset else {
+            throw .barOutOfRange("the legacy I/O BAR is \(io.length) bytes; its registers need \(offset)")
+        }
         self.io = io
-        configOffset = msixEnabled ? Reg.configMSIX : Reg.configNoMSIX
+        configOffset = offset
     }
 
     public var isLegacy: Bool { true }

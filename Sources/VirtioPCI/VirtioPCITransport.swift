@@ -81,7 +81,7 @@ public final class VirtioPCITransport: VirtioTransport, @unchecked Sendable {
             guard fn.isTransitional, bars.first?.isIO == true else {
                 throw VirtioPCIError.noUsableInterface(address, fn.isTransitional ? "BAR 0 is not an I/O BAR" : "a non-transitional id has no legacy interface")
             }
-            iface = LegacyInterface(io: try bar(0), msixEnabled: caps.msixEnabled)
+            iface = try LegacyInterface(io: try bar(0), msixEnabled: caps.msixEnabled)
             try fn.enableCommandBits(0x1 | 0x4 | 0x400)
         }
         try self.init(address: address, interface: iface, deviceType: fn.virtioType, logger: logger,

@@ -60,4 +60,31 @@ final class HostileRegisterTests: XCTestCase {
             }
         }
     }
+
+    /// Found by the pci-caps fuzz target: a legacy I/O BAR shorter than the legacy registers
+    /// was used anyway. Refused before any register is touched.
+    func testShortLegacyIOBarIsRefused() {
+        for (length, msix) in [(0, false), (19, false), (23, true)] {
+            let io = ShortIO(length: length)
+            XCTAssertThrowsError(try LegacyInterface(io: io, msixEnabled: msix)) { e in
+                guard case .barOutOfRange(let m)? = e as? VirtioPCIError else { return XCTFail("\(e)") }
+                XCTAssertTrue(m.contains("is \(length) bytes"), m)
+            }
+            XCTAssertEqual(io.accesses, 0, "no register touched")
+        }
+        XCTAssertNoThrow(try LegacyInterface(io: ShortIO(length: 24), msixEnabled: true))
+    }
+}
+
+/// An I/O BAR of `length` bytes that counts every access.
+final class ShortIO: RegisterSpace {
+    let length: Int
+    var accesses = 0
+    init(length: Int) { self.length = length }
+    func read8(_ o: Int) -> UInt8 { accesses += 1; return 0 }
+    func read16(_ o: Int) -> UInt16 { accesses += 1; return 0 }
+    func read32(_ o: Int) -> UInt32 { accesses += 1; return 0 }
+    func write8(_ o: Int, _ v: UInt8) { accesses += 1 }
+    func write16(_ o: Int, _ v: UInt16) { accesses += 1 }
+    func write32(_ o: Int, _ v: UInt32) { accesses += 1 }
 }

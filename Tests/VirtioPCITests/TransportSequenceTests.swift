@@ -157,7 +157,7 @@ final class TransportSequenceTests: XCTestCase {
         let io = FakeLegacyIO(features: 1 << 15 | 1 << 5)  // MRG_RXBUF, MAC
         // Physical addresses below 16 TiB (a legacy queue address is a 32-bit page number).
         let low: (UInt64, Int) -> UInt64? = { va, _ in va - 0x7f00_0000_0000 + 0x4000_0000 }
-        let t = try VirtioPCITransport(address: address, interface: LegacyInterface(io: io, msixEnabled: false), deviceType: 1, translate: low)
+        let t = try VirtioPCITransport(address: address, interface: try LegacyInterface(io: io, msixEnabled: false), deviceType: 1, translate: low)
         XCTAssertTrue(t.isLegacy)
         XCTAssertNil(t.queueLimit)
         XCTAssertEqual(t.deviceFeatures.rawValue, 1 << 15 | 1 << 5)
@@ -187,7 +187,7 @@ final class TransportSequenceTests: XCTestCase {
 
     func testLegacyRingAbove16TiBIsRefused() throws {
         let io = FakeLegacyIO(features: 1 << 15)
-        let t = try VirtioPCITransport(address: address, interface: LegacyInterface(io: io, msixEnabled: false), deviceType: 1,
+        let t = try VirtioPCITransport(address: address, interface: try LegacyInterface(io: io, msixEnabled: false), deviceType: 1,
                                        translate: { va, _ in va })
         try t.negotiate(VirtioFeatures(rawValue: 1 << 15), queueCount: 2)
         XCTAssertThrowsError(try t.setupQueue(0, addresses: try addresses(size: 256))) { e in
