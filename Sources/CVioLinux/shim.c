@@ -77,6 +77,8 @@ int cvio_pin_thread(int cpu) {
     return sched_setaffinity(0, sizeof set, &set);
 }
 
+int cvio_accept_cloexec(int sock) { return accept4(sock, NULL, NULL, SOCK_CLOEXEC); }
+
 int cvio_eventfd(void) { return eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC); }
 
 int cvio_memfd(const char *name) { return memfd_create(name, MFD_CLOEXEC); }

@@ -20,6 +20,7 @@ public enum VhostUserError: Error, CustomStringConvertible, Equatable, Sendable 
     case incompatibleFeatures(missing: String)
     case tooManyRegions(Int)
     case notConnected
+    case listenFailed(path: String, errno: Int32)
 
     public var description: String {
         switch self {
@@ -35,6 +36,7 @@ public enum VhostUserError: Error, CustomStringConvertible, Equatable, Sendable 
         case .incompatibleFeatures(let m): return "vhost-user backend lacks required features: \(m)"
         case .tooManyRegions(let n): return "DPDK memory has \(n) regions; vhost-user takes at most 8 (use --single-file-segments)"
         case .notConnected: return "vhost-user backend is not connected"
+        case let .listenFailed(p, e): return "cannot listen on vhost-user socket \(p): \(String(cString: strerror(e)))"
         }
     }
 }
@@ -51,7 +53,8 @@ public final class VhostUserConnection: VirtioTransport, @unchecked Sendable {
     public private(set) var queueLimit: QueueLimit?
     public private(set) var negotiatedFeatures: VirtioFeatures = []
     let logger: Logger
-    let fd: Int32
+    /// The connection's socket (-1 between a loss and the reconnect).
+    private(set) var fd: Int32
     /// Filled during setup, before the device starts; `notify` (the one data-path call) only reads
     /// it, from the lcore that owns the queues, so it needs no dynamic exclusivity check.
     @exclusivity(unchecked) private var kickFDs: [Int32] = []
@@ -85,15 +88,77 @@ public final class VhostUserConnection: VirtioTransport, @unchecked Sendable {
             throw VhostUserError.badReply(request: "setup", detail: "reply timeout \(replyTimeoutSeconds) s must be in (0, 3600]")
         }
         replyTimeout = replyTimeoutSeconds
-        let s = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard s >= 0 else { throw VhostUserError.connectFailed(path: path, errno: errno) }
+        role = .client
+        fd = try Self.connectSocket(path)
+        wakeFD = cvio_eventfd()
+        setReceiveTimeout(replyTimeoutSeconds)
+        // On a throw from here on, every stored property is set, so deinit runs and closes the
+        // socket and the eventfd (closing them here too would close them twice).
+        try handshake()
+        startMonitor()
+    }
+
+    /// Server mode (DPDK virtio_user's `server=1`): creates the socket at `path` (a stale socket
+    /// file there is removed), listens, and waits for the backend to connect as a client (DPDK
+    /// vhost `client=1`) — at most `acceptTimeout` seconds (nil: until `abort` says so, asked every
+    /// 100 ms). While a backend is connected, a second one is refused (accepted and closed at once);
+    /// after it hangs up, `reconnect` waits for the next one. The socket file is removed at deinit.
+    public init(listeningAt path: String, logger: Logger = Logger(label: "vhost-user"),
+                replyTimeoutSeconds: Double = VhostUserConnection.defaultReplyTimeout,
+                acceptTimeout: Double? = nil, abort: () -> Bool = { false }) throws {
+        self.path = path
+        self.logger = logger
+        guard replyTimeoutSeconds > 0, replyTimeoutSeconds <= 3600 else {
+            throw VhostUserError.badReply(request: "setup", detail: "reply timeout \(replyTimeoutSeconds) s must be in (0, 3600]")
+        }
+        replyTimeout = replyTimeoutSeconds
+        let l = try Self.listenSocket(path)
+        role = .server(listenFD: l)
+        fd = -1
+        wakeFD = cvio_eventfd()
+        logger.info("vhost-user \(path): listening for a backend (server mode)")
+        let deadline = acceptTimeout.map { monotonicNow() &+ UInt64($0 * 1e9) } ?? .max
+        fd = try acceptBackend(deadline: deadline, abort: abort, waited: acceptTimeout)
+        setReceiveTimeout(replyTimeoutSeconds)
+        settle(abort: abort)
+        try handshake()
+        startMonitor()
+    }
+
+    deinit {
+        stopMonitor()
+        if fd >= 0 { close(fd) }
+        close(wakeFD)
+        for f in kickFDs + callFDs where f >= 0 { close(f) }
+        if case .server(let l) = role { close(l); unlink(path) }
+    }
+
+    /// Client (we connect to the backend's socket) or server (the backend connects to ours).
+    enum Role { case client, server(listenFD: Int32) }
+    let role: Role
+    public var isServer: Bool { if case .server = role { true } else { false } }
+
+    private func setReceiveTimeout(_ seconds: Double) {
+        let whole = seconds.rounded(.down)
+        var tv = timeval(tv_sec: Int(whole), tv_usec: Int((seconds - whole) * 1e6))
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+    }
+
+    private static func address(_ path: String) throws -> sockaddr_un {
         var addr = sockaddr_un()
         addr.sun_family = sa_family_t(AF_UNIX)
         let bytes = Array(path.utf8)
-        guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else { close(s); throw VhostUserError.pathTooLong(path: path) }
+        guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else { throw VhostUserError.pathTooLong(path: path) }
         withUnsafeMutableBytes(of: &addr.sun_path) { dst in
             for (i, b) in bytes.enumerated() { dst[i] = b }
         }
+        return addr
+    }
+
+    private static func connectSocket(_ path: String) throws -> Int32 {
+        var addr = try address(path)
+        let s = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard s >= 0 else { throw VhostUserError.connectFailed(path: path, errno: errno) }
         let rc = withUnsafePointer(to: &addr) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(s, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
         }
@@ -106,22 +171,117 @@ public final class VhostUserConnection: VirtioTransport, @unchecked Sendable {
             default: throw VhostUserError.connectFailed(path: path, errno: e)
             }
         }
-        let whole = replyTimeoutSeconds.rounded(.down)
-        var tv = timeval(tv_sec: Int(whole), tv_usec: Int((replyTimeoutSeconds - whole) * 1e6))
-        setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
-        fd = s
-        wakeFD = cvio_eventfd()
-        // On a throw from here on, every stored property is set, so deinit runs and closes the
-        // socket and the eventfd (closing them here too would close them twice).
-        try handshake()
-        startMonitor()
+        return s
     }
 
-    deinit {
+    private static func listenSocket(_ path: String) throws -> Int32 {
+        var addr = try address(path)
+        // A socket file left by an earlier run is ours to replace; any other file is not.
+        var st = stat()
+        if lstat(path, &st) == 0 {
+            guard st.st_mode & S_IFMT == S_IFSOCK else { throw VhostUserError.listenFailed(path: path, errno: EEXIST) }
+            unlink(path)
+        }
+        let s = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard s >= 0 else { throw VhostUserError.listenFailed(path: path, errno: errno) }
+        let rc = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(s, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        guard rc == 0, listen(s, 4) == 0 else { let e = errno; close(s); throw VhostUserError.listenFailed(path: path, errno: e) }
+        return s
+    }
+
+    /// Waits for a backend to connect to our socket (server mode).
+    private func acceptBackend(deadline: UInt64, abort: () -> Bool, waited: Double?) throws -> Int32 {
+        guard case .server(let l) = role else { preconditionFailure("accept in client mode") }
+        let began = monotonicNow()
+        while true {
+            if abort() { throw ReconnectError.aborted }
+            let now = monotonicNow()
+            if now >= deadline { throw ReconnectError.timedOut(seconds: waited ?? Double(now &- began) / 1e9) }
+            var p = pollfd(fd: l, events: Int16(POLLIN), revents: 0)
+            let ms = Int32(min(100, (deadline - now) / 1_000_000 + 1))
+            let n = poll(&p, 1, ms)
+            if n < 0 && errno != EINTR { throw VhostUserError.listenFailed(path: path, errno: errno) }
+            guard n > 0 else { continue }
+            let c = cvio_accept_cloexec(l)
+            if c >= 0 {
+                logger.info("vhost-user \(path): a backend connected")
+                return c
+            }
+            if errno != EINTR && errno != EAGAIN && errno != ECONNABORTED { throw VhostUserError.listenFailed(path: path, errno: errno) }
+        }
+    }
+
+    public var canReconnect: Bool { true }
+
+    /// How long a backend that has just (re)appeared is left alone before the handshake.
+    /// DPDK 22.11's net_vhost connects (client=1) or starts listening from inside its probe,
+    /// before its ethdev port is configured; a handshake finished in the next few hundred
+    /// milliseconds leaves its TX queue stuck for good (it forwards what we send and never
+    /// sends back). Measured here: no wait fails every time, 0.3 s works; 0.5 s leaves a margin.
+    public static let settleSeconds = 0.5
+
+    private func settle(abort: () -> Bool) {
+        var left = UInt64(Self.settleSeconds * 1e9)
+        while left > 0 && !abort() {
+            let slice = min(left, 50_000_000)
+            var ts = timespec(tv_sec: 0, tv_nsec: Int(slice))
+            nanosleep(&ts, nil)
+            left -= slice
+        }
+    }
+
+    /// After the backend hung up (or failed): drops the old connection, connects again (client:
+    /// retrying while the socket is missing or refuses, backoff 10 ms doubling to 1 s; server:
+    /// accepting the backend's next connection) and runs SET_OWNER, GET_FEATURES, the protocol
+    /// features and GET_QUEUE_NUM again. The kick and call eventfds stay the same (the data path
+    /// never sees a change); `negotiate` sends them to the new backend.
+    public func reconnect(deadline: UInt64, abort: () -> Bool) throws {
         stopMonitor()
-        close(fd)
-        close(wakeFD)
-        for f in kickFDs + callFDs where f >= 0 { close(f) }
+        if fd >= 0 { close(fd); fd = -1 }
+        state.lost("reconnecting")
+        started = false
+        stoppedBases = nil
+        protocolFeatures = []
+        deviceFeatures = []
+        queueLimit = nil
+        let began = monotonicNow()
+        var backoff: UInt64 = 10_000_000
+        while true {
+            if abort() { throw ReconnectError.aborted }
+            let now = monotonicNow()
+            if now >= deadline { throw ReconnectError.timedOut(seconds: Double(now &- began) / 1e9) }
+            switch role {
+            case .server:
+                fd = try acceptBackend(deadline: deadline, abort: abort, waited: nil)
+            case .client:
+                do { fd = try Self.connectSocket(path) } catch VhostUserError.socketMissing, VhostUserError.connectionRefused {
+                    // Not back yet: wait, in slices short enough to notice an abort.
+                    var left = min(backoff, deadline &- now)
+                    while left > 0 && !abort() {
+                        let slice = min(left, 50_000_000)
+                        var ts = timespec(tv_sec: 0, tv_nsec: Int(slice))
+                        nanosleep(&ts, nil)
+                        left -= slice
+                    }
+                    backoff = min(backoff * 2, 1_000_000_000)
+                    continue
+                }
+            }
+            setReceiveTimeout(replyTimeout)
+            settle(abort: abort)
+            state.revive()
+            do { try handshake() } catch {
+                logger.warning("vhost-user \(path): the handshake with the reconnected backend failed: \(error)")
+                close(fd); fd = -1
+                state.lost("handshake failed: \(error)")
+                throw error
+            }
+            startMonitor()
+            logger.info("vhost-user \(path): reconnected; device features \(deviceFeatures)")
+            return
+        }
     }
 
     public var isConnected: Bool { state.alive.load(ordering: .relaxed) }
@@ -129,9 +289,7 @@ public final class VhostUserConnection: VirtioTransport, @unchecked Sendable {
     public func limitReplyWait(seconds: Double) {
         guard seconds > 0, seconds < replyTimeout else { return }
         replyTimeout = seconds
-        let whole = seconds.rounded(.down)
-        var tv = timeval(tv_sec: Int(whole), tv_usec: Int((seconds - whole) * 1e6))
-        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        setReceiveTimeout(seconds)
     }
     public var disconnectReason: String? { state.reason.withLock { $0 } }
 
@@ -215,12 +373,16 @@ public final class VhostUserConnection: VirtioTransport, @unchecked Sendable {
         self.queueCount = queueCount
         // Call descriptors first (as DPDK's virtio_user does): the device may signal on them, we
         // never read them in poll mode.
+        // A reconnect keeps the eventfds it made the first time (the data path reads `kickFDs`).
+        precondition(kickFDs.isEmpty || kickFDs.count == queueCount, "a reconnect negotiates the same queues")
         for i in 0..<queueCount {
-            let call = cvio_eventfd()
-            let kick = cvio_eventfd()
-            guard call >= 0, kick >= 0 else { throw VhostUserError.io(request: "eventfd", errno: errno) }
-            callFDs.append(call); kickFDs.append(kick)
-            try send(.u64(.setVringCall, UInt64(i), fds: [call]))
+            if i == kickFDs.count {
+                let call = cvio_eventfd()
+                let kick = cvio_eventfd()
+                guard call >= 0, kick >= 0 else { throw VhostUserError.io(request: "eventfd", errno: errno) }
+                callFDs.append(call); kickFDs.append(kick)
+            }
+            try send(.u64(.setVringCall, UInt64(i), fds: [callFDs[i]]))
         }
         var wire = features
         if !protocolFeatures.isEmpty || deviceFeaturesHadProtocolBit { wire.insert(vhostUserProtocolFeaturesBit) }
@@ -255,6 +417,7 @@ public final class VhostUserConnection: VirtioTransport, @unchecked Sendable {
         }
         try setStatus([.acknowledge, .driver, .featuresOK, .driverOK])
         started = true
+
     }
 
     /// Safe to call from several threads (a failing blk queue on any lcore stops the device):
@@ -392,7 +555,9 @@ public final class VhostUserConnection: VirtioTransport, @unchecked Sendable {
     // MARK: Hang-up monitor
 
     private func startMonitor() {
-        let box = Unmanaged.passRetained(MonitorBox(state: state, fd: fd, wake: wakeFD, path: path))
+        var listenFD: Int32 = -1
+        if case .server(let l) = role { listenFD = l }
+        let box = Unmanaged.passRetained(MonitorBox(state: state, fd: fd, wake: wakeFD, listen: listenFD, path: path, logger: logger))
         var tid = pthread_t()
         let rc = pthread_create(&tid, nil, { arg in
             let box = Unmanaged<MonitorBox>.fromOpaque(arg!).takeRetainedValue()
@@ -408,21 +573,40 @@ public final class VhostUserConnection: VirtioTransport, @unchecked Sendable {
         _ = Glibc.write(wakeFD, &one, 8)
         pthread_join(t, nil)
         monitor = nil
+        // Empty the eventfd again, or the next monitor would stop at once.
+        var v: UInt64 = 0
+        _ = Glibc.read(wakeFD, &v, 8)
     }
+
+    /// Backends refused while one was connected (server mode).
+    public var refusedConnections: Int { state.refused.load(ordering: .relaxed) }
 
 
 
     private final class MonitorBox {
         let state: ConnectionState
-        let fd: Int32, wake: Int32, path: String
-        init(state: ConnectionState, fd: Int32, wake: Int32, path: String) { self.state = state; self.fd = fd; self.wake = wake; self.path = path }
+        let fd: Int32, wake: Int32, listen: Int32, path: String
+        let logger: Logger
+        init(state: ConnectionState, fd: Int32, wake: Int32, listen: Int32, path: String, logger: Logger) {
+            self.state = state; self.fd = fd; self.wake = wake; self.listen = listen; self.path = path; self.logger = logger
+        }
         func run() {
-            var fds = [pollfd(fd: fd, events: Int16(pollRDHUP), revents: 0), pollfd(fd: wake, events: Int16(POLLIN), revents: 0)]
+            var fds = [pollfd(fd: fd, events: Int16(pollRDHUP), revents: 0), pollfd(fd: wake, events: Int16(POLLIN), revents: 0),
+                       pollfd(fd: listen, events: Int16(POLLIN), revents: 0)]
             while true {
-                fds[0].revents = 0; fds[1].revents = 0
-                let n = poll(&fds, 2, -1)
+                fds[0].revents = 0; fds[1].revents = 0; fds[2].revents = 0
+                let n = poll(&fds, listen >= 0 ? 3 : 2, -1)
                 if n < 0 { if errno == EINTR { continue }; return }
                 if fds[1].revents != 0 { return }
+                if listen >= 0 && fds[2].revents & Int16(POLLIN) != 0 {
+                    // Server mode: one backend at a time. A second is accepted and closed at once.
+                    let c = cvio_accept_cloexec(listen)
+                    if c >= 0 {
+                        close(c)
+                        state.refused.add(1, ordering: .relaxed)
+                        logger.warning("vhost-user \(path): refused a second backend connection (one is connected)")
+                    }
+                }
                 if fds[0].revents & Int16(POLLHUP | pollRDHUP | POLLERR) != 0 {
                     state.lost("vhost-user backend \(path) hung up")
                     return
@@ -435,6 +619,12 @@ public final class VhostUserConnection: VirtioTransport, @unchecked Sendable {
 /// The connection's liveness, shared by the connection and its hang-up monitor thread.
 final class ConnectionState: @unchecked Sendable {
     let alive = Atomic<Bool>(true)
+    let refused = Atomic<Int>(0)
+    /// A new connection after a loss: alive again, no reason.
+    func revive() {
+        reason.withLock { $0 = nil }
+        alive.store(true, ordering: .relaxed)
+    }
     let reason = Mutex<String?>(nil)
     let deviceLink = Mutex<DeviceLink?>(nil)
     func lost(_ why: String) {

@@ -1,3 +1,4 @@
+import Synchronization
 import VirtioCore
 #if canImport(Glibc)
 import Glibc
@@ -9,7 +10,7 @@ import Glibc
 /// command: a disconnect (as a vhost-user hang-up monitor would see it), a stop that reports
 /// chosen ring bases, a notify hook that answers a control queue synchronously.
 public final class FakeTransport: VirtioTransport {
-    public let offered: VirtioFeatures
+    public private(set) var offered: VirtioFeatures
     public var config: [UInt8]
     public var queueLimit: QueueLimit?
     public var hasConfigSpace: Bool
@@ -77,6 +78,33 @@ public final class FakeTransport: VirtioTransport {
     public func attach(_ link: DeviceLink) { self.link = link }
     public var isConnected: Bool { connected }
     public var disconnectReason: String? { reason }
+
+    // MARK: Reconnect
+
+    /// Whether `reconnect` works (as vhost-user's); off by default (as virtio-pci).
+    public var reconnectable = false
+    /// What the device offers once it is back (nil: as before).
+    public var offeredAfterReconnect: VirtioFeatures?
+    private let back = Atomic<Bool>(false)
+    private let reconnectCount = Atomic<Int>(0)
+    public var reconnects: Int { reconnectCount.load(ordering: .acquiring) }
+    public var canReconnect: Bool { reconnectable }
+    /// Lets a pending `reconnect` (the device core's thread) find the device again.
+    public func comeBack() { back.store(true, ordering: .releasing) }
+
+    public func reconnect(deadline: UInt64, abort: () -> Bool) throws {
+        let began = monotonicNow()
+        while !back.load(ordering: .acquiring) {
+            if abort() { throw ReconnectError.aborted }
+            if monotonicNow() >= deadline { throw ReconnectError.timedOut(seconds: Double(monotonicNow() - began) / 1e9) }
+            usleep(1000)
+        }
+        back.store(false, ordering: .relaxed)
+        if let o = offeredAfterReconnect { offered = o }
+        connected = true
+        reason = nil
+        reconnectCount.add(1, ordering: .releasing)
+    }
 
     /// The addresses queue `index` was last set up with.
     public func latest(_ index: Int) -> QueueAddresses? { setups.last { $0.index == index }?.addresses }

@@ -16,6 +16,8 @@ int cvio_affinity_cpus(int *cpus, int max);
 int cvio_pin_thread(int cpu);
 /// eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC).
 int cvio_eventfd(void);
+/// accept4(SOCK_CLOEXEC) on a listening socket (hidden behind _GNU_SOURCE in Swift).
+int cvio_accept_cloexec(int sock);
 /// memfd_create(name, MFD_CLOEXEC) (used by tests to hand shared memory to a fake backend).
 int cvio_memfd(const char *name);
 /// Installs `handler` for SIGINT and SIGTERM without SA_RESTART.

@@ -8,6 +8,7 @@ import Synchronization
 public final class DeviceLink: @unchecked Sendable {
     @usableFromInline let down = Atomic<Bool>(true)
     private let why = Mutex<String?>("not started")
+    @usableFromInline let upCount = Atomic<UInt64>(0)
 
     public init() {}
 
@@ -23,9 +24,14 @@ public final class DeviceLink: @unchecked Sendable {
         down.store(true, ordering: .releasing)
     }
 
+    /// How many times the link came up: a queue owner that remembers it sees a reconnect
+    /// (the rings restarted from their reset position) even if it never saw the link down.
+    @inlinable public var epoch: UInt64 { upCount.load(ordering: .acquiring) }
+
     /// Called by the device core once the device is (again) running.
     func markUp() {
         why.withLock { $0 = nil }
+        upCount.add(1, ordering: .releasing)
         down.store(false, ordering: .releasing)
     }
 }

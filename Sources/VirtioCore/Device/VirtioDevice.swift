@@ -115,10 +115,14 @@ public final class VirtioDevice<Ring: Virtqueue & ~Copyable>: @unchecked Sendabl
     /// Where each ring starts, as `start` tells the device.
     private let initialAddresses: [QueueAddresses]
     private var taken: [Bool]
-    /// Whether the device runs. Held while a stop talks to the transport, so a second stopper
-    /// (another lcore's queue) returns only once the device has let go of our memory.
-    private let running = Mutex<Bool>(false)
+    /// Whether the device runs (shared with the reconnect agent).
+    private let run = DeviceRunState()
     private let stopError = Mutex<String?>(nil)
+    private let transportQueueCount: Int
+    private let queuesPerUnit: Int
+    private var agent: ReconnectAgent?
+    /// Set by `enableReconnect`: what happens when the device is lost.
+    public private(set) var reconnectPolicy: ReconnectPolicy?
 
     /// Accepts `negotiation.chosen` for a device that will use `queues` (§3.1.1 steps 4–6;
     /// `transportQueueCount` is what the transport must provide for, e.g. a net control queue's
@@ -132,8 +136,10 @@ public final class VirtioDevice<Ring: Virtqueue & ~Copyable>: @unchecked Sendabl
         features = negotiation.chosen
         addressing = transport.bufferAddressing
         self.allocator = allocator
-        try transport.negotiate(negotiation.chosen, queueCount: transportQueueCount ?? (queues.map(\.index).max().map { $0 + 1 } ?? 0),
-                                queuesPerUnit: queuesPerUnit)
+        let queueCount = transportQueueCount ?? (queues.map(\.index).max().map { $0 + 1 } ?? 0)
+        self.transportQueueCount = queueCount
+        self.queuesPerUnit = queuesPerUnit
+        try transport.negotiate(negotiation.chosen, queueCount: queueCount, queuesPerUnit: queuesPerUnit)
         // Sizes the device decides are read now: some queues exist only once features are set.
         self.queues = try queues.map { q in
             guard q.size == 0 else { return q }
@@ -185,6 +191,7 @@ public final class VirtioDevice<Ring: Virtqueue & ~Copyable>: @unchecked Sendabl
     public func makeQueue(_ slot: Int) -> Ring {
         precondition(slot >= 0 && slot < queues.count && !taken[slot], "queue \(slot) does not exist or was already taken")
         taken[slot] = true
+        agent?.mustReset.withLock { _ = $0.insert(slot) }
         return (rings + slot).move()
     }
 
@@ -199,7 +206,7 @@ public final class VirtioDevice<Ring: Virtqueue & ~Copyable>: @unchecked Sendabl
             try transport.setupQueue(queues[slot].index, addresses: initialAddresses[slot])
         }
         try transport.start()
-        running.withLock { $0 = true }
+        run.running.withLock { $0 = true }
         link.markUp()
     }
 
@@ -214,7 +221,9 @@ public final class VirtioDevice<Ring: Virtqueue & ~Copyable>: @unchecked Sendabl
     /// `reason`, so every queue, on any lcore, fails what it has in flight at its next poll.
     /// Safe from any thread; the first stop does the work.
     public func stop(reason: String = "device stopped") {
-        running.withLock { r in
+        run.stopped.store(true, ordering: .releasing)
+        agent?.shutdown()
+        run.running.withLock { r in
             guard r else { return }
             r = false
             do { try transport.stop() } catch { stopError.withLock { $0 = "\(error)" } }
@@ -232,7 +241,7 @@ public final class VirtioDevice<Ring: Virtqueue & ~Copyable>: @unchecked Sendabl
     /// the transport reported (vhost-user GET_VRING_BASE) or the reset position (PCI resets).
     /// The link stays up: the caller restarts every queue, then calls `finishRestart`.
     public func beginRestart() throws -> [Int: UInt32] {
-        try running.withLock { r throws in try transport.stop(); r = false }
+        try run.running.withLock { r throws in try transport.stop(); r = false }
         let reported = transport.stoppedBases
         var bases: [Int: UInt32] = [:]
         for q in queues {
@@ -254,7 +263,51 @@ public final class VirtioDevice<Ring: Virtqueue & ~Copyable>: @unchecked Sendabl
     /// Ends a restart: every queue was resumed; the device runs again.
     public func finishRestart() throws {
         try transport.start()
-        running.withLock { $0 = true }
+        run.running.withLock { $0 = true }
     }
 
+    // MARK: Reconnect (a new connection to a backend that came back)
+
+    /// From now on a lost device is brought back (`policy`): every queue owner must call
+    /// `ringsReset` once per outage for the rings it owns, after handing back what they held; a
+    /// thread of the device waits for the backend, checks its features and starts the device
+    /// again with every ring from its reset position. `afterStart` runs after each DRIVER_OK (net:
+    /// the pairs not in use are disabled again). Call once, after `start`, where the transport
+    /// `canReconnect` at all (else the policy is ignored and a loss ends the device as before).
+    public func enableReconnect(_ policy: ReconnectPolicy, afterStart: (() throws -> Void)? = nil) {
+        precondition(agent == nil, "reconnect is already enabled")
+        reconnectPolicy = policy
+        let table = { [allocator] in try allocator.memoryTable() }
+        let a = ReconnectAgent(transport: transport, link: link, policy: policy, features: features, queueCount: transportQueueCount,
+                               queuesPerUnit: queuesPerUnit, indices: queues.map(\.index), addresses: initialAddresses,
+                               mustReset: Set(taken.indices.filter { taken[$0] }), memoryTable: table, run: run)
+        a.afterStart.withLock { $0 = afterStart }
+        agent = a
+        a.start()
+    }
+
+    /// Whether a lost link is being (or may yet be) repaired: a reconnect policy, no final failure, not stopped.
+    public var isReconnecting: Bool {
+        guard let agent else { return false }
+        return agent.failure.withLock { $0 } == nil && !run.stopped.load(ordering: .relaxed)
+    }
+
+    /// Why reconnecting gave up, if it did (the link stays down for good).
+    public var reconnectFailure: ReconnectFailure? { agent?.failure.withLock { $0 } }
+
+    /// Every loss of the device since it started, with how long each lasted.
+    public var outages: [DeviceOutage] { agent?.allOutages ?? [] }
+
+    /// Called by a queue owner during an outage, once its rings (`slots`) hold nothing and are
+    /// back at their reset position (`reclaimAll`, then `restart(at: Ring.resetBase)`): the
+    /// device may hand them to the backend again from there.
+    public func ringsReset(_ slots: [Int]) {
+        agent?.reset.withLock { $0.formUnion(slots) }
+    }
+
+    /// Slots the device core owns itself are excluded from the wait (a queue never handed out
+    /// is still fresh; the device type resets its own, e.g. a control queue, in `afterStart`).
+    public func ownsRingReset(_ slots: [Int]) {
+        agent?.mustReset.withLock { $0.subtract(slots) }
+    }
 }

@@ -95,6 +95,15 @@ public protocol VirtioTransport: AnyObject {
     var isConnected: Bool { get }
     /// Why the connection was lost, if it was.
     var disconnectReason: String? { get }
+    /// Whether `reconnect` can bring the device back after it was lost (vhost-user: the backend
+    /// hung up; it is looked for again on the same socket). False: a loss is final.
+    var canReconnect: Bool { get }
+    /// After a loss: waits until `deadline` (CLOCK_MONOTONIC ns) for the device to come back, and
+    /// runs the first part of the handshake again, so `deviceFeatures` and `queueLimit` are the new
+    /// device's; `negotiate`, `setMemory`, `setupQueue` and `start` follow. `abort` is asked at
+    /// least every 100 ms. Throws `ReconnectError` when it gives up; other errors (a backend that
+    /// went away again) may be retried.
+    func reconnect(deadline: UInt64, abort: () -> Bool) throws
 }
 
 /// What a transport says about the number of queues.
@@ -129,4 +138,8 @@ extension VirtioTransport {
     }
     public var bufferAddressing: BufferAddressing { .processVirtual }
     public var isLegacy: Bool { false }
+    public var canReconnect: Bool { false }
+    public func reconnect(deadline: UInt64, abort: () -> Bool) throws {
+        throw TransportError("\(deviceDescription) cannot reconnect")
+    }
 }
