@@ -22,6 +22,11 @@ public struct HTTPDataplaneConfig: Sendable {
     public var ringSize = 1024
     public var burst = 32
     public var server = HTTPServerOptions()
+    /// Listen on `vhostUserPath` for the backend (vhost-user server mode) instead of connecting.
+    public var vhostUserServer = false
+    /// Ride through a backend restart (the TCP stack and its connections stay; TCP retransmits
+    /// what the outage lost). nil: a lost backend ends `run`.
+    public var reconnect: ReconnectPolicy?
 
     public init(vhostUserPath: String, interface: IPv4Interface) {
         self.vhostUserPath = vhostUserPath
@@ -101,11 +106,16 @@ public enum HTTPDataplane {
         }
         var opts = VirtioNetOptions()
         opts.ringSize = config.ringSize
+        opts.reconnect = config.reconnect
         var port: HTTPDataplanePort
         let device: VirtioNetDevice<SplitVirtqueue>
         do {
-            device = try VirtioNetDevice(transport: try VhostUserConnection(path: config.vhostUserPath, logger: logger),
-                                         pool: pool, options: opts, logger: logger)
+            let stop = shouldStop
+            let transport = config.vhostUserServer
+                ? try VhostUserConnection(listeningAt: config.vhostUserPath, logger: logger, acceptTimeout: config.reconnect?.timeout,
+                                          abort: { stop() || signalStop.load(ordering: .relaxed) })
+                : try VhostUserConnection(path: config.vhostUserPath, logger: logger)
+            device = try VirtioNetDevice(transport: transport, pool: pool, options: opts, logger: logger)
             port = try device.makePort(0)  // the port keeps its device
         } catch {
             throw HTTPDataplaneError.setup("port vhost:\(config.vhostUserPath): \(error)")
@@ -144,12 +154,21 @@ public enum HTTPDataplane {
         logger.info("httpd: \(config.interface) mac \(mac), listening on TCP port \(config.listenPort)")
         onReady?()
         var linkError: String?
+        var linkWasDown = false
         var turns = 0
         while true {
             stack.poll(&port)
             turns &+= 1
             guard turns & 1023 == 0 else { continue }
-            if !port.isLinkUp { linkError = port.linkError ?? "link down"; break }
+            // With a reconnect policy a lost backend only pauses the port (its rings hand their
+            // mbufs back); lwIP keeps its connections and retransmits once the link is back.
+            switch port.maintainLink() {
+            case .failed(let why, _): linkError = why
+            case .down(let why) where !linkWasDown: linkWasDown = true; logger.warning("httpd: link down (\(why)); reconnecting")
+            case .reconnected: linkWasDown = false; logger.info("httpd: link up again (device reconnected)")
+            default: break
+            }
+            if linkError != nil { break }
             if shouldStop() || signalStop.load(ordering: .relaxed) { break }
         }
         _ = port.close()

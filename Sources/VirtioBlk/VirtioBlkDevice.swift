@@ -40,6 +40,12 @@ public struct VirtioBlkOptions: Sendable {
     /// Spaces polls while many requests are in flight, so that each poll finds a batch of
     /// completions (see `VirtioBlkQueue.pollPacing`).
     public var pollPacing = true
+    /// Ride through a loss of the device (vhost-user: the storage daemon restarts): each queue
+    /// keeps what it had in flight, the device is reconnected with the same features, and the
+    /// requests are submitted again (a read or write of the same sectors is idempotent). nil: a
+    /// loss fails what is in flight with `.deviceGone`. Ignored where the transport cannot
+    /// reconnect (virtio-pci).
+    public var reconnect: ReconnectPolicy?
     /// Ring layout: `auto` takes packed when the device offers VIRTIO_F_RING_PACKED.
     public var ring: RingLayoutChoice = .auto
     public init() {}
@@ -162,6 +168,7 @@ public final class VirtioBlkDevice<Ring: Virtqueue & ~Copyable>: @unchecked Send
                                                                                    entriesPerTable: maxSegments + 2)) : nil)
         }
         try core.start()
+        if let policy = options.reconnect, t.canReconnect { core.enableReconnect(policy) }
         self.core = core
         config = cfg
         queueCount = queues

@@ -76,6 +76,21 @@ public struct VirtioBlkQueue<Ring: Virtqueue & ~Copyable>: ~Copyable {
     @usableFromInline let maxSegmentBytes: Int
     @usableFromInline let maxDiscardSectors: UInt32
     @usableFromInline let maxWriteZeroesSectors: UInt32
+    // Reconnect: each request's data segments are kept (`keepsSegments`, with a reconnect policy)
+    // so that what was in flight at a loss can be submitted again once the device is back.
+    @usableFromInline let keepsSegments: Bool
+    @usableFromInline let savedSegments: UnsafeMutablePointer<VirtqSegment>
+    @usableFromInline let savedCounts: UnsafeMutablePointer<UInt16>
+    /// While the device is lost: requests to submit again (contexts, oldest first) and the ring
+    /// descriptors they will take.
+    @usableFromInline var suspended = false
+    @usableFromInline let pending: UnsafeMutablePointer<UInt16>
+    @usableFromInline var pendingCount = 0
+    @usableFromInline var pendingDescriptors = 0
+    var linkEpoch: UInt64
+    /// Requests submitted again after a reconnect, and the outages this queue rode through.
+    public private(set) var resubmitted: UInt64 = 0
+    public private(set) var outagesSurvived = 0
 
     init(index: Int, queue: consuming Ring, slab: UnsafeMutableRawPointer, slabAddress: UInt64, device: VirtioBlkDevice<Ring>) {
         self.index = index
@@ -109,16 +124,24 @@ public struct VirtioBlkQueue<Ring: Virtqueue & ~Copyable>: ~Copyable {
         maxSegmentBytes = device.maxSegmentBytes ?? Int.max
         maxDiscardSectors = device.config.maxDiscardSectors
         maxWriteZeroesSectors = device.config.maxWriteZeroesSectors
+        keepsSegments = device.core.reconnectPolicy != nil
+        savedSegments = .allocate(capacity: keepsSegments ? size * max(1, device.maxSegments) : 1)
+        savedCounts = .allocate(capacity: size)
+        pending = .allocate(capacity: size)
+        linkEpoch = device.core.link.epoch
     }
 
     deinit {
         contexts.deallocate(); freeContexts.deallocate(); cookies.deallocate(); lengths.deallocate(); dying.deallocate()
-        busAddresses.deallocate()
+        busAddresses.deallocate(); savedSegments.deallocate(); savedCounts.deallocate(); pending.deallocate()
     }
 
     /// Requests submitted and not yet completed.
     @inlinable
-    public var inFlight: Int { vq.inFlight + dyingCount }
+    public var inFlight: Int { vq.inFlight + dyingCount + pendingCount }
+    /// True while the device is lost and being reconnected: requests are kept, and submitted
+    /// (again) once it is back.
+    public var isSuspended: Bool { suspended }
     /// True once the queue has stopped (device gone or ring broken); see `stopReason`.
     @inlinable
     public var isStopped: Bool { stopReason != nil }
@@ -189,7 +212,8 @@ public struct VirtioBlkQueue<Ring: Virtqueue & ~Copyable>: ~Copyable {
         if op == .getID { guard bytes >= 20 else { throw .misaligned("get-id needs a 20-byte buffer") } }
         let hasRange = op == .discard || op == .writeZeroes
         let segments = 2 + buffers.count + (hasRange ? 1 : 0)
-        guard freeTop > 0, vq.descriptorsNeeded(forSegments: segments) <= vq.freeCount else { throw .queueFull }
+        let need = vq.descriptorsNeeded(forSegments: segments)
+        guard freeTop > 0, need <= (suspended ? vq.size - pendingDescriptors : vq.freeCount) else { throw .queueFull }
         // virtio-pci: data buffers go to the device as IOVAs, each checked to be contiguous.
         let busAddresses = self.busAddresses
         if usesIOVA {
@@ -214,17 +238,39 @@ public struct VirtioBlkQueue<Ring: Virtqueue & ~Copyable>: ~Copyable {
         }
         // A status the device never wrote reads as invalid, not as OK.
         slot.storeBytes(of: UInt8(0xff), toByteOffset: BlkSlot.statusOffset, as: UInt8.self)
-        let slotAddress = slabAddress + UInt64(ctx * BlkSlot.bytes)
         let dataWritable = op == .read || op == .getID
-        let ok = vq.addChain(count: segments, cookie: UnsafeMutableRawPointer(bitPattern: ctx + 1)) { i in
-            if i == 0 { return VirtqSegment(addr: slotAddress, len: UInt32(BlkRequestHeader.size), deviceWritable: false) }
-            if i == segments - 1 { return VirtqSegment(addr: slotAddress + UInt64(BlkSlot.statusOffset), len: 1, deviceWritable: true) }
-            if hasRange { return VirtqSegment(addr: slotAddress + UInt64(BlkSlot.rangeOffset), len: 16, deviceWritable: false) }
-            let b = buffers[i - 1]
-            let addr = usesIOVA ? busAddresses[i - 1] : UInt64(UInt(bitPattern: b.address))
+        if keepsSegments {
+            let saved = savedSegments + ctx * maxSegments
+            for k in 0..<buffers.count {
+                let b = buffers[k]
+                saved[k] = VirtqSegment(addr: usesIOVA ? busAddresses[k] : UInt64(UInt(bitPattern: b.address)), len: UInt32(b.length), deviceWritable: dataWritable)
+            }
+            savedCounts[ctx] = UInt16(buffers.count)
+            if _slowPath(suspended) {
+                // The device is lost: the request goes out after the reconnect.
+                pending[pendingCount] = UInt16(ctx); pendingCount += 1; pendingDescriptors += need
+                return
+            }
+        }
+        let iova = usesIOVA
+        let ok = addChain(ctx: ctx, segments: segments, hasRange: hasRange) { i in
+            let b = buffers[i]
+            let addr = iova ? busAddresses[i] : UInt64(UInt(bitPattern: b.address))
             return VirtqSegment(addr: addr, len: UInt32(b.length), deviceWritable: dataWritable)
         }
         precondition(ok, "descriptor space was checked")
+    }
+
+    /// A request's chain — header, range or data segments, status — for context `ctx`.
+    @inlinable
+    mutating func addChain(ctx: Int, segments: Int, hasRange: Bool, _ data: (Int) -> VirtqSegment) -> Bool {
+        let slotAddress = slabAddress + UInt64(ctx * BlkSlot.bytes)
+        return vq.addChain(count: segments, cookie: UnsafeMutableRawPointer(bitPattern: ctx + 1)) { i in
+            if i == 0 { return VirtqSegment(addr: slotAddress, len: UInt32(BlkRequestHeader.size), deviceWritable: false) }
+            if i == segments - 1 { return VirtqSegment(addr: slotAddress + UInt64(BlkSlot.statusOffset), len: 1, deviceWritable: true) }
+            if hasRange { return VirtqSegment(addr: slotAddress + UInt64(BlkSlot.rangeOffset), len: 16, deviceWritable: false) }
+            return data(i - 1)
+        }
     }
 
     /// Publishes what was submitted since the last commit; notifies the device if it asked.
@@ -240,7 +286,7 @@ public struct VirtioBlkQueue<Ring: Virtqueue & ~Copyable>: ~Copyable {
     @inlinable @inline(never)
     public mutating func poll(into out: UnsafeMutablePointer<BlkCompletion>, max: Int) -> Int {
         if dyingCount > 0 || stopReason != nil { return drainDying(into: out, max: max) }
-        if !link.isUp { stopLinkDown(); return drainDying(into: out, max: max) }
+        if _slowPath(!link.isUp || suspended) { return pollLinkDown(into: out, max: max) }
         let before = vq.inFlight
         let paced = pollPacing && before >= Self.pacingMinInFlight
         var now: UInt64 = 0
@@ -266,7 +312,7 @@ public struct VirtioBlkQueue<Ring: Virtqueue & ~Copyable>: ~Copyable {
         } else if n == 0 && vq.inFlight > 0 {
             // Asking the transport (virtio-pci: a register read) is for now and then, not per poll.
             idlePolls &+= 1
-            if idlePolls & 4095 == 0 && !device.core.isLinkUp { stopLinkDown() }
+            if idlePolls & 4095 == 0 && !device.core.isLinkUp && !keepsSegments { stopLinkDown() }
         } else {
             idlePolls = 0
         }
@@ -297,9 +343,75 @@ public struct VirtioBlkQueue<Ring: Virtqueue & ~Copyable>: ~Copyable {
     @usableFromInline
     mutating func stopBrokenRing(_ e: VirtqueueError) { stop(because: "the device broke the ring: \(e)") }
 
+    /// The link is down, or the queue waits for a reconnect. Without a reconnect policy (or once
+    /// it gave up) the queue stops and fails what it has. With one, the first call harvests what
+    /// the device completed before it went, keeps the rest (to submit again), resets the ring and
+    /// tells the device core; once the device is back (a new link epoch) everything kept goes out
+    /// again in its order, with one commit.
+    @usableFromInline @inline(never)
+    mutating func pollLinkDown(into out: UnsafeMutablePointer<BlkCompletion>, max: Int) -> Int {
+        let core = device.core
+        guard keepsSegments, core.isReconnecting else {
+            stopLinkDown()
+            return drainDying(into: out, max: max)
+        }
+        if !suspended {
+            if link.isUp { return 0 }
+            // The backend is gone; its used entries are still in our memory.
+            let n = vq.failure == nil ? vq.harvest(into: cookies, lengths: lengths, max: Swift.min(max, vq.size)) : 0
+            for i in 0..<n {
+                let ctx = Int(bitPattern: cookies[i]) - 1
+                let c = contexts[ctx]
+                let status = BlkStatus(byte: slab.load(fromByteOffset: ctx * BlkSlot.bytes + BlkSlot.statusOffset, as: UInt8.self))
+                out[i] = BlkCompletion(tag: c.tag, operation: c.operation, status: status, bytes: status == .ok ? c.bytes : 0)
+                freeContexts[(freeFirst &+ freeTop) & contextMask] = UInt16(ctx)
+                freeTop += 1
+            }
+            let pending = self.pending
+            var k = pendingCount
+            vq.reclaimAll { cookie in pending[k] = UInt16(Int(bitPattern: cookie) - 1); k += 1 }
+            pendingCount = k
+            pendingDescriptors = 0
+            for i in 0..<k { pendingDescriptors += vq.descriptorsNeeded(forSegments: segmentsOf(Int(pending[i]))) }
+            vq.restart(at: Ring.resetBase)
+            suspended = true
+            nextPollAt = 0; idlePolls = 0
+            core.ringsReset([index])
+            return n
+        }
+        let epoch = link.epoch
+        guard link.isUp, epoch != linkEpoch else { return 0 }
+        // Back: a fresh ring at the device; what was kept goes out again, oldest first.
+        linkEpoch = epoch
+        suspended = false
+        for i in 0..<pendingCount {
+            let ctx = Int(pending[i])
+            slab.storeBytes(of: UInt8(0xff), toByteOffset: ctx * BlkSlot.bytes + BlkSlot.statusOffset, as: UInt8.self)
+            let op = contexts[ctx].operation
+            let saved = savedSegments + ctx * maxSegments
+            let hasRange = op == .discard || op == .writeZeroes
+            let ok = addChain(ctx: ctx, segments: segmentsOf(ctx), hasRange: hasRange) { saved[$0] }
+            precondition(ok, "every kept request fitted the ring together")
+        }
+        resubmitted &+= UInt64(pendingCount)
+        outagesSurvived += 1
+        pendingCount = 0; pendingDescriptors = 0
+        commit()
+        return 0
+    }
+
+    /// Segments of the chain of the request in context `ctx` (header and status included).
+    @usableFromInline
+    func segmentsOf(_ ctx: Int) -> Int {
+        let op = contexts[ctx].operation
+        return 2 + (op == .discard || op == .writeZeroes ? 1 : Int(savedCounts[ctx]))
+    }
+
     /// Another queue failed, the device was stopped, or the transport lost it.
     @usableFromInline
-    mutating func stopLinkDown() { stop(because: device.core.link.reason ?? transport.disconnectReason ?? "device disconnected") }
+    mutating func stopLinkDown() {
+        stop(because: device.core.reconnectFailure?.description ?? device.core.link.reason ?? transport.disconnectReason ?? "device disconnected")
+    }
 
     @usableFromInline func stoppedError() -> BlkRequestError { .queueStopped(stopReason ?? "") }
 
@@ -314,6 +426,9 @@ public struct VirtioBlkQueue<Ring: Virtqueue & ~Copyable>: ~Copyable {
         let dying = self.dying
         var k = 0
         vq.reclaimAll { cookie in dying[k] = UInt16(Int(bitPattern: cookie) - 1); k += 1 }
+        // Requests kept for a reconnect that will not come fail too.
+        for i in 0..<pendingCount { dying[k] = pending[i]; k += 1 }
+        pendingCount = 0; pendingDescriptors = 0; suspended = false
         dyingCount = k
     }
 
@@ -334,6 +449,6 @@ public struct VirtioBlkQueue<Ring: Virtqueue & ~Copyable>: ~Copyable {
 
     /// Checks the connection now (off the data path), stopping the queue if the device is gone.
     public mutating func checkDevice() {
-        if stopReason == nil && !device.core.isLinkUp { stopLinkDown() }
+        if stopReason == nil && !device.core.isLinkUp && !(keepsSegments && device.core.isReconnecting) { stopLinkDown() }
     }
 }

@@ -25,6 +25,10 @@ public struct VirtioNetOptions: Sendable {
     public var allMulticast: Bool?
     /// The port number of the device (every queue pair's `VirtioNetPort` carries it, with its pair).
     public var portID: UInt16 = 0
+    /// Ride through a loss of the device (vhost-user: the backend restarts): the link goes down,
+    /// each port's `maintainLink` hands back its mbufs, and the device is reconnected with the
+    /// same features. nil: a loss is final. Ignored where the transport cannot reconnect (PCI).
+    public var reconnect: ReconnectPolicy?
     public init() {}
 }
 
@@ -232,6 +236,17 @@ public final class VirtioNetDevice<Ring: Virtqueue & ~Copyable>: @unchecked Send
         if let m = options.mac, control != nil, chosen.contains(.netControlMACAddress) { try setMAC(m) }
         if let on = options.promiscuous { try setPromiscuous(on) }
         if let on = options.allMulticast { try setAllMulticast(on) }
+        if let policy = options.reconnect, t.canReconnect {
+            // A reconnected vhost-user backend starts with every ring enabled: the pairs not in
+            // use are disabled again. Weak: the device core (which keeps this) must not keep us.
+            core.enableReconnect(policy) { [weak self] in
+                guard let self, self.control == nil, self.activeQueuePairs < self.queuePairs else { return }
+                for p in self.activeQueuePairs..<self.queuePairs {
+                    try self.transport.setQueueEnabled(2 * p, false)
+                    try self.transport.setQueueEnabled(2 * p + 1, false)
+                }
+            }
+        }
         let modes = [options.promiscuous.map { "promiscuous \($0 ? "on" : "off")" }, options.allMulticast.map { "all-multicast \($0 ? "on" : "off")" }]
             .compactMap { $0 }.joined(separator: ", ")
         logger.info("port \(options.portID): \(t.deviceDescription) mac \(mac), \(Ring.layoutName) ring \(options.ringSize), \(options.queuePairs) of \(limit) queue pair(s)\(control != nil ? ", control queue" : "")\(modes.isEmpty ? "" : ", " + modes), features \(chosen)\(chosen.contains(.inOrder) ? "" : " (out-of-order path)")")

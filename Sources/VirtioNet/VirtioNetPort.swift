@@ -16,6 +16,8 @@ public struct NetCounters: Sendable, Equatable {
     public var txErrors: UInt64 = 0
     /// Refills that found the mempool empty.
     public var rxNoMbuf: UInt64 = 0
+    /// TX packets offered while the device's link was down (not taken: `txBurst` returned 0).
+    public var txLinkDown: UInt64 = 0
     public init() {}
 }
 
@@ -88,6 +90,18 @@ public struct VirtioNetPort<Ring: Virtqueue & ~Copyable>: ~Copyable {
     @usableFromInline var partialTail: Mbuf?
     @usableFromInline var partialRemaining = 0
     var closed = false
+    /// The device's link (the device outlives the port): one relaxed load per TX burst, so
+    /// nothing is queued on a ring whose device is gone.
+    @usableFromInline unowned(unsafe) let link: DeviceLink
+    /// The link epoch the rings were last set up for, and whether they were reset in this outage.
+    var linkEpoch: UInt64
+    var resetThisOutage = false
+    /// Mbufs reclaimed from the rings at losses of the device (with a reconnect policy).
+    public private(set) var reclaimedAtOutages = 0
+    /// How many times the rings were reset for an outage.
+    public private(set) var outageResets = 0
+    /// TX frames in flight (queued, not completed) at each loss, summed.
+    public private(set) var txLostAtOutages: UInt64 = 0
 
     /// Made by `VirtioNetDevice.makePort`: takes the pair's two rings and fills the RX ring.
     init(device d: VirtioNetDevice<Ring>, pair: Int) {
@@ -108,6 +122,8 @@ public struct VirtioNetPort<Ring: Virtqueue & ~Copyable>: ~Copyable {
         cookies = .allocate(capacity: d.ringSize)
         lengths = .allocate(capacity: d.ringSize)
         staging = .allocate(capacity: d.ringSize)
+        link = d.core.link
+        linkEpoch = d.core.link.epoch
         refill()
     }
 
@@ -131,6 +147,41 @@ public struct VirtioNetPort<Ring: Virtqueue & ~Copyable>: ~Copyable {
         if let e = rx.failure { return VirtioNetError.queueFailed(queue: "RX", e).description }
         if let e = tx.failure { return VirtioNetError.queueFailed(queue: "TX", e).description }
         return device.isLinkUp ? nil : device.core.link.reason ?? "device disconnected"
+    }
+
+    /// The link as the port's owner must act on it, once per housekeeping tick (off the data
+    /// path). With a reconnect policy on the device, the first check after a loss hands every
+    /// mbuf the rings held back to the pool and resets both rings (the device reconnects them from
+    /// their reset position); the first check after the device is back refills RX.
+    public mutating func maintainLink() -> PortLinkState {
+        let core = device.core
+        if core.isLinkUp && rx.failure == nil && tx.failure == nil {
+            let e = link.epoch
+            guard e != linkEpoch else { return .up }
+            linkEpoch = e
+            resetThisOutage = false
+            refill()
+            return .reconnected
+        }
+        _ = isLinkUp  // a broken ring of ours takes the device's link down, with its reason
+        let reason = linkError ?? "link down"
+        guard core.isReconnecting else {
+            return .failed(core.reconnectFailure?.description ?? reason, exitCode: core.reconnectFailure?.exitCode ?? 2)
+        }
+        if !resetThisOutage {
+            // The backend is gone: the rings are ours alone.
+            reclaimTX()
+            txLostAtOutages &+= UInt64(tx.inFlight)
+            var n = rx.reclaimAll(Self.freeMbuf) + tx.reclaimAll(Self.freeMbuf)
+            if let p = partialHead { p.free(); n += 1; partialHead = nil; partialTail = nil; partialRemaining = 0 }
+            rx.restart(at: Ring.resetBase)
+            tx.restart(at: Ring.resetBase)
+            reclaimedAtOutages += n
+            outageResets += 1
+            resetThisOutage = true
+            core.ringsReset([rxQueueIndex, txQueueIndex])
+        }
+        return .down(reason)
     }
 
     // MARK: Receive
@@ -219,6 +270,7 @@ public struct VirtioNetPort<Ring: Virtqueue & ~Copyable>: ~Copyable {
     /// descriptor; a chained mbuf becomes a descriptor chain.
     @inlinable
     public mutating func txBurst(_ pkts: UnsafeMutablePointer<Mbuf>, count: Int) -> Int {
+        guard link.isUp else { counters.txLinkDown &+= UInt64(count); return 0 }
         reclaimTX()
         guard tx.failure == nil else { return 0 }
         let hdr = UInt16(VirtioNetHeader.size)
@@ -327,6 +379,17 @@ public struct VirtioNetPort<Ring: Virtqueue & ~Copyable>: ~Copyable {
         refill()
         return reclaimed
     }
+}
+
+/// What `VirtioNetPort.maintainLink` found.
+public enum PortLinkState: Equatable, Sendable {
+    case up
+    /// The device came back since the last check: the rings were restarted, RX refilled.
+    case reconnected
+    /// Lost; a reconnect is under way (the port's rings are reset and empty).
+    case down(String)
+    /// Lost for good (no reconnect policy, or it gave up): the run ends with `exitCode`.
+    case failed(String, exitCode: Int32)
 }
 
 @usableFromInline func getpidValue() -> UInt32 {
