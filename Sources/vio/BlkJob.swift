@@ -251,10 +251,18 @@ struct BlkJob<Ring: Virtqueue & ~Copyable>: ~Copyable {
         return "\(slotWrite[slot] ? "write" : "read") of \(sectors) sectors at sector \((p.firstBlock + slotBlock[slot]) * sectors) (slot \(slot))"
     }
 
-    /// The oldest request outstanding longer than `limit` cycles at `now`, if any.
-    func overdue(now: UInt64, limit: UInt64) -> Int? {
+    /// Requests submitted again after reconnects, over the job's queues.
+    var resubmitted: UInt64 {
+        var n: UInt64 = 0
+        for q in 0..<queueCount { n += queues[q].resubmitted }
+        return n
+    }
+
+    /// The oldest request outstanding longer than `limit` cycles at `now`, if any; time before
+    /// `since` (the device's return after an outage) does not count.
+    func overdue(now: UInt64, limit: UInt64, since: UInt64 = 0) -> Int? {
         var oldest: Int?
-        for s in 0..<slots where slotBusy[s] && now &- slotStart[s] > limit {
+        for s in 0..<slots where slotBusy[s] && now &- max(slotStart[s], since) > limit {
             if oldest == nil || slotStart[s] < slotStart[oldest!] { oldest = s }
         }
         return oldest
@@ -289,6 +297,9 @@ struct BlkJob<Ring: Virtqueue & ~Copyable>: ~Copyable {
         // be back within `stopGrace`, or the device is stopped to get it back.
         var stopAskedAt: UInt64?
         let stopGrace = UInt64(0.5 * hz)
+        // With --reconnect: while the device is lost nothing can complete, so --io-timeout
+        // counts from its return.
+        var resumedAt: UInt64 = 0
 
         // Fill every slot.
         for q in 0..<queueCount {
@@ -319,17 +330,19 @@ struct BlkJob<Ring: Virtqueue & ~Copyable>: ~Copyable {
                 }
             }
             if failure != nil && outstanding == 0 { break }
-            if now >= nextTimeoutCheck {
+            let suspended = device.core.reconnectPolicy != nil && !device.core.link.isUp
+            if suspended { resumedAt = now }
+            if now >= nextTimeoutCheck && !suspended {
                 nextTimeoutCheck = now + UInt64(hz / 20)
-                if let slot = overdue(now: now, limit: timeoutCycles) {
-                    let waited = Double(now - slotStart[slot]) / hz
+                if let slot = overdue(now: now, limit: timeoutCycles, since: resumedAt) {
+                    let waited = Double(now - max(slotStart[slot], resumedAt)) / hz
                     abandon(String(format: "the device did not complete the %@ in %.1f s (--io-timeout %g s); %d requests outstanding",
                                    describe(slot: slot), waited, p.ioTimeout, outstanding))
                 }
             }
             if tick.done || (shared?.shouldStop ?? false) {
                 if stopAskedAt == nil { stopAskedAt = now }
-                if outstanding > 0, now - stopAskedAt! > stopGrace, device.core.link.isUp {
+                if outstanding > 0, now - stopAskedAt! > stopGrace, device.core.link.isUp || device.core.isReconnecting {
                     // The device sits on requests; it may not answer the stop either.
                     device.transport.limitReplyWait(seconds: 0.4)
                     abandon("stopped with \(outstanding) requests still at the device after \(String(format: "%.1f", Double(stopGrace) / hz)) s (the oldest: \(overdue(now: now, limit: 0).map { describe(slot: $0) } ?? "?"))")

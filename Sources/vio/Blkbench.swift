@@ -27,6 +27,9 @@ struct BlkbenchReport: Codable {
     var verified: UInt64
     var verifyErrors: UInt64
     var failedInFlight: UInt64
+    /// With --reconnect: every loss of the device, and the requests submitted again after one.
+    var outages: [DeviceOutage]?
+    var resubmitted: UInt64?
     var slotsOutstandingAtExit: Int
     /// Kicks (available-buffer notifications) sent, over the whole run.
     var notifications: UInt64 = 0
@@ -82,6 +85,8 @@ struct Blkbench: ParsableCommand {
     @Flag(help: "Stamp every written block and check every read; read back all written blocks at the end.") var verify = false
     @Option(help: "Random seed.") var seed: UInt64 = 1
     @Option(help: "Write the final report as JSON to this file.") var json: String?
+    @Option(help: "With --verify: write, for every block written, its device sector and the generation last written there (one 'SECTOR GENERATION' line each; every 512-byte sector of the block starts with the block number and the generation as two little-endian UInt64s).")
+    var verifyManifest: String?
 
     func validate() throws {
         if blk.dev == nil { throw ValidationError("give --dev vhost-user-blk:PATH") }
@@ -110,8 +115,8 @@ struct Blkbench: ParsableCommand {
             throw ValidationError("--lcores gives \(l) lcores for \(nq) queue(s): each lcore needs at least one")
         }
         let setup = try BlkSetup(blk, queues: nq)
-        var (r, failure, stopFailure) = try setup.open(Run(size: size, verify: verify, lcores: blk.lcores?.cpus.count ?? 1, rw: rw, bs: bs, iodepth: iodepth, mix: mix, ramp: ramp, runtime: runtime, seed: seed,
-                                              ioTimeout: blk.ioTimeout.value, memory: setup.eal.mode.rawValue))
+        var (r, failure, stopFailure, failureCode) = try setup.open(Run(size: size, verify: verify, lcores: blk.lcores?.cpus.count ?? 1, rw: rw, bs: bs, iodepth: iodepth, mix: mix, ramp: ramp, runtime: runtime, seed: seed,
+                                              ioTimeout: blk.ioTimeout.value, memory: setup.eal.mode.rawValue, manifest: verify ? verifyManifest : nil))
         r.error = failure
         print(String(format: "%@ bs=%d iodepth=%d queues=%d: %llu reads, %llu writes in %.2f s: %.0f IOPS, %.1f MiB/s, %llu errors",
                      rw.rawValue, bs, iodepth, r.queues, r.reads, r.writes, r.seconds, r.iops, r.mibPerSecond, r.errors))
@@ -121,9 +126,12 @@ struct Blkbench: ParsableCommand {
         }
         if verify { print("verify: \(r.verified) blocks checked, \(r.verifyErrors) mismatches") }
         if r.failedInFlight > 0 { print("\(r.failedInFlight) requests in flight failed with the device") }
+        if let o = r.outages {
+            print(String(format: "outages %d (%.2f s down), %llu requests submitted again after a reconnect", o.count, o.reduce(0) { $0 + $1.seconds }, r.resubmitted ?? 0))
+        }
         try writeJSON(r, to: json)
         EAL.cleanup()
-        if let failure { throw VioFailure(description: failure, exitCode: 2) }
+        if let failure { throw VioFailure(description: failure, exitCode: failureCode) }
         if let s = stopFailure { throw VioFailure(description: "stopping the device: \(s)", exitCode: 2) }
         let first = r.firstError.map { " (first: \($0))" } ?? ""
         if r.invalidStatus > 0 {
@@ -138,9 +146,10 @@ extension Blkbench {
     /// Sizes the job for the device and runs a `BlkJob` on its queues; its report and failure.
     struct Run: VirtioBlkDeviceBody {
         let size: Int, verify: Bool, lcores: Int, rw: BlkPattern, bs: Int, iodepth: Int, mix: Int, ramp: Double, runtime: Double?, seed: UInt64
-        let ioTimeout: Double, memory: String
-        /// The report, the run's failure, and why the final stop failed (if it did).
-        func run<Ring: Virtqueue & ~Copyable>(_ dev: VirtioBlkDevice<Ring>) throws -> (BlkbenchReport, String?, String?) {
+        let ioTimeout: Double, memory: String, manifest: String?
+        /// The report, the run's failure, why the final stop failed (if it did), and the exit
+        /// status of the failure (1: the device came back unusable, else 2).
+        func run<Ring: Virtqueue & ~Copyable>(_ dev: VirtioBlkDevice<Ring>) throws -> (BlkbenchReport, String?, String?, Int32) {
             defer { dev.stop() }
             let capacityBytes = Int(dev.config.capacity) * blkSectorSize
             let region = min(size, capacityBytes)
@@ -216,8 +225,22 @@ extension Blkbench {
                                               maxNs: latency.max, meanNs: latency.mean)
                 }
             }
+            if let path = manifest {
+                var text = "# sector generation (block size \(bs))\n"
+                for l in 0..<lanes {
+                    let g = jobs[l].generation, first = jobs[l].p.firstBlock
+                    for b in 0..<g.count where g[b] != 0 { text += "\((first + b) * (bs / blkSectorSize)) \(g[b])\n" }
+                }
+                do { try text.write(toFile: path, atomically: true, encoding: .utf8) } catch {
+                    throw VioFailure(description: "cannot write \(path): \(error.localizedDescription)")
+                }
+            }
+            if dev.core.reconnectPolicy != nil {
+                r.outages = dev.core.outages
+                r.resubmitted = (0..<lanes).reduce(0) { $0 + jobs[$1].resubmitted }
+            }
             dev.stop()
-            return (r, failure, dev.core.stopFailure)
+            return (r, failure, dev.core.stopFailure, dev.core.reconnectFailure?.exitCode ?? 2)
         }
     }
 }

@@ -44,20 +44,51 @@ func bootstrapLogging(verbose: Bool) -> Logger {
     return Logger(label: "vio")
 }
 
-/// `--port vhost:PATH` or `--port pci:DDDD:BB:DD.F` (a virtio-net PCI function bound to uio_pci_generic).
+/// `--port vhost:PATH`, `--port vhost-server:PATH` (vio listens, the backend connects) or
+/// `--port pci:DDDD:BB:DD.F` (a virtio-net PCI function bound to uio_pci_generic).
 struct PortURI: ExpressibleByArgument, CustomStringConvertible {
     /// The socket path, or the PCI address for `pci:`.
     var path: String
     var isPCI = false
+    var isServer = false
     init?(argument: String) {
         if argument.hasPrefix("pci:"), argument.count > 4 {
             path = String(argument.dropFirst(4)); isPCI = true; return
         }
+        if argument.hasPrefix("vhost-server:"), argument.count > 13 {
+            path = String(argument.dropFirst(13)); isServer = true; return
+        }
         guard argument.hasPrefix("vhost:"), argument.count > 6 else { return nil }
         path = String(argument.dropFirst(6))
     }
-    var description: String { isPCI ? "pci:\(path)" : "vhost:\(path)" }
-    static var defaultValueDescription: String { "vhost:/path/to.sock|pci:0000:00:04.0" }
+    var description: String { isPCI ? "pci:\(path)" : isServer ? "vhost-server:\(path)" : "vhost:\(path)" }
+    static var defaultValueDescription: String { "vhost:/path/to.sock|vhost-server:/path/to.sock|pci:0000:00:04.0" }
+}
+
+/// `--reconnect[=TIMEOUT]`: ride through a backend restart, waiting at most TIMEOUT for it
+/// (bare `--reconnect`: no limit; vio turns it into `--reconnect=none` before parsing).
+struct ReconnectOption: ExpressibleByArgument, CustomStringConvertible {
+    var timeout: Double?
+    init?(argument: String) {
+        if argument == "none" || argument == "inf" { timeout = nil; return }
+        guard let s = Seconds(argument: argument), s.value > 0, s.value <= 86400 else { return nil }
+        timeout = s.value
+    }
+    var policy: ReconnectPolicy { ReconnectPolicy(timeout: timeout) }
+    var description: String { timeout.map { Seconds($0).description } ?? "none" }
+
+    /// A bare `--reconnect` (not followed by a duration) becomes `--reconnect=none`.
+    static func rewrite(_ args: [String]) -> [String] {
+        var out: [String] = []
+        for (i, a) in args.enumerated() {
+            if a == "--reconnect" {
+                let next = i + 1 < args.count ? args[i + 1] : nil
+                if next == nil || next!.hasPrefix("-") || ReconnectOption(argument: next!) == nil { out.append("--reconnect=none"); continue }
+            }
+            out.append(a)
+        }
+        return out
+    }
 }
 
 /// The EAL preset for a set of devices: virtio-pci needs hugepages with IOVAs as physical
@@ -89,6 +120,8 @@ struct DataplaneOptions: ParsableArguments {
     var perQueue = false
     @Option(help: "How long a vhost-user backend may take to answer a control message (e.g. 5s).")
     var replyTimeout = Seconds(VhostUserConnection.defaultReplyTimeout)
+    @Option(help: ArgumentHelp("Ride through a restart of a vhost-user backend: link down, buffers reclaimed, reconnect with the same features; --reconnect alone waits without limit, --reconnect=30s at most 30 s.", valueName: "timeout"))
+    var reconnect: ReconnectOption?
     @Flag(help: "Promiscuous RX mode (VIRTIO_NET_CTRL_RX_PROMISC on the control queue).")
     var promisc = false
     @Flag(help: "All-multicast RX mode (VIRTIO_NET_CTRL_RX_ALLMULTI).")
@@ -123,6 +156,9 @@ struct DataplaneOptions: ParsableArguments {
             throw ValidationError("give \(portCount.lowerBound == portCount.upperBound ? "\(portCount.lowerBound)" : "\(portCount.lowerBound) or \(portCount.upperBound)") --port vhost:PATH")
         }
         guard replyTimeout.value > 0, replyTimeout.value <= 3600 else { throw ValidationError("--reply-timeout must be more than 0 and at most 3600 s") }
+        if reconnect != nil, ports.contains(where: \.isPCI) {
+            throw ValidationError("--reconnect works with vhost: and vhost-server: ports (virtio-pci reset recovery is not implemented)")
+        }
         for p in ports where p.isPCI && PCIAddress(p.path) == nil {
             throw ValidationError("--port \(p): not a PCI address (expected pci:DDDD:BB:DD.F, e.g. pci:0000:00:04.0)")
         }
@@ -172,8 +208,17 @@ struct Dataplane {
     func connect(_ o: DataplaneOptions) throws -> [any VirtioTransport] {
         try o.ports.enumerated().map { id, uri in
             do {
-                return uri.isPCI ? try VirtioPCITransport(address: uri.path, expecting: .net, logger: logger)
-                                 : try VhostUserConnection(path: uri.path, logger: logger, replyTimeoutSeconds: o.replyTimeout.value)
+                if uri.isPCI { return try VirtioPCITransport(address: uri.path, expecting: .net, logger: logger) }
+                if uri.isServer {
+                    // The first backend may take as long as a reconnect may.
+                    return try VhostUserConnection(listeningAt: uri.path, logger: logger, replyTimeoutSeconds: o.replyTimeout.value,
+                                                   acceptTimeout: o.reconnect?.timeout, abort: { stopRequested.load(ordering: .relaxed) })
+                }
+                return try VhostUserConnection(path: uri.path, logger: logger, replyTimeoutSeconds: o.replyTimeout.value)
+            } catch ReconnectError.aborted {
+                throw VioFailure(description: "port \(id) (\(uri)): stopped while waiting for a backend to connect")
+            } catch ReconnectError.timedOut(let s) {
+                throw VioFailure(description: "port \(id) (\(uri)): no backend connected within \(Seconds(s))", exitCode: 2)
             } catch {
                 throw VioFailure(description: "port \(id) (\(uri)): \(error)")
             }
@@ -193,6 +238,7 @@ struct Dataplane {
         opts.mac = o.mac?.address
         if o.promisc { opts.promiscuous = true }
         if o.allmulti { opts.allMulticast = true }
+        opts.reconnect = o.reconnect?.policy
         do {
             return try openVirtioNetDevices(transports, pool: pool, options: opts, logger: logger, body)
         } catch let e as VirtioNetOpenError {
@@ -234,6 +280,10 @@ struct PortReport: Codable {
     var rxPackets: UInt64, rxBytes: UInt64, txPackets: UInt64, txBytes: UInt64
     var txDrops: UInt64, rxErrors: UInt64, txErrors: UInt64, rxNoMbuf: UInt64
     var linkError: String?
+    /// With --reconnect: TX frames offered while the link was down, and those in flight at a loss.
+    var txLinkDown: UInt64?, txLostAtOutages: UInt64?
+    /// With --reconnect: every loss of the device (the port's, repeated on each of its queues).
+    var outages: [DeviceOutage]?
 
     init<Ring: Virtqueue & ~Copyable>(_ p: borrowing VirtioNetPort<Ring>, path: String, extraDrops: UInt64 = 0) {
         port = Int(p.portID); queue = p.queuePair; self.path = path; features = p.features.description; ring = Ring.layoutName
@@ -241,6 +291,10 @@ struct PortReport: Codable {
         rxPackets = c.rxPackets; rxBytes = c.rxBytes; txPackets = c.txPackets; txBytes = c.txBytes
         txDrops = c.txDrops + extraDrops; rxErrors = c.rxErrors; txErrors = c.txErrors; rxNoMbuf = c.rxNoMbuf
         linkError = p.linkError
+        if p.device.core.reconnectPolicy != nil {
+            txLinkDown = c.txLinkDown; txLostAtOutages = p.txLostAtOutages
+            outages = p.device.core.outages
+        }
     }
 }
 

@@ -63,12 +63,13 @@ final class PublishedCounters: @unchecked Sendable {
 /// What the lcores of one run share: the stop flag and the first failure. Touched once per tick.
 final class RunControl: @unchecked Sendable {
     let stop = Atomic<Bool>(false)
-    private let firstFailure = Mutex<String?>(nil)
-    func fail(_ reason: String) {
-        firstFailure.withLock { if $0 == nil { $0 = reason } }
+    private let firstFailure = Mutex<(String, Int32)?>(nil)
+    func fail(_ reason: String, exitCode: Int32 = 2) {
+        firstFailure.withLock { if $0 == nil { $0 = (reason, exitCode) } }
         stop.store(true, ordering: .relaxed)
     }
-    var failure: String? { firstFailure.withLock { $0 } }
+    var failure: String? { firstFailure.withLock { $0?.0 } }
+    var exitCode: Int32 { firstFailure.withLock { $0?.1 } ?? 2 }
     var shouldStop: Bool { stop.load(ordering: .relaxed) || stopRequested.load(ordering: .relaxed) }
 }
 
@@ -104,10 +105,14 @@ struct LcorePorts<Ring: Virtqueue & ~Copyable>: ~Copyable {
 
     func publish() { for i in 0..<count { published[i].publish(base[i].counters) } }
 
-    /// The first port whose link is down: (port, queue pair, reason).
-    func linkFailure() -> (port: Int, queue: Int, reason: String)? {
-        for i in 0..<count where !base[i].isLinkUp { return (Int(base[i].portID), base[i].queuePair, base[i].linkError ?? "link down") }
-        return nil
+    /// Each port's link check (`maintainLink`: with --reconnect a lost port hands its mbufs back
+    /// and waits); returns the first port lost for good: (port, queue pair, reason, exit status).
+    func linkFailure() -> (port: Int, queue: Int, reason: String, exitCode: Int32)? {
+        var failed: (Int, Int, String, Int32)?
+        for i in 0..<count {
+            if case let .failed(why, code) = base[i].maintainLink(), failed == nil { failed = (Int(base[i].portID), base[i].queuePair, why, code) }
+        }
+        return failed
     }
 }
 
@@ -227,6 +232,8 @@ extension PortReport {
             r.rxPackets += q.rxPackets; r.rxBytes += q.rxBytes; r.txPackets += q.txPackets; r.txBytes += q.txBytes
             r.txDrops += q.txDrops; r.rxErrors += q.rxErrors; r.txErrors += q.txErrors; r.rxNoMbuf += q.rxNoMbuf
             if r.linkError == nil { r.linkError = q.linkError }
+            if let d = q.txLinkDown { r.txLinkDown = (r.txLinkDown ?? 0) + d }
+            if let l = q.txLostAtOutages { r.txLostAtOutages = (r.txLostAtOutages ?? 0) + l }
         }
         r.queue = queues.count == 1 ? r.queue : -1
         return r

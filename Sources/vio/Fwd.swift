@@ -130,7 +130,8 @@ struct Fwd: ParsableCommand {
             if tick.stats {
                 for p in 0..<devices.count {
                     let range = (p * o.queues)..<((p + 1) * o.queues)
-                    print(RateLine.format(port: p, now: NetCounters.sum(now[range]), before: NetCounters.sum(before[range]), seconds: tick.seconds))
+                    print(RateLine.format(port: p, now: NetCounters.sum(now[range]), before: NetCounters.sum(before[range]), seconds: tick.seconds)
+                          + linkState(devices[p].core))
                     if o.perQueue {
                         for q in 0..<o.queues {
                             print("  queue \(q): " + RateLine.format(port: p, now: now[p * o.queues + q], before: before[p * o.queues + q], seconds: tick.seconds))
@@ -163,7 +164,8 @@ struct Fwd: ParsableCommand {
         let reports = (0..<devices.count).map { p in PortReport.sum(queueReports.filter { $0.port == p }) }
         // A final stop the backend did not confirm (GET_VRING_BASE) fails the run too.
         let stopFailure = devices.indices.lazy.compactMap { p in devices[p].core.stopFailure.map { "port \(p) (\(o.ports[p])): stopping the device: \($0)" } }.first
-        try finish(dp, reports, queues: o.queues > 1 ? queueReports : nil, seconds: Double(total) / hz, meter: meter, failure: control.failure ?? stopFailure)
+        try finish(dp, reports, queues: o.queues > 1 ? queueReports : nil, seconds: Double(total) / hz, meter: meter, failure: control.failure ?? stopFailure,
+                   exitCode: control.failure != nil ? control.exitCode : 2)
     }
 
     /// One lcore's loop over its streams until the run stops; `report` runs on the main lcore
@@ -198,7 +200,7 @@ struct Fwd: ParsableCommand {
             guard let tick = clock.tick() else { continue }
             lane.pointee.publish()
             if let f = lane.pointee.linkFailure() {
-                control.fail("port \(f.port) (\(dataplane.ports[f.port]))\(dataplane.queues > 1 ? " queue \(f.queue)" : ""): \(f.reason)")
+                control.fail("port \(f.port) (\(dataplane.ports[f.port]))\(dataplane.queues > 1 ? " queue \(f.queue)" : ""): \(f.reason)", exitCode: f.exitCode)
             }
             report?(tick)
             if control.shouldStop { break }
@@ -208,11 +210,13 @@ struct Fwd: ParsableCommand {
 
     func forwarded(_ c: NetCounters) -> UInt64 { mode == .txonly ? c.txPackets : c.rxPackets }
 
-    func finish(_ dp: Dataplane, _ reports: [PortReport], queues: [PortReport]?, seconds: Double, meter: CycleMeter, failure: String?) throws {
+    func finish(_ dp: Dataplane, _ reports: [PortReport], queues: [PortReport]?, seconds: Double, meter: CycleMeter, failure: String?,
+                exitCode: Int32 = 2) throws {
         let inUse = dp.pool.inUseCount
         for r in reports {
             print("port \(r.port) totals: rx \(r.rxPackets) packets \(r.rxBytes) bytes, tx \(r.txPackets) packets \(r.txBytes) bytes, "
                   + "drops \(r.txDrops), errors \(r.rxErrors + r.txErrors), rx-nombuf \(r.rxNoMbuf)")
+            if let o = r.outages { print("port \(r.port) " + outageSummary(o, offeredWhileDown: r.txLinkDown ?? 0, inFlightAtLoss: r.txLostAtOutages ?? 0)) }
         }
         print(String(format: "%.2f s; mbufs in use after stop: %d of %d", seconds, inUse, dp.pool.capacity))
         var cycles: CycleReport?
@@ -233,8 +237,21 @@ struct Fwd: ParsableCommand {
                                mbufCapacity: dp.pool.capacity, mbufsInUseAfterStop: inUse, cycles: cycles, error: failure)
         try writeJSON(report, to: dataplane.json)
         EAL.cleanup()
-        if let failure { throw VioFailure(description: failure, exitCode: 2) }
+        if let failure { throw VioFailure(description: failure, exitCode: exitCode) }
     }
+}
+
+/// ` | link down (reconnecting)` for a stats line while a port's device is lost.
+func linkState<R: Virtqueue & ~Copyable>(_ core: VirtioDevice<R>) -> String {
+    if core.link.isUp { return core.reconnectPolicy != nil ? " | link up" : "" }
+    return core.isReconnecting ? " | link down (reconnecting)" : " | link down"
+}
+
+/// `outages 1 (2.31 s down), tx lost while down 1234 (1200 offered while down, 34 in flight at the loss)`.
+func outageSummary(_ o: [DeviceOutage], offeredWhileDown: UInt64, inFlightAtLoss: UInt64) -> String {
+    let down = o.reduce(0) { $0 + $1.seconds }
+    return String(format: "outages %d (%.2f s down)", o.count, down)
+        + ", tx lost while down \(offeredWhileDown + inFlightAtLoss) (\(offeredWhileDown) offered while down, \(inFlightAtLoss) in flight at the loss)"
 }
 
 /// Paces the housekeeping of a poll loop by the TSC: a tick every ~1 ms, stats every `period`.

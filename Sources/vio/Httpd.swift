@@ -25,7 +25,9 @@ struct Httpd: ParsableCommand {
 
     @Option(help: "Config file (key = value lines, as in Configs/httpd/).")
     var config: String?
-    @Option(help: "The virtio-net device: vhost:PATH.")
+    @Option(help: ArgumentHelp("Ride through a restart of the vhost-user backend: TCP connections stay, TCP retransmits what the outage lost; --reconnect alone waits without limit, --reconnect=30s at most 30 s.", valueName: "timeout"))
+    var reconnect: ReconnectOption?
+    @Option(help: "The virtio-net device: vhost:PATH, or vhost-server:PATH (vio listens, the backend connects).")
     var port: PortURI?
     @Option(help: "Interface address and prefix, e.g. 198.18.0.2/24.")
     var ip: IPv4Interface?
@@ -144,7 +146,10 @@ struct Httpd: ParsableCommand {
         let s = try settings()
         installStopHandler()
         let logger = bootstrapLogging(verbose: verbose)
-        var c = HTTPDataplaneConfig(vhostUserPath: PortURI(argument: s.port!)!.path, interface: s.ip!)
+        let uri = PortURI(argument: s.port!)!
+        var c = HTTPDataplaneConfig(vhostUserPath: uri.path, interface: s.ip!)
+        c.vhostUserServer = uri.isServer
+        c.reconnect = reconnect?.policy
         c.gateway = s.gateway
         c.listenPort = s.listen
         c.memory = s.memory

@@ -69,6 +69,12 @@ struct PktgenReport: Codable {
     var pairsPhases: [PairsPhase]?
     var mbufCapacity: Int
     var mbufsInUseAfterStop: Int = 0
+    /// With --reconnect: every loss of the device; frames in flight at a loss (lost with it);
+    /// frames lost while the link was up (`lost` minus those); TX attempts while it was down.
+    var outages: [DeviceOutage]?
+    var lostInOutages: UInt64?
+    var lostWhileUp: UInt64?
+    var txLinkDown: UInt64?
     var error: String?
 }
 
@@ -184,6 +190,10 @@ struct Pktgen: ParsableCommand {
         var lastRx = start
         var before = NetCounters.sum((0..<nq).map { ports[$0].counters })
         var failure: String?
+        var failureCode: Int32 = 2
+        // Frames sent and not back when the device was lost: the reset rings dropped them.
+        var lostInOutages: UInt64 = 0
+        var outageResets = 0
         var nextRestart = restartEvery ?? .max
         // VQ_PAIRS_SET schedule: queues at or above `active` send nothing; each phase's per-queue
         // counts start once the change has settled.
@@ -202,7 +212,7 @@ struct Pktgen: ParsableCommand {
         while true {
             var now = TSC.now()
             if let step = steps.first, rxOnly ? Double(now &- start) / hz >= step.at
-                : (r.sent >= UInt64(step.at) && (r.received >= r.sent || Double(now &- lastRx) / hz > drainTimeout)) {
+                : (r.sent >= UInt64(step.at) && (r.received &+ lostInOutages >= r.sent || Double(now &- lastRx) / hz > drainTimeout)) {
                 closePhase(now)
                 do { try device.setQueuePairs(step.pairs) } catch { failure = "port 0 (\(o.ports[0])): VQ_PAIRS_SET \(step.pairs): \(error)"; break }
                 active = step.pairs
@@ -212,7 +222,7 @@ struct Pktgen: ParsableCommand {
             }
             if phaseSettle != 0 && now >= phaseSettle { phaseStart = queueCounts(); phaseSeconds = Double(now); phaseSettle = 0 }
             let pauseAt = steps.first.map { rxOnly ? UInt64.max : UInt64($0.at) } ?? .max
-            if r.sent >= nextRestart && (r.received >= r.sent || Double(now &- lastRx) / hz > drainTimeout) {
+            if r.sent >= nextRestart && (r.received &+ lostInOutages >= r.sent || Double(now &- lastRx) / hz > drainTimeout) {
                 // Everything sent is back: stop both queues and start them from where the device stopped.
                 do { try ports[0].restart() } catch { failure = "port 0 (\(o.ports[0])): restart: \(error)"; break }
                 r.restarts += 1
@@ -226,7 +236,7 @@ struct Pktgen: ParsableCommand {
             for q in 0..<nq {
                 if sending && q < active && !queueFlows[q].isEmpty {
                     var room = min(UInt64(burst), total - r.sent, nextRestart - min(nextRestart, r.sent), pauseAt - min(pauseAt, r.sent))
-                    if let w = limit { room = min(room, w > r.sent - r.received ? w - (r.sent - r.received) : 0) }
+                    if let w = limit { let out = r.sent - r.received - lostInOutages; room = min(room, w > out ? w - out : 0) }
                     if let cpp = cyclesPerPacket {
                         let due = Double(now) - nextSend
                         room = due < 0 ? 0 : min(room, UInt64(due / cpp) + 1)
@@ -287,18 +297,25 @@ struct Pktgen: ParsableCommand {
                 }
             }
             if !sending && !rxOnly {
-                if r.received >= r.sent { break }
+                if r.received &+ lostInOutages >= r.sent { break }
                 let quiet = Double(now &- max(lastRx, sendStopped)) / hz
                 if quiet > drainTimeout || stopRequested.load(ordering: .relaxed) && quiet > 0.1 { break }
             }
             guard let tick = clock.tick() else { continue }
             if let f = lane.linkFailure() {
-                failure = "port 0 (\(o.ports[0]))\(nq > 1 ? " queue \(f.queue)" : ""): \(f.reason)"; break
+                failure = "port 0 (\(o.ports[0]))\(nq > 1 ? " queue \(f.queue)" : ""): \(f.reason)"; failureCode = f.exitCode; break
+            }
+            let resets = (0..<nq).reduce(0) { $0 + ports[$1].outageResets }
+            if resets != outageResets {
+                // Every queue reset its rings just now: nothing sent before can come back.
+                outageResets = resets
+                lostInOutages = r.sent - min(r.sent, r.received)
+                print("pktgen: link down (\(device.core.link.reason ?? "device lost")); \(lostInOutages) frames lost so far in outages; reconnecting")
             }
             if tick.stats {
                 let c = NetCounters.sum((0..<nq).map { ports[$0].counters })
                 print(RateLine.format(port: 0, now: c, before: before, seconds: tick.seconds)
-                      + " | sent \(r.sent) received \(r.received)"
+                      + " | sent \(r.sent) received \(r.received)" + linkState(device.core)
                       + (latency.totalCount > 0 ? String(format: " | latency p50 %.1f µs p99 %.1f µs",
                                                          Double(latency.valueAtPercentile(50)) / 1000, Double(latency.valueAtPercentile(99)) / 1000) : ""))
                 before = c
@@ -327,6 +344,12 @@ struct Pktgen: ParsableCommand {
             }
         }
         if rxOnly { r.received = portReport.rxPackets }
+        if device.core.reconnectPolicy != nil {
+            r.outages = device.core.outages
+            r.lostInOutages = lostInOutages
+            r.lostWhileUp = r.lost - min(r.lost, lostInOutages)
+            r.txLinkDown = portReport.txLinkDown ?? 0
+        }
         lane.close()
         r.mbufsInUseAfterStop = dp.pool.inUseCount
         // A final stop the backend did not confirm (GET_VRING_BASE) fails the run too.
@@ -336,6 +359,12 @@ struct Pktgen: ParsableCommand {
               + "corrupt \(r.corrupt) mac-mismatch \(r.macMismatch) foreign \(r.foreign) max-segments \(r.maxSegments) "
               + (restartEvery != nil ? String(format: "restarts %d (%.3f s) ", r.restarts, r.restartSeconds) : "")
               + String(format: "in %.2f s (tx %.3f Mpps, rx %.3f Mpps); mbufs in use after stop: %d", r.seconds, r.txMpps, r.rxMpps, r.mbufsInUseAfterStop))
+        if let outages = r.outages {
+            // Frames not taken while the link was down are sent once it is back: only those in
+            // flight at a loss are lost with it.
+            print(String(format: "outages %d (%.2f s down): lost in outages %llu, lost while up %llu",
+                         outages.count, outages.reduce(0) { $0 + $1.seconds }, lostInOutages, r.lostWhileUp ?? 0))
+        }
         if nq > 1 {
             for q in queueReports { print("queue \(q.queue): tx \(q.txPackets) rx \(q.rxPackets)") }
         }
@@ -345,7 +374,7 @@ struct Pktgen: ParsableCommand {
         }
         try writeJSON(r, to: o.json)
         EAL.cleanup()
-        if let failure { throw VioFailure(description: failure, exitCode: 2) }
+        if let failure { throw VioFailure(description: failure, exitCode: failureCode) }
     }
 }
 
