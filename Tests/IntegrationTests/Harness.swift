@@ -143,17 +143,20 @@ final class Peer {
 
     /// `queues`: the net_vhost port's queue pairs (`queues=N`), forwarded by one core as
     /// testpmd's streams (RX queue q → TX queue q).
-    init(mode: String, dir: TempDir, name: String = "peer", queues: Int = 1, extra: [String] = []) throws {
+    /// `socket`: a path of its own (default NAME.sock in `dir`); `client`: testpmd connects to
+    /// that socket (net_vhost `client=1`, vio in server mode has created it) and reconnects by itself.
+    init(mode: String, dir: TempDir, name: String = "peer", queues: Int = 1, extra: [String] = [], socket: String? = nil,
+         client: Bool = false) throws {
         guard FileManager.default.isExecutableFile(atPath: Tools.testpmd) else {
             throw XCTSkip("dpdk-testpmd is not installed (run Scripts/setup.sh)")
         }
         peerCounter += 1
-        let socket = dir.path("\(name).sock")
+        let socket = socket ?? dir.path("\(name).sock")
         server = try SocketServerProcess(
             socket: socket, log: dir.path("\(name).log"),
             command: [Tools.testpmd, "--lcores", "0@0,1@0", "--no-pci", "--no-huge", "-m", "256",
                       "--file-prefix", "viotest-\(getpid())-\(peerCounter)", "--no-telemetry",
-                      "--vdev", "net_vhost0,iface=\(socket)" + (queues > 1 ? ",queues=\(queues)" : ""), "--",
+                      "--vdev", "net_vhost0,iface=\(socket)" + (queues > 1 ? ",queues=\(queues)" : "") + (client ? ",client=1" : ""), "--",
                       "--forward-mode=\(mode)", "--stats-period", "1", "--auto-start",
                       "--total-num-mbufs", "16384"] + (queues > 1 ? ["--rxq=\(queues)", "--txq=\(queues)", "--nb-cores=1"] : []) + extra,
             name: "testpmd peer")
@@ -242,6 +245,20 @@ final class Vio {
     }
 
     var stdoutSoFar: String { (try? String(contentsOfFile: out, encoding: .utf8)) ?? "" }
+    var stderrSoFar: String { (try? String(contentsOfFile: err, encoding: .utf8)) ?? "" }
+
+    /// Waits until stdout and stderr together contain `text` at least `count` times.
+    func waitForCount(_ text: String, _ count: Int, timeout: Double = 30) -> Bool {
+        let deadline = Date().addingTimeInterval(timeout)
+        while (stdoutSoFar + stderrSoFar).components(separatedBy: text).count - 1 < count {
+            guard Date() < deadline, process.isRunning else { return false }
+            usleep(50_000)
+        }
+        return true
+    }
+
+    /// Open file descriptors of the running process (/proc/PID/fd).
+    var openDescriptors: Int { (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(process.processIdentifier)/fd").count) ?? -1 }
 
     /// Waits until stdout contains `text` (e.g. the first stats line); false after `timeout`.
     func waitForOutput(_ text: String, timeout: Double = 30) -> Bool {
@@ -371,13 +388,16 @@ final class TapBridge {
     let tap: String
     var socket: String { server.socket }
 
-    init(namespace ns: NetNamespace, dir: TempDir, hostAddress: String) throws {
+    /// `socket` and `tap` name a bridge that replaces an earlier one (a restart: same socket,
+    /// same TAP name); `mac` fixes the TAP's address, so the server's ARP entry stays right.
+    init(namespace ns: NetNamespace, dir: TempDir, hostAddress: String, socket: String? = nil, tap: String? = nil, mac: String? = nil) throws {
         guard FileManager.default.isExecutableFile(atPath: Tools.testpmd) else {
             throw XCTSkip("dpdk-testpmd is not installed (run Scripts/setup.sh)")
         }
         tapCounter += 1
-        tap = "viotap\(tapCounter)"
-        let socket = dir.path("bridge\(tapCounter).sock")
+        self.tap = tap ?? "viotap\(tapCounter)"
+        let tap = self.tap
+        let socket = socket ?? dir.path("bridge\(tapCounter).sock")
         server = try SocketServerProcess(
             socket: socket, log: dir.path("bridge\(tapCounter).log"),
             command: ns.wrap([Tools.testpmd, "--lcores", "0@0,1@0", "--no-pci", "--no-huge", "-m", "256",
@@ -393,7 +413,7 @@ final class TapBridge {
             guard Date() < deadline else { server.kill(); throw TestFailure("TAP \(tap) did not appear: \(server.tail())") }
             usleep(100_000)
         }
-        for args in [["addr", "add", hostAddress, "dev", tap], ["link", "set", tap, "up"], ["link", "set", "lo", "up"]] {
+        for args in (mac.map { [["link", "set", tap, "address", $0]] } ?? []) + [["addr", "add", hostAddress, "dev", tap], ["link", "set", tap, "up"], ["link", "set", "lo", "up"]] {
             let r = try ns.run([NetNamespace.ip] + args, timeout: 10)
             guard r.status == 0 else { server.kill(); throw TestFailure("ip \(args.joined(separator: " ")): \(r.stderr)") }
         }
