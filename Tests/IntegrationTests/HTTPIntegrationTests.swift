@@ -28,14 +28,14 @@ final class HTTPIntegrationTests: XCTestCase {
     }
 
     /// Namespace, bridge, files and the server; `extra` are more `vio httpd` arguments.
-    func start(_ extra: [String] = [], config: String? = nil) throws {
+    func start(_ extra: [String] = [], config: String? = nil, bridgeMAC: String? = nil) throws {
         for tool in ["/usr/bin/curl", "/usr/bin/python3"] where !FileManager.default.isExecutableFile(atPath: tool) {
             throw XCTSkip("\(tool) is not installed (run Scripts/setup.sh)")
         }
         dir = try TempDir()
         let ns = try NetNamespace(dir: dir)
         self.ns = ns
-        let bridge = try TapBridge(namespace: ns, dir: dir, hostAddress: "198.18.0.1/24")
+        let bridge = try TapBridge(namespace: ns, dir: dir, hostAddress: "198.18.0.1/24", mac: bridgeMAC)
         self.bridge = bridge
         let www = dir.path("www")
         try FileManager.default.createDirectory(atPath: www, withIntermediateDirectories: true)
@@ -316,6 +316,56 @@ final class HTTPIntegrationTests: XCTestCase {
                        "HTTP/1.1 200 OK \(10 << 20) \(digest) HTTP/1.1_200_OK True True", r.stderr)
         let json = try stats()
         XCTAssertGreaterThan(number(json, "stack", "writeWouldBlock"), 0, "the client never filled the window")
+        stopServer()
+    }
+
+    /// --reconnect: a 100 MiB download (rate-limited by curl so that it spans the outage) is
+    /// started, then the bridge testpmd is killed with SIGKILL and a new one takes its socket and
+    /// TAP name. vio keeps lwIP and the connection; TCP retransmits what the outage lost; the
+    /// file arrives whole (sha256) and new connections are served after the restart.
+    func testDownloadSurvivesABridgeRestart() throws {
+        let mac = "02:76:69:6f:00:01"
+        try start(["--reconnect=30s"], bridgeMAC: mac)
+        let huge = dir.path("www/huge.bin")
+        var g = SystemRandomNumberGenerator()
+        var data = Data(count: 100 << 20)
+        data.withUnsafeMutableBytes { b in
+            let words = b.bindMemory(to: UInt64.self)
+            for i in words.indices { words[i] = g.next() }
+        }
+        try data.write(to: URL(fileURLWithPath: huge))
+        let out = dir.path("huge.out")
+        let download = Process()
+        download.executableURL = URL(fileURLWithPath: NetNamespace.ip)
+        download.arguments = Array(ns!.wrap(["/usr/bin/curl", "-sS", "--limit-rate", "25M", "--max-time", "120", "-o", out, Self.url + "/huge.bin"]).dropFirst())
+        FileManager.default.createFile(atPath: dir.path("curl.err"), contents: nil)
+        download.standardError = FileHandle(forWritingAtPath: dir.path("curl.err"))
+        try download.run()
+        defer { if download.isRunning { download.terminate() } }
+        // Let the download get going, then take the bridge away mid-transfer.
+        let deadline = Date().addingTimeInterval(20)
+        func downloaded() -> Int { ((try? FileManager.default.attributesOfItem(atPath: out))?[.size] as? Int) ?? 0 }
+        while downloaded() < 10 << 20 {
+            guard Date() < deadline, download.isRunning else { XCTFail("the download did not start: \(httpd!.stdoutSoFar)"); return }
+            usleep(50_000)
+        }
+        let old = bridge!
+        old.server.kill()
+        unlink(old.socket)
+        XCTAssertTrue(httpd!.waitForCount("link down", 1, timeout: 10), "\(httpd!.stderrSoFar)")
+        bridge = try TapBridge(namespace: ns!, dir: dir, hostAddress: "198.18.0.1/24", socket: old.socket, tap: old.tap, mac: mac)
+        XCTAssertTrue(httpd!.waitForCount("link up again", 1, timeout: 30), "\(httpd!.stderrSoFar)")
+        let end = Date().addingTimeInterval(120)
+        while download.isRunning && Date() < end { usleep(100_000) }
+        XCTAssertFalse(download.isRunning, "the download did not finish")
+        download.waitUntilExit()
+        XCTAssertEqual(download.terminationStatus, 0, (try? String(contentsOfFile: dir.path("curl.err"), encoding: .utf8)) ?? "")
+        let want = try runCommand(["/usr/bin/sha256sum", huge], timeout: 30, dir: dir).text.split(separator: " ").first
+        let got = try runCommand(["/usr/bin/sha256sum", out], timeout: 30, dir: dir).text.split(separator: " ").first
+        XCTAssertNotNil(want)
+        XCTAssertEqual(got, want, "the file arrived whole")
+        let hello = try curl("/hello")
+        XCTAssertEqual(hello.text, "hello from swift-virtio\n", "a new connection after the restart: \(hello.stderr)")
         stopServer()
     }
 
