@@ -172,11 +172,15 @@ struct Blkio: ParsableCommand {
     /// The completion of `tag`, or nil when the queue stopped or `--io-timeout` (or a signal)
     /// ended the wait.
     func waitFor<Ring: Virtqueue & ~Copyable>(_ q: inout VirtioBlkQueue<Ring>, tag: UInt64, _ out: UnsafeMutablePointer<BlkCompletion>) -> BlkCompletion? {
-        let deadline = TSC.now() + UInt64(blk.ioTimeout.value * Double(TSC.hz))
+        let timeout = UInt64(blk.ioTimeout.value * Double(TSC.hz))
+        var deadline = TSC.now() + timeout
         while TSC.now() < deadline && !stopRequested.load(ordering: .relaxed) {
             let n = q.poll(into: out, max: 8)
             for i in 0..<n where out[i].tag == tag { return out[i] }
             if n == 0 { q.checkDevice(); if q.isStopped { return nil } }
+            // With --reconnect the request waits for the device to come back (it is submitted
+            // again then); --io-timeout counts from its return.
+            if q.isSuspended { deadline = TSC.now() + timeout }
         }
         return nil
     }
