@@ -168,7 +168,7 @@ public final class VirtioBlkDevice<Ring: Virtqueue & ~Copyable>: @unchecked Send
                                                                                    entriesPerTable: maxSegments + 2)) : nil)
         }
         try core.start()
-        if let policy = options.reconnect, t.canReconnect { core.enableReconnect(policy) }
+        if let policy = options.reconnect { core.enableReconnect(policy) }
         self.core = core
         config = cfg
         queueCount = queues

@@ -356,7 +356,8 @@ public struct VirtioBlkQueue<Ring: Virtqueue & ~Copyable>: ~Copyable {
             return drainDying(into: out, max: max)
         }
         if !suspended {
-            if link.isUp { return 0 }
+            // Not before the device let go of our memory (a PCI device is reset first).
+            if link.isUp || !core.mayResetRings { return 0 }
             // The backend is gone; its used entries are still in our memory.
             let n = vq.failure == nil ? vq.harvest(into: cookies, lengths: lengths, max: Swift.min(max, vq.size)) : 0
             for i in 0..<n {

@@ -236,16 +236,13 @@ public final class VirtioNetDevice<Ring: Virtqueue & ~Copyable>: @unchecked Send
         if let m = options.mac, control != nil, chosen.contains(.netControlMACAddress) { try setMAC(m) }
         if let on = options.promiscuous { try setPromiscuous(on) }
         if let on = options.allMulticast { try setAllMulticast(on) }
-        if let policy = options.reconnect, t.canReconnect {
-            // A reconnected vhost-user backend starts with every ring enabled: the pairs not in
-            // use are disabled again. Weak: the device core (which keeps this) must not keep us.
-            core.enableReconnect(policy) { [weak self] in
-                guard let self, self.control == nil, self.activeQueuePairs < self.queuePairs else { return }
-                for p in self.activeQueuePairs..<self.queuePairs {
-                    try self.transport.setQueueEnabled(2 * p, false)
-                    try self.transport.setQueueEnabled(2 * p + 1, false)
-                }
-            }
+        if let policy = options.reconnect {
+            // The device comes back as after a reset. Weak: the device core (which keeps these)
+            // must not keep us.
+            if let control { core.ownsRingReset([control.slot]) }
+            core.enableReconnect(policy, beforeSetup: { [weak self] in
+                try self?.control?.resetRing()
+            }, afterStart: { [weak self] in try self?.restoreAfterReconnect() })
         }
         let modes = [options.promiscuous.map { "promiscuous \($0 ? "on" : "off")" }, options.allMulticast.map { "all-multicast \($0 ? "on" : "off")" }]
             .compactMap { $0 }.joined(separator: ", ")
@@ -316,6 +313,23 @@ public final class VirtioNetDevice<Ring: Virtqueue & ~Copyable>: @unchecked Send
     /// then frees their mbufs.
     public func stop(reason: String = "device stopped") { core.stop(reason: reason) }
 
+    /// After a reconnect: what the device had been told before, again. A vhost-user backend
+    /// starts with every ring enabled (the pairs not in use are disabled); a reset PCI device
+    /// starts on one pair with the default RX modes and its own MAC.
+    func restoreAfterReconnect() throws {
+        if control != nil {
+            if activeQueuePairs > 1 { try control!.command(VirtioNetControl.classMQ, VirtioNetControl.mqVQPairsSet, [UInt8(activeQueuePairs & 0xff), UInt8(activeQueuePairs >> 8)]) }
+            if options.mac != nil, features.contains(.netControlMACAddress) { try setMAC(mac) }
+            if promiscuous { try setPromiscuous(true) }
+            if allMulticast { try setAllMulticast(true) }
+        } else if activeQueuePairs < queuePairs {
+            for p in activeQueuePairs..<queuePairs {
+                try transport.setQueueEnabled(2 * p, false)
+                try transport.setQueueEnabled(2 * p + 1, false)
+            }
+        }
+    }
+
     /// The control queue again after a restart (PCI resets the device, so it starts afresh).
     func resumeControlQueue() throws { try control?.resume() }
 }
@@ -341,6 +355,12 @@ final class NetControlQueue<Ring: Virtqueue & ~Copyable> {
         buffer = try core.allocate(bytes: 4096)
         bufferAddress = core.deviceAddress(of: buffer)
         ring = core.makeQueue(slot)
+    }
+
+    /// Back to a fresh ring (the device was reset; a command in flight is abandoned).
+    func resetRing() {
+        _ = ring.reclaimAll { _ in }
+        ring.restart(at: Ring.resetBase)
     }
 
     func resume() throws {

@@ -168,8 +168,9 @@ public struct VirtioNetPort<Ring: Virtqueue & ~Copyable>: ~Copyable {
         guard core.isReconnecting else {
             return .failed(core.reconnectFailure?.description ?? reason, exitCode: core.reconnectFailure?.exitCode ?? 2)
         }
-        if !resetThisOutage {
-            // The backend is gone: the rings are ours alone.
+        if !resetThisOutage && core.mayResetRings {
+            // The device let go of them (the backend is gone, or the PCI device was reset): the
+            // rings are ours alone.
             reclaimTX()
             txLostAtOutages &+= UInt64(tx.inFlight)
             var n = rx.reclaimAll(Self.freeMbuf) + tx.reclaimAll(Self.freeMbuf)

@@ -32,6 +32,7 @@ public final class VirtioPCITransport: VirtioTransport, @unchecked Sendable {
     /// steps 1–6 with the negotiated features), so a stopped port can be set up and started anew.
     private var needsReinit = false
     private let alive = Atomic<Bool>(true)
+    private let recoverable = Atomic<Bool>(false)
     private let reasonLock = Mutex<String?>(nil)
     private let stopLock = Mutex<Void>(())
     /// Keeps the mapped BARs alive as long as the transport.
@@ -244,7 +245,31 @@ public final class VirtioPCITransport: VirtioTransport, @unchecked Sendable {
 
     public var disconnectReason: String? { reasonLock.withLock { $0 } }
 
+    /// A device that asked for a reset (DEVICE_NEEDS_RESET) or reset itself can be initialised
+    /// again; one that reads all-ones is gone.
+    public var canReconnect: Bool { !alive.load(ordering: .relaxed) && recoverable.load(ordering: .relaxed) }
+
+    /// §2.1.2: after DEVICE_NEEDS_RESET the driver resets the device and initialises it again.
+    /// Reset, ACKNOWLEDGE, DRIVER, read the features; `negotiate`, `setupQueue` (every ring from
+    /// position 0) and `start` follow. Nothing to wait for: the device is there.
+    public func reconnect(deadline: UInt64, abort: () -> Bool) throws {
+        if abort() { throw ReconnectError.aborted }
+        try stopLock.withLock { _ throws in
+            started = false
+            needsReinit = false
+            setUpQueues = []
+            try interface.reset()
+            interface.setStatus(DeviceStatus.acknowledge.rawValue)
+            interface.setStatus(DeviceStatus([.acknowledge, .driver]).rawValue)
+            deviceFeatures = VirtioFeatures(rawValue: interface.deviceFeatures())
+            reasonLock.withLock { $0 = nil }
+            alive.store(true, ordering: .relaxed)
+        }
+        logger.info("virtio-pci \(address): reset and initialised again; device features \(deviceFeatures)")
+    }
+
     private func lost(_ reason: String) {
+        recoverable.store(interface.status != 0xff, ordering: .relaxed)
         reasonLock.withLock { if $0 == nil { $0 = reason } }
         alive.store(false, ordering: .relaxed)
         logger.error("virtio-pci \(address): \(reason)")

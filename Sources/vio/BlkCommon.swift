@@ -48,15 +48,12 @@ struct BlkOptions: ParsableArguments {
     var ioTimeout = Seconds(5)
     @Option(help: "How long a vhost-user backend may take to answer a control message (e.g. 5s).")
     var replyTimeout = Seconds(VhostUserConnection.defaultReplyTimeout)
-    @Option(help: ArgumentHelp("Ride through a restart of the vhost-user backend: requests in flight are kept and submitted again after the reconnect; --reconnect alone waits without limit, --reconnect=30s at most 30 s.", valueName: "timeout"))
+    @Option(help: ArgumentHelp("Ride through a restart of the vhost-user backend (or a virtio-pci DEVICE_NEEDS_RESET): requests in flight are kept and submitted again after the reconnect; --reconnect alone waits without limit, --reconnect=30s at most 30 s.", valueName: "timeout"))
     var reconnect: ReconnectOption?
     @Flag(help: "Log negotiation details.")
     var verbose = false
 
     func validate() throws {
-        if reconnect != nil, dev?.isPCI == true {
-            throw ValidationError("--reconnect works with vhost-user-blk: devices (virtio-pci reset recovery is not implemented)")
-        }
         guard ioTimeout.value > 0, ioTimeout.value <= 3600 else { throw ValidationError("--io-timeout must be more than 0 and at most 3600 s") }
         guard replyTimeout.value > 0, replyTimeout.value <= 3600 else { throw ValidationError("--reply-timeout must be more than 0 and at most 3600 s") }
     }

@@ -120,7 +120,7 @@ struct DataplaneOptions: ParsableArguments {
     var perQueue = false
     @Option(help: "How long a vhost-user backend may take to answer a control message (e.g. 5s).")
     var replyTimeout = Seconds(VhostUserConnection.defaultReplyTimeout)
-    @Option(help: ArgumentHelp("Ride through a restart of a vhost-user backend: link down, buffers reclaimed, reconnect with the same features; --reconnect alone waits without limit, --reconnect=30s at most 30 s.", valueName: "timeout"))
+    @Option(help: ArgumentHelp("Ride through a restart of a vhost-user backend (or a virtio-pci DEVICE_NEEDS_RESET: reset and initialise again): link down, buffers reclaimed, reconnect with the same features; --reconnect alone waits without limit, --reconnect=30s at most 30 s.", valueName: "timeout"))
     var reconnect: ReconnectOption?
     @Flag(help: "Promiscuous RX mode (VIRTIO_NET_CTRL_RX_PROMISC on the control queue).")
     var promisc = false
@@ -156,9 +156,6 @@ struct DataplaneOptions: ParsableArguments {
             throw ValidationError("give \(portCount.lowerBound == portCount.upperBound ? "\(portCount.lowerBound)" : "\(portCount.lowerBound) or \(portCount.upperBound)") --port vhost:PATH")
         }
         guard replyTimeout.value > 0, replyTimeout.value <= 3600 else { throw ValidationError("--reply-timeout must be more than 0 and at most 3600 s") }
-        if reconnect != nil, ports.contains(where: \.isPCI) {
-            throw ValidationError("--reconnect works with vhost: and vhost-server: ports (virtio-pci reset recovery is not implemented)")
-        }
         for p in ports where p.isPCI && PCIAddress(p.path) == nil {
             throw ValidationError("--port \(p): not a PCI address (expected pci:DDDD:BB:DD.F, e.g. pci:0000:00:04.0)")
         }

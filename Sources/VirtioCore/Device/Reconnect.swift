@@ -76,12 +76,18 @@ final class ReconnectAgent: @unchecked Sendable {
     let addresses: [QueueAddresses]
     let memoryTable: () throws -> [MemoryRegion]
     let run: DeviceRunState
-    /// Run after DRIVER_OK on every reconnect (net: disable the pairs not in use).
+    /// Run before the rings are handed over on every reconnect (net over PCI: reset the control
+    /// queue, which the device type owns), and once the link is up again (net: the pairs not in
+    /// use disabled, RX modes and MAC given again).
+    let beforeSetup: Mutex<(() throws -> Void)?> = Mutex(nil)
     let afterStart: Mutex<(() throws -> Void)?> = Mutex(nil)
     /// Slots whose owner reset its ring for the current outage; the slots that must be.
     let reset = Mutex<Set<Int>>([])
     let mustReset: Mutex<Set<Int>>
     let quit = Atomic<Bool>(false)
+    /// Set once the lost device touches none of our memory any more (a vhost-user backend that is
+    /// gone; a PCI device after its reset): only then may owners take their buffers back.
+    let quiesced = Atomic<Bool>(false)
     let failure = Mutex<ReconnectFailure?>(nil)
     let outages = Mutex<[DeviceOutage]>([])
     /// The outage under way: when it began (seconds since start) and why.
@@ -148,7 +154,13 @@ final class ReconnectAgent: @unchecked Sendable {
                 giveUp(ReconnectFailure(reason, exitCode: 2), outageStart: outageStart, reason: reason)
                 return
             }
-            run.running.withLock { $0 = false }
+            // Make sure the device has let go of our memory before the owners take it back: a
+            // stop is a no-op for a backend that is gone and a reset for a PCI function.
+            run.running.withLock { r in
+                r = false
+                try? transport.stop()
+            }
+            quiesced.store(true, ordering: .releasing)
             let deadline = policy.timeout.map { began &+ UInt64($0 * 1e9) } ?? .max
             let abort = { self.quit.load(ordering: .relaxed) }
             while true {
@@ -189,9 +201,9 @@ final class ReconnectAgent: @unchecked Sendable {
                 do {
                     try transport.negotiate(features, queueCount: queueCount, queuesPerUnit: queuesPerUnit)
                     try transport.setMemory(try memoryTable())
+                    try beforeSetup.withLock { $0 }?()
                     for (slot, index) in indices.enumerated() { try transport.setupQueue(index, addresses: addresses[slot]) }
                     try transport.start()
-                    try afterStart.withLock { $0 }?()
                 } catch {
                     if transport.isConnected {
                         // A backend that refuses the handshake it accepted before will not change its mind.
@@ -205,10 +217,17 @@ final class ReconnectAgent: @unchecked Sendable {
                 break
             }
             reset.withLock { $0.removeAll() }
+            quiesced.store(false, ordering: .releasing)
             run.running.withLock { $0 = true }
             current.withLock { $0 = nil }
             outages.withLock { $0.append(DeviceOutage(startSeconds: outageStart, seconds: seconds - outageStart, reason: reason, recovered: true)) }
             link.markUp()
+            do { try afterStart.withLock { $0 }?() } catch {
+                // The device runs but not as configured before (e.g. it refused VQ_PAIRS_SET).
+                giveUp(ReconnectFailure("\(transport.deviceDescription): restoring the device's settings after reconnecting failed: \(error)", exitCode: 1),
+                       outageStart: outageStart, reason: reason)
+                return
+            }
         }
     }
 }

@@ -271,10 +271,12 @@ public final class VirtioDevice<Ring: Virtqueue & ~Copyable>: @unchecked Sendabl
     /// From now on a lost device is brought back (`policy`): every queue owner must call
     /// `ringsReset` once per outage for the rings it owns, after handing back what they held; a
     /// thread of the device waits for the backend, checks its features and starts the device
-    /// again with every ring from its reset position. `afterStart` runs after each DRIVER_OK (net:
-    /// the pairs not in use are disabled again). Call once, after `start`, where the transport
-    /// `canReconnect` at all (else the policy is ignored and a loss ends the device as before).
-    public func enableReconnect(_ policy: ReconnectPolicy, afterStart: (() throws -> Void)? = nil) {
+    /// again with every ring from its reset position. `beforeSetup` runs before the rings are
+    /// handed over (reset the rings the device type owns itself, see `ownsRingReset`);
+    /// `afterStart` once the link is up again (net: pairs, RX modes and MAC restored). Call once,
+    /// after `start`. A loss the transport cannot repair (`canReconnect` false then: a ring the
+    /// device broke, a PCI function that reads all-ones) ends the device as without a policy.
+    public func enableReconnect(_ policy: ReconnectPolicy, beforeSetup: (() throws -> Void)? = nil, afterStart: (() throws -> Void)? = nil) {
         precondition(agent == nil, "reconnect is already enabled")
         reconnectPolicy = policy
         let table = { [allocator] in try allocator.memoryTable() }
@@ -282,6 +284,7 @@ public final class VirtioDevice<Ring: Virtqueue & ~Copyable>: @unchecked Sendabl
                                queuesPerUnit: queuesPerUnit, indices: queues.map(\.index), addresses: initialAddresses,
                                mustReset: Set(taken.indices.filter { taken[$0] }), memoryTable: table, run: run)
         a.afterStart.withLock { $0 = afterStart }
+        a.beforeSetup.withLock { $0 = beforeSetup }
         agent = a
         a.start()
     }
@@ -297,6 +300,10 @@ public final class VirtioDevice<Ring: Virtqueue & ~Copyable>: @unchecked Sendabl
 
     /// Every loss of the device since it started, with how long each lasted.
     public var outages: [DeviceOutage] { agent?.allOutages ?? [] }
+
+    /// During an outage: whether the device has let go of our memory, so that queue owners may
+    /// take their buffers back and reset their rings (then `ringsReset`). False while the link is up.
+    public var mayResetRings: Bool { agent?.quiesced.load(ordering: .acquiring) ?? false }
 
     /// Called by a queue owner during an outage, once its rings (`slots`) hold nothing and are
     /// back at their reset position (`reclaimAll`, then `restart(at: Ring.resetBase)`): the
