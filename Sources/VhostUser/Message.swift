@@ -7,7 +7,7 @@ public enum VhostUserRequest: UInt32, Sendable, CustomStringConvertible {
     case getVringBase = 11, setVringKick = 12, setVringCall = 13, setVringErr = 14
     case getProtocolFeatures = 15, setProtocolFeatures = 16, getQueueNum = 17, setVringEnable = 18
     case sendRARP = 19, netSetMTU = 20, setBackendReqFD = 21, iotlbMessage = 22, setVringEndian = 23
-    case getConfig = 24, setConfig = 25, setStatus = 39, getStatus = 40
+    case getConfig = 24, setConfig = 25, getInflightFD = 31, setInflightFD = 32, setStatus = 39, getStatus = 40
 
     public var description: String {
         switch self {
@@ -36,6 +36,8 @@ public enum VhostUserRequest: UInt32, Sendable, CustomStringConvertible {
         case .setVringEndian: "SET_VRING_ENDIAN"
         case .getConfig: "GET_CONFIG"
         case .setConfig: "SET_CONFIG"
+        case .getInflightFD: "GET_INFLIGHT_FD"
+        case .setInflightFD: "SET_INFLIGHT_FD"
         case .setStatus: "SET_STATUS"
         case .getStatus: "GET_STATUS"
         }
@@ -44,7 +46,7 @@ public enum VhostUserRequest: UInt32, Sendable, CustomStringConvertible {
     /// Requests whose reply carries data (so REPLY_ACK's need-reply bit is not added to them).
     public var hasReply: Bool {
         switch self {
-        case .getFeatures, .getProtocolFeatures, .getQueueNum, .getVringBase, .getConfig, .getStatus: true
+        case .getFeatures, .getProtocolFeatures, .getQueueNum, .getVringBase, .getConfig, .getInflightFD, .getStatus: true
         default: false
         }
     }
@@ -61,6 +63,9 @@ public struct VhostUserProtocolFeatures: OptionSet, Sendable, Hashable {
     public static let mtu = Self(rawValue: 1 << 4)
     public static let backendReq = Self(rawValue: 1 << 5)
     public static let config = Self(rawValue: 1 << 9)
+    /// The backend tracks in-flight descriptors in shared memory we keep (GET/SET_INFLIGHT_FD),
+    /// so a restarted backend resumes them itself.
+    public static let inflightShmfd = Self(rawValue: 1 << 12)
     public static let status = Self(rawValue: 1 << 16)
 }
 
@@ -123,6 +128,13 @@ public struct VhostUserMessage: Equatable, Sendable {
         p.appendLE(UInt32(regions.count)); p.appendLE(UInt32(0))
         for r in regions { p.appendLE(r.address); p.appendLE(r.size); p.appendLE(r.address); p.appendLE(r.fileOffset) }
         return Self(.setMemTable, payload: p, fds: regions.map(\.fd))
+    }
+    /// GET/SET_INFLIGHT_FD: mmap size, mmap offset, queue count, queue size (and 4 bytes of
+    /// padding: QEMU's struct, 24 bytes).
+    public static func inflight(_ r: VhostUserRequest, size: UInt64, offset: UInt64, queues: Int, queueSize: Int, fds: [Int32] = []) -> Self {
+        var p = [UInt8]()
+        p.appendLE(size); p.appendLE(offset); p.appendLE(UInt16(queues)); p.appendLE(UInt16(queueSize)); p.appendLE(UInt32(0))
+        return Self(r, payload: p, fds: fds)
     }
     /// GET_CONFIG: offset, size, flags, then `size` bytes (zero in the request).
     public static func config(offset: Int, size: Int) -> Self {

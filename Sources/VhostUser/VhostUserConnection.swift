@@ -73,6 +73,11 @@ public final class VhostUserConnection: VirtioTransport, @unchecked Sendable {
     private var monitor: pthread_t?
     /// Protocol features we use when the backend offers them.
     public static let wantedProtocolFeatures: VhostUserProtocolFeatures = [.mq, .replyAck, .config, .status]
+    /// What this connection asks for: the above, plus INFLIGHT_SHMFD when asked to track in-flight requests.
+    let wanted: VhostUserProtocolFeatures
+    /// The in-flight tracking area the backend gave us (GET_INFLIGHT_FD), kept across reconnects
+    /// and given to every backend (SET_INFLIGHT_FD), so a restarted one resumes what was in flight.
+    private var inflight: (fd: Int32, size: UInt64, offset: UInt64, queues: Int, queueSize: Int)?
 
     /// Connects and runs the first part of the handshake: SET_OWNER, GET_FEATURES, protocol
     /// features, GET_QUEUE_NUM.
@@ -81,8 +86,12 @@ public final class VhostUserConnection: VirtioTransport, @unchecked Sendable {
     /// How long each reply may take before the request is reported unanswered.
     public private(set) var replyTimeout: Double
 
-    public init(path: String, logger: Logger = Logger(label: "vhost-user"), replyTimeoutSeconds: Double = VhostUserConnection.defaultReplyTimeout) throws {
+    /// `inflightTracking`: also negotiate VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD when offered (blk),
+    /// see `setUpInflightTracking`.
+    public init(path: String, logger: Logger = Logger(label: "vhost-user"), replyTimeoutSeconds: Double = VhostUserConnection.defaultReplyTimeout,
+                inflightTracking: Bool = false) throws {
         self.path = path
+        wanted = Self.wantedProtocolFeatures.union(inflightTracking ? .inflightShmfd : [])
         self.logger = logger
         guard replyTimeoutSeconds > 0, replyTimeoutSeconds <= 3600 else {
             throw VhostUserError.badReply(request: "setup", detail: "reply timeout \(replyTimeoutSeconds) s must be in (0, 3600]")
@@ -105,8 +114,9 @@ public final class VhostUserConnection: VirtioTransport, @unchecked Sendable {
     /// after it hangs up, `reconnect` waits for the next one. The socket file is removed at deinit.
     public init(listeningAt path: String, logger: Logger = Logger(label: "vhost-user"),
                 replyTimeoutSeconds: Double = VhostUserConnection.defaultReplyTimeout,
-                acceptTimeout: Double? = nil, abort: () -> Bool = { false }) throws {
+                acceptTimeout: Double? = nil, abort: () -> Bool = { false }, inflightTracking: Bool = false) throws {
         self.path = path
+        wanted = Self.wantedProtocolFeatures.union(inflightTracking ? .inflightShmfd : [])
         self.logger = logger
         guard replyTimeoutSeconds > 0, replyTimeoutSeconds <= 3600 else {
             throw VhostUserError.badReply(request: "setup", detail: "reply timeout \(replyTimeoutSeconds) s must be in (0, 3600]")
@@ -130,6 +140,7 @@ public final class VhostUserConnection: VirtioTransport, @unchecked Sendable {
         if fd >= 0 { close(fd) }
         close(wakeFD)
         for f in kickFDs + callFDs where f >= 0 { close(f) }
+        if let i = inflight { close(i.fd) }
         if case .server(let l) = role { close(l); unlink(path) }
     }
 
@@ -319,7 +330,8 @@ public final class VhostUserConnection: VirtioTransport, @unchecked Sendable {
             guard let p = try request(VhostUserMessage(.getProtocolFeatures)).u64(at: 0) else {
                 throw VhostUserError.badReply(request: "GET_PROTOCOL_FEATURES", detail: "payload shorter than 8 bytes")
             }
-            let chosen = VhostUserProtocolFeatures(rawValue: p).intersection(Self.wantedProtocolFeatures)
+            let chosen = VhostUserProtocolFeatures(rawValue: p).intersection(wanted)
+            logger.debug("vhost-user \(path): the backend offers protocol features 0x\(String(p, radix: 16))")
             try send(.u64(.setProtocolFeatures, chosen.rawValue), ack: false)
             protocolFeatures = chosen
             if chosen.contains(.mq) {
@@ -388,10 +400,45 @@ public final class VhostUserConnection: VirtioTransport, @unchecked Sendable {
         if !protocolFeatures.isEmpty || deviceFeaturesHadProtocolBit { wire.insert(vhostUserProtocolFeaturesBit) }
         try send(.u64(.setFeatures, wire.rawValue))
         negotiatedFeatures = features
+        if let i = inflight {
+            // A reconnect: the new backend gets the area the old one tracked its requests in.
+            guard protocolFeatures.contains(.inflightShmfd) else {
+                throw VhostUserError.incompatibleFeatures(missing: "VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD (the requests in flight were left to the backend to resume)")
+            }
+            try send(.inflight(.setInflightFD, size: i.size, offset: i.offset, queues: i.queues, queueSize: i.queueSize, fds: [i.fd]))
+        }
         try setStatus([.acknowledge, .driver, .featuresOK])
     }
 
     private var deviceFeaturesHadProtocolBit: Bool { !protocolFeatures.isEmpty }
+
+    /// With INFLIGHT_SHMFD negotiated: asks the backend for its in-flight tracking area
+    /// (GET_INFLIGHT_FD) and hands it back (SET_INFLIGHT_FD), as QEMU's vhost-user-blk does; a
+    /// backend restarted later gets the same area and resumes what was in flight itself. Call
+    /// after `negotiate`, before `setMemory`. False when the backend does not offer it.
+    public func setUpInflightTracking(queueCount: Int, queueSize: Int) throws -> Bool {
+        guard protocolFeatures.contains(.inflightShmfd), inflight == nil else { return inflight != nil }
+        let name = "GET_INFLIGHT_FD"
+        try write(.inflight(.getInflightFD, size: 0, offset: 0, queues: queueCount, queueSize: queueSize), name: name)
+        var fds: [Int32] = []
+        let reply: VhostUserMessage
+        do { reply = try read(expecting: VhostUserRequest.getInflightFD.rawValue, name: name, keeping: &fds) } catch {
+            for f in fds { close(f) }
+            throw error
+        }
+        guard let size = reply.u64(at: 0), let offset = reply.u64(at: 8), reply.payload.count >= 20 else {
+            for f in fds { close(f) }
+            throw VhostUserError.badReply(request: name, detail: "payload of \(reply.payload.count) bytes (needs 24)")
+        }
+        guard fds.count == 1, size > 0, size <= 1 << 30, offset <= 1 << 30 else {
+            for f in fds { close(f) }
+            throw VhostUserError.badReply(request: name, detail: "\(fds.count) descriptors, mmap size \(size), offset \(offset)")
+        }
+        inflight = (fds[0], size, offset, queueCount, queueSize)
+        try send(.inflight(.setInflightFD, size: size, offset: offset, queues: queueCount, queueSize: queueSize, fds: [fds[0]]))
+        logger.debug("vhost-user \(path): in-flight tracking area of \(size) bytes")
+        return true
+    }
 
     public func setMemory(_ regions: [MemoryRegion]) throws {
         guard regions.count <= VhostUserMessage.maxRegions else { throw VhostUserError.tooManyRegions(regions.count) }
@@ -517,6 +564,12 @@ public final class VhostUserConnection: VirtioTransport, @unchecked Sendable {
     }
 
     private func readExactly(_ count: Int, name: String) throws -> [UInt8] {
+        var none: [Int32]? = nil
+        return try readExactly(count, name: name, keeping: &none)
+    }
+
+    /// Reads `count` bytes; descriptors that come with them are kept in `keep` (if given) or closed.
+    private func readExactly(_ count: Int, name: String, keeping keep: inout [Int32]?) throws -> [UInt8] {
         var buf = [UInt8](repeating: 0, count: count)
         var got = 0
         while got < count {
@@ -525,7 +578,9 @@ public final class VhostUserConnection: VirtioTransport, @unchecked Sendable {
             let n = buf.withUnsafeMutableBytes { b in
                 cvio_recv_with_fds(fd, b.baseAddress! + got, count - got, &fds, 8, &nfds)
             }
-            for i in 0..<Int(nfds) { close(fds[i]) }  // we expect no descriptors in replies
+            for i in 0..<Int(nfds) {
+                if keep != nil && keep!.count < 8 { keep!.append(fds[i]) } else { close(fds[i]) }  // only GET_INFLIGHT_FD sends one
+            }
             if n == 0 { lost("backend closed the connection"); throw VhostUserError.backendClosed(request: name) }
             if n < 0 {
                 let e = errno
@@ -539,7 +594,15 @@ public final class VhostUserConnection: VirtioTransport, @unchecked Sendable {
     }
 
     private func read(expecting request: UInt32, name: String) throws -> VhostUserMessage {
-        let header = try readExactly(VhostUserMessage.headerSize, name: name)
+        var none: [Int32] = []
+        defer { for f in none { close(f) } }
+        return try read(expecting: request, name: name, keeping: &none)
+    }
+
+    private func read(expecting request: UInt32, name: String, keeping fds: inout [Int32]) throws -> VhostUserMessage {
+        var keep: [Int32]? = []
+        defer { fds = keep ?? [] }
+        let header = try readExactly(VhostUserMessage.headerSize, name: name, keeping: &keep)
         let h = VhostUserMessage.decodeHeader(header)!
         guard h.request == request else {
             throw VhostUserError.badReply(request: name, detail: "reply is for request \(h.request)")
@@ -548,7 +611,7 @@ public final class VhostUserConnection: VirtioTransport, @unchecked Sendable {
             throw VhostUserError.badReply(request: name, detail: "flags 0x\(String(h.flags, radix: 16)) lack version 1 and the reply bit")
         }
         guard h.size <= 4096 else { throw VhostUserError.badReply(request: name, detail: "payload size \(h.size) is too large") }
-        let payload = h.size > 0 ? try readExactly(Int(h.size), name: name) : []
+        let payload = h.size > 0 ? try readExactly(Int(h.size), name: name, keeping: &keep) : []
         return VhostUserMessage(request: h.request, flags: h.flags, payload: payload)
     }
 

@@ -46,6 +46,10 @@ public struct VirtioBlkOptions: Sendable {
     /// loss fails what is in flight with `.deviceGone`. Ignored where the transport cannot
     /// reconnect (virtio-pci).
     public var reconnect: ReconnectPolicy?
+    /// With `reconnect`: let a backend that offers it track the requests in flight itself
+    /// (vhost-user INFLIGHT_SHMFD), so a restarted backend resumes them from the rings as they
+    /// were; otherwise (or false) the queues submit them again.
+    public var allowInflightTracking = true
     /// Ring layout: `auto` takes packed when the device offers VIRTIO_F_RING_PACKED.
     public var ring: RingLayoutChoice = .auto
     public init() {}
@@ -102,6 +106,8 @@ public final class VirtioBlkDevice<Ring: Virtqueue & ~Copyable>: @unchecked Send
     public var readOnly: Bool { features.contains(.blkReadOnly) }
     /// The layout every queue uses (the type parameter's).
     public var ringLayout: RingLayoutChoice { Ring.layout }
+    /// The backend tracks the requests in flight and resumes them after a reconnect.
+    public let inflightTracked: Bool
     let slabs: [any DMARegion]
     let tables: [(any DMARegion)?]
     let logger: Logger
@@ -167,6 +173,11 @@ public final class VirtioBlkDevice<Ring: Virtqueue & ~Copyable>: @unchecked Send
             tables.append(indirect ? try core.allocate(bytes: IndirectTables.bytes(queueSize: options.queueSize,
                                                                                    entriesPerTable: maxSegments + 2)) : nil)
         }
+        var tracked = false
+        if options.reconnect != nil && options.allowInflightTracking {
+            tracked = try t.setUpInflightTracking(queueCount: queues, queueSize: options.queueSize)
+        }
+        inflightTracked = tracked
         try core.start()
         if let policy = options.reconnect { core.enableReconnect(policy) }
         self.core = core
@@ -178,7 +189,7 @@ public final class VirtioBlkDevice<Ring: Virtqueue & ~Copyable>: @unchecked Send
         directChainLimit = options.directChainLimit
         pollPacing = options.pollPacing
         let mib = cfg.capacity / 2048
-        logger.info("virtio-blk \(t.deviceDescription): \(cfg.capacity) sectors (\(mib) MiB), block \(cfg.blockSize), seg_max \(cfg.segMax), size_max \(cfg.sizeMax), \(queues) \(Ring.layoutName) queue(s) of \(options.queueSize), features \(chosen)")
+        logger.info("virtio-blk \(t.deviceDescription): \(cfg.capacity) sectors (\(mib) MiB), block \(cfg.blockSize), seg_max \(cfg.segMax), size_max \(cfg.sizeMax), \(queues) \(Ring.layoutName) queue(s) of \(options.queueSize), features \(chosen)\(inflightTracked ? ", in-flight tracking by the backend" : "")")
     }
 
     deinit { core.stop() }

@@ -87,7 +87,12 @@ public struct VirtioBlkQueue<Ring: Virtqueue & ~Copyable>: ~Copyable {
     @usableFromInline let pending: UnsafeMutablePointer<UInt16>
     @usableFromInline var pendingCount = 0
     @usableFromInline var pendingDescriptors = 0
+    /// Of `pending`, those taken back from the ring at the loss (the rest were submitted during it).
+    var keptFromRing = 0
     var linkEpoch: UInt64
+    /// The backend resumes what is in flight after a reconnect (INFLIGHT_SHMFD): the ring is kept
+    /// as it is through an outage, not reset.
+    @usableFromInline let resumesInflight: Bool
     /// Requests submitted again after a reconnect, and the outages this queue rode through.
     public private(set) var resubmitted: UInt64 = 0
     public private(set) var outagesSurvived = 0
@@ -129,6 +134,7 @@ public struct VirtioBlkQueue<Ring: Virtqueue & ~Copyable>: ~Copyable {
         savedCounts = .allocate(capacity: size)
         pending = .allocate(capacity: size)
         linkEpoch = device.core.link.epoch
+        resumesInflight = device.inflightTracked
     }
 
     deinit {
@@ -213,7 +219,7 @@ public struct VirtioBlkQueue<Ring: Virtqueue & ~Copyable>: ~Copyable {
         let hasRange = op == .discard || op == .writeZeroes
         let segments = 2 + buffers.count + (hasRange ? 1 : 0)
         let need = vq.descriptorsNeeded(forSegments: segments)
-        guard freeTop > 0, need <= (suspended ? vq.size - pendingDescriptors : vq.freeCount) else { throw .queueFull }
+        guard freeTop > 0, need <= (suspended ? (resumesInflight ? vq.freeCount : vq.size) - pendingDescriptors : vq.freeCount) else { throw .queueFull }
         // virtio-pci: data buffers go to the device as IOVAs, each checked to be contiguous.
         let busAddresses = self.busAddresses
         if usesIOVA {
@@ -368,9 +374,17 @@ public struct VirtioBlkQueue<Ring: Virtqueue & ~Copyable>: ~Copyable {
                 freeContexts[(freeFirst &+ freeTop) & contextMask] = UInt16(ctx)
                 freeTop += 1
             }
+            if resumesInflight {
+                // The backend resumes what the ring holds: it stays as it is.
+                suspended = true
+                nextPollAt = 0; idlePolls = 0
+                core.ringKept(index, addresses: vq.addresses)
+                return n
+            }
             let pending = self.pending
             var k = pendingCount
             vq.reclaimAll { cookie in pending[k] = UInt16(Int(bitPattern: cookie) - 1); k += 1 }
+            keptFromRing = k - pendingCount
             pendingCount = k
             pendingDescriptors = 0
             for i in 0..<k { pendingDescriptors += vq.descriptorsNeeded(forSegments: segmentsOf(Int(pending[i]))) }
@@ -394,7 +408,9 @@ public struct VirtioBlkQueue<Ring: Virtqueue & ~Copyable>: ~Copyable {
             let ok = addChain(ctx: ctx, segments: segmentsOf(ctx), hasRange: hasRange) { saved[$0] }
             precondition(ok, "every kept request fitted the ring together")
         }
-        resubmitted &+= UInt64(pendingCount)
+        // (Kept rings: what they held is the backend's to resume; the pending ones are new.)
+        if !resumesInflight { resubmitted &+= UInt64(keptFromRing) }
+        keptFromRing = 0
         outagesSurvived += 1
         pendingCount = 0; pendingDescriptors = 0
         commit()

@@ -89,6 +89,9 @@ public final class FakeTransport: VirtioTransport {
     private let reconnectCount = Atomic<Int>(0)
     public var reconnects: Int { reconnectCount.load(ordering: .acquiring) }
     public var canReconnect: Bool { reconnectable }
+    /// Whether the "device" tracks in-flight requests itself (as a vhost-user backend with INFLIGHT_SHMFD).
+    public var tracksInflight = false
+    public func setUpInflightTracking(queueCount: Int, queueSize: Int) throws -> Bool { tracksInflight }
     /// Lets a pending `reconnect` (the device core's thread) find the device again.
     public func comeBack() { back.store(true, ordering: .releasing) }
 

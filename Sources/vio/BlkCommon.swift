@@ -50,6 +50,8 @@ struct BlkOptions: ParsableArguments {
     var replyTimeout = Seconds(VhostUserConnection.defaultReplyTimeout)
     @Option(help: ArgumentHelp("Ride through a restart of the vhost-user backend (or a virtio-pci DEVICE_NEEDS_RESET): requests in flight are kept and submitted again after the reconnect; --reconnect alone waits without limit, --reconnect=30s at most 30 s.", valueName: "timeout"))
     var reconnect: ReconnectOption?
+    @Flag(help: "With --reconnect: do not let the backend track in-flight requests (INFLIGHT_SHMFD); vio submits them again itself.")
+    var noInflight = false
     @Flag(help: "Log negotiation details.")
     var verbose = false
 
@@ -89,11 +91,13 @@ struct BlkSetup {
         opts.pollPacing = !o.noPollPacing
         opts.ring = o.ring
         opts.reconnect = o.reconnect?.policy
+        opts.allowInflightTracking = !o.noInflight
         options = opts
         uri = dev
         do {
             transport = dev.isPCI ? try VirtioPCITransport(address: dev.path, expecting: .block, logger: logger)
-                                  : try VhostUserConnection(path: dev.path, logger: logger, replyTimeoutSeconds: o.replyTimeout.value)
+                                  : try VhostUserConnection(path: dev.path, logger: logger, replyTimeoutSeconds: o.replyTimeout.value,
+                                                            inflightTracking: o.reconnect != nil && !o.noInflight)
         } catch {
             throw VioFailure(description: "\(dev): \(error)")
         }

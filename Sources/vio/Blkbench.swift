@@ -30,6 +30,8 @@ struct BlkbenchReport: Codable {
     /// With --reconnect: every loss of the device, and the requests submitted again after one.
     var outages: [DeviceOutage]?
     var resubmitted: UInt64?
+    /// With --reconnect: the backend tracked the requests in flight (INFLIGHT_SHMFD) and resumes them itself.
+    var inflightTracking: Bool?
     var slotsOutstandingAtExit: Int
     /// Kicks (available-buffer notifications) sent, over the whole run.
     var notifications: UInt64 = 0
@@ -127,7 +129,8 @@ struct Blkbench: ParsableCommand {
         if verify { print("verify: \(r.verified) blocks checked, \(r.verifyErrors) mismatches") }
         if r.failedInFlight > 0 { print("\(r.failedInFlight) requests in flight failed with the device") }
         if let o = r.outages {
-            print(String(format: "outages %d (%.2f s down), %llu requests submitted again after a reconnect", o.count, o.reduce(0) { $0 + $1.seconds }, r.resubmitted ?? 0))
+            print(String(format: "outages %d (%.2f s down), %llu requests submitted again after a reconnect%@", o.count, o.reduce(0) { $0 + $1.seconds }, r.resubmitted ?? 0,
+                         r.inflightTracking == true ? " (the backend tracked and resumed the requests in flight)" : ""))
         }
         try writeJSON(r, to: json)
         EAL.cleanup()
@@ -238,6 +241,7 @@ extension Blkbench {
             if dev.core.reconnectPolicy != nil {
                 r.outages = dev.core.outages
                 r.resubmitted = (0..<lanes).reduce(0) { $0 + jobs[$1].resubmitted }
+                r.inflightTracking = dev.inflightTracked
             }
             dev.stop()
             return (r, failure, dev.core.stopFailure, dev.core.reconnectFailure?.exitCode ?? 2)

@@ -130,7 +130,13 @@ final class ReconnectTests: XCTestCase {
         XCTAssertGreaterThan(r.int("verified") ?? 0, 1000, "\(r)")
         XCTAssertEqual(r.int("failedInFlight"), 0, "\(r)")
         XCTAssertEqual(r.int("slotsOutstandingAtExit"), 0, "\(r)")
-        XCTAssertGreaterThan(r.int("resubmitted") ?? 0, 0, "requests in flight at the kill went out again: \(r)")
+        // qemu-storage-daemon 7.2 does not offer INFLIGHT_SHMFD (protocol features 0x8f2b), so vio
+        // submits what was in flight again itself; a backend that tracks it would resume it.
+        if r.json?["inflightTracking"] as? Bool == true {
+            XCTAssertEqual(r.int("resubmitted"), 0, "\(r)")
+        } else {
+            XCTAssertGreaterThan(r.int("resubmitted") ?? 0, 0, "requests in flight at the kill went out again: \(r)")
+        }
         let o = outages(r)
         XCTAssertEqual(o.count, 1, "\(r)")
         XCTAssertEqual(o.first?["recovered"] as? Bool, true, "\(r)")

@@ -21,6 +21,7 @@ enum Code {
     static let setVringCall: UInt32 = 13, getProtocolFeatures: UInt32 = 15
     static let setProtocolFeatures: UInt32 = 16, getQueueNum: UInt32 = 17, setVringEnable: UInt32 = 18
     static let getConfig: UInt32 = 24, setStatus: UInt32 = 39, getStatus: UInt32 = 40
+    static let getInflightFD: UInt32 = 31, setInflightFD: UInt32 = 32
 }
 
 /// Feature and flag bits spelled out as numbers (so the tests do not depend on the code under test).
@@ -47,6 +48,9 @@ struct ReceivedMessage {
     private var message: VhostUserMessage { VhostUserMessage(request: request, flags: flags, payload: payload) }
     func u32(at offset: Int) -> UInt32? { message.u32(at: offset) }
     func u64(at offset: Int) -> UInt64? { message.u64(at: offset) }
+    func u16(at offset: Int) -> UInt16? {
+        offset + 2 <= payload.count ? UInt16(payload[offset]) | UInt16(payload[offset + 1]) << 8 : nil
+    }
     var needsReply: Bool { flags & Bits.needReply != 0 }
 }
 
@@ -85,6 +89,9 @@ struct BackendScript {
     var grabLimit = 1000
     /// Pin the backend thread to this CPU (so it runs beside, not instead of, the front end).
     var pinToCPU: Int32? = nil
+    /// GET_INFLIGHT_FD: the descriptor sent with the reply and the area's size.
+    var inflightFD: Int32? = nil
+    var inflightSize: UInt64 = 4096
 }
 
 enum BackendError: Error { case sys(String, Int32) }
@@ -304,6 +311,12 @@ final class FakeBackend: @unchecked Sendable {
             let offset = Int(m.u32(at: 0) ?? 0), size = Int(m.u32(at: 4) ?? 0)
             payload = le(UInt32(offset)) + le(UInt32(size)) + le(m.u32(at: 8) ?? 0)
             payload += (offset..<(offset + size)).map { $0 < script.config.count ? script.config[$0] : 0 }
+        case Code.getInflightFD:
+            payload = le(script.inflightSize) + le(UInt64(0)) + le(m.u16(at: 16) ?? 0) + le(m.u16(at: 18) ?? 0) + le(UInt32(0))
+            let fds = script.inflightFD.map { [$0] } ?? []
+            let bytes = le(m.request) + le(Bits.version | Bits.reply) + le(UInt32(payload.count)) + payload
+            _ = bytes.withUnsafeBytes { b in fds.withUnsafeBufferPointer { cvio_send_with_fds(conn, b.baseAddress, b.count, $0.baseAddress, Int32(fds.count)) } }
+            return
         case Code.getVringBase:
             let index = m.u32(at: 0) ?? 0
             payload = le(script.vringBaseReplyIndex ?? index) + le(script.vringBases[index] ?? 0)

@@ -577,6 +577,80 @@ final class BlkQueueTests: XCTestCase {
         }
     }
 
+    // MARK: Reconnect
+
+    /// Polls until `cond` or a second passes, collecting completions.
+    func pollUntil<Ring: Virtqueue & ~Copyable>(_ q: inout VirtioBlkQueue<Ring>, _ cond: (borrowing VirtioBlkQueue<Ring>) -> Bool) -> [BlkCompletion] {
+        var got: [BlkCompletion] = []
+        let end = Date().addingTimeInterval(2)
+        while !cond(q) && Date() < end { got += poll(&q, upTo: 8); usleep(500) }
+        return got
+    }
+
+    /// The device is lost with two requests in flight, one of which it completed before it went;
+    /// a third is submitted during the outage. That one is kept for later, the completed one is
+    /// reported, and after the reconnect the unfinished one is submitted again on the reset ring
+    /// (`inflight` false) — or, with a device that tracks in-flight requests itself, the ring is
+    /// handed back as it was and the device finishes it there. Nothing is reported twice or lost.
+    func reconnect(inflight: Bool) throws {
+        let t = FakeTransport.blk(offered: base, capacitySectors: Self.capacity)
+        t.reconnectable = true
+        t.tracksInflight = inflight
+        var o = options(ring: .split, queueSize: 16, inOrder: true)
+        o.reconnect = ReconnectPolicy(timeout: 5)
+        let d = try VirtioBlkDevice<SplitVirtqueue>(transport: t, options: o)
+        XCTAssertEqual(d.inflightTracked, inflight)
+        var q = d.makeQueue(0)
+        try q.flush(tag: 1); try q.flush(tag: 2)
+        q.commit()
+        let dev = try ringDevice(t, d)
+        // The device's side of a flush: status OK into the last segment.
+        func ok(_ p: [(id: UInt16, segments: [RingDevice.Segment], ringDescriptors: Int)]) -> [UInt16] {
+            for r in p { UnsafeMutableRawPointer(bitPattern: UInt(r.segments.last!.addr))!.storeBytes(of: UInt8(0), as: UInt8.self) }
+            return p.map(\.id)
+        }
+        let popped = dev.pop()
+        XCTAssertEqual(popped.count, 2)
+        dev.complete(ok([popped[0]]), [1])
+        t.disconnect("daemon killed")
+        var got = pollUntil(&q) { $0.isSuspended }
+        XCTAssertTrue(q.isSuspended)
+        XCTAssertEqual(got.map(\.tag), [1], "what the device completed before it went is reported")
+        XCTAssertEqual(got.first?.status, .ok)
+        try q.flush(tag: 3)  // during the outage: kept for later
+        q.commit()
+        XCTAssertEqual(q.inFlight, 2)
+        t.comeBack()
+        got = pollUntil(&q) { !$0.isSuspended }
+        XCTAssertEqual(got.count, 0)
+        XCTAssertFalse(q.isSuspended)
+        let a = try XCTUnwrap(t.latest(0))
+        if inflight {
+            XCTAssertEqual(a.base, 2, "the ring is handed back where it stood")
+            // The same device (same ring memory) finishes what it had, then takes the new one.
+            dev.complete(ok([popped[1]]), [1])
+            let next = dev.pop()
+            XCTAssertEqual(next.count, 1)
+            dev.complete(ok(next), [1])
+            XCTAssertEqual(q.resubmitted, 0)
+        } else {
+            XCTAssertEqual(a.base, 0, "a fresh ring")
+            let fresh = try RingDevice.split(a, indirect: false, inOrder: true)
+            let again = fresh.pop()
+            XCTAssertEqual(again.count, 2, "the unfinished request, then the new one")
+            fresh.complete(ok(again), [1, 1])
+            XCTAssertEqual(q.resubmitted, 1)
+        }
+        got = pollUntil(&q) { $0.inFlight == 0 }
+        XCTAssertEqual(got.map(\.tag).sorted(), [2, 3])
+        XCTAssertTrue(got.allSatisfy { $0.status == .ok }, "\(got)")
+        XCTAssertEqual(q.outagesSurvived, 1)
+        XCTAssertEqual(d.core.outages.map(\.recovered), [true])
+    }
+
+    func testReconnectSubmitsAgain() throws { try reconnect(inflight: false) }
+    func testReconnectWithDeviceTrackedInflight() throws { try reconnect(inflight: true) }
+
     func testOneQueueFailingFailsItsSiblingsSplit() throws { try siblingsFail(SplitVirtqueue.self, offered: base) }
     func testOneQueueFailingFailsItsSiblingsPacked() throws { try siblingsFail(PackedVirtqueue.self, offered: base.union(.ringPacked)) }
 

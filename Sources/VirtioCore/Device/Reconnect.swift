@@ -83,6 +83,8 @@ final class ReconnectAgent: @unchecked Sendable {
     let afterStart: Mutex<(() throws -> Void)?> = Mutex(nil)
     /// Slots whose owner reset its ring for the current outage; the slots that must be.
     let reset = Mutex<Set<Int>>([])
+    /// Rings handed back as they were (the device resumes them), by slot: their addresses and base.
+    let kept = Mutex<[Int: QueueAddresses]>([:])
     let mustReset: Mutex<Set<Int>>
     let quit = Atomic<Bool>(false)
     /// Set once the lost device touches none of our memory any more (a vhost-user backend that is
@@ -202,7 +204,8 @@ final class ReconnectAgent: @unchecked Sendable {
                     try transport.negotiate(features, queueCount: queueCount, queuesPerUnit: queuesPerUnit)
                     try transport.setMemory(try memoryTable())
                     try beforeSetup.withLock { $0 }?()
-                    for (slot, index) in indices.enumerated() { try transport.setupQueue(index, addresses: addresses[slot]) }
+                    let kept = self.kept.withLock { $0 }
+                    for (slot, index) in indices.enumerated() { try transport.setupQueue(index, addresses: kept[slot] ?? addresses[slot]) }
                     try transport.start()
                 } catch {
                     if transport.isConnected {
@@ -217,6 +220,7 @@ final class ReconnectAgent: @unchecked Sendable {
                 break
             }
             reset.withLock { $0.removeAll() }
+            kept.withLock { $0.removeAll() }
             quiesced.store(false, ordering: .releasing)
             run.running.withLock { $0 = true }
             current.withLock { $0 = nil }

@@ -312,6 +312,14 @@ public final class VirtioDevice<Ring: Virtqueue & ~Copyable>: @unchecked Sendabl
         agent?.reset.withLock { $0.formUnion(slots) }
     }
 
+    /// Instead of `ringsReset`: the ring of `slot` is handed back as it is, with what it holds in
+    /// flight (a device that tracks its in-flight requests itself, see
+    /// `VirtioTransport.setUpInflightTracking`, resumes them); `addresses` says where it continues.
+    public func ringKept(_ slot: Int, addresses: QueueAddresses) {
+        agent?.kept.withLock { $0[slot] = addresses }
+        agent?.reset.withLock { _ = $0.insert(slot) }
+    }
+
     /// Slots the device core owns itself are excluded from the wait (a queue never handed out
     /// is still fresh; the device type resets its own, e.g. a control queue, in `afterStart`).
     public func ownsRingReset(_ slots: [Int]) {

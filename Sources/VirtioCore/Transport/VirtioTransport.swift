@@ -104,6 +104,10 @@ public protocol VirtioTransport: AnyObject {
     /// least every 100 ms. Throws `ReconnectError` when it gives up; other errors (a backend that
     /// went away again) may be retried.
     func reconnect(deadline: UInt64, abort: () -> Bool) throws
+    /// Lets the device keep track of the requests in flight in memory that outlives it (vhost-user
+    /// INFLIGHT_SHMFD), so that after a reconnect the device itself resumes them from the rings as
+    /// they were. Call after `negotiate`, before `setMemory`; false where the device cannot.
+    func setUpInflightTracking(queueCount: Int, queueSize: Int) throws -> Bool
 }
 
 /// What a transport says about the number of queues.
@@ -139,6 +143,7 @@ extension VirtioTransport {
     public var bufferAddressing: BufferAddressing { .processVirtual }
     public var isLegacy: Bool { false }
     public var canReconnect: Bool { false }
+    public func setUpInflightTracking(queueCount: Int, queueSize: Int) throws -> Bool { false }
     public func reconnect(deadline: UInt64, abort: () -> Bool) throws {
         throw TransportError("\(deviceDescription) cannot reconnect")
     }
