@@ -239,10 +239,11 @@ public final class VirtioNetDevice<Ring: Virtqueue & ~Copyable>: @unchecked Send
         if let policy = options.reconnect {
             // The device comes back as after a reset. Weak: the device core (which keeps these)
             // must not keep us.
-            if let control { core.ownsRingReset([control.slot]) }
             core.enableReconnect(policy, beforeSetup: { [weak self] in
                 try self?.control?.resetRing()
             }, afterStart: { [weak self] in try self?.restoreAfterReconnect() })
+            // The control queue is the device's own: reset in `beforeSetup`, not by a port.
+            if let control { core.ownsRingReset([control.slot]) }
         }
         let modes = [options.promiscuous.map { "promiscuous \($0 ? "on" : "off")" }, options.allMulticast.map { "all-multicast \($0 ? "on" : "off")" }]
             .compactMap { $0 }.joined(separator: ", ")

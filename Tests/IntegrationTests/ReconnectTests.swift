@@ -49,6 +49,33 @@ final class ReconnectTests: XCTestCase {
         XCTAssertTrue(r.stdout.contains("outages 1"), "\(r)")
     }
 
+    /// fwd (txonly, one port) through a peer kill and restart: it keeps running, reports one
+    /// recovered outage and what was offered while the link was down, forwards again after it,
+    /// and every mbuf is back at the end.
+    func testFwdKeepsRunningThroughAPeerKill() throws {
+        let dir = try TempDir()
+        let socket = dir.path("fwd.sock")
+        let first = try Peer(mode: "macswap", dir: dir, name: "first", socket: socket)
+        let vio = try Vio(["fwd", "--port", "vhost:\(socket)", "--mode", "txonly", "--duration", "8", "--reconnect=30s"] + noHuge, dir: dir)
+        XCTAssertTrue(vio.waitForOutput("port 0: rx", timeout: 30), "\(vio.stdoutSoFar)")
+        Thread.sleep(forTimeInterval: 1)
+        first.kill()
+        XCTAssertTrue(vio.waitForOutput("link down", timeout: 10), "\(vio.stdoutSoFar)")
+        unlink(socket)
+        let second = try Peer(mode: "macswap", dir: dir, name: "second", socket: socket)
+        defer { second.kill() }
+        let r = vio.wait(timeout: 60)
+        XCTAssertEqual(r.status, 0, "\(r)")
+        let o = outages(r, port: true)
+        XCTAssertEqual(o.count, 1, "\(r)")
+        XCTAssertEqual(o.first?["recovered"] as? Bool, true, "\(r)")
+        XCTAssertGreaterThan(r.port(0)?["txLinkDown"] as? Int ?? 0, 0, "frames offered while the link was down are counted: \(r)")
+        XCTAssertEqual(r.int("mbufsInUseAfterStop"), 0, "\(r)")
+        let stats = try second.stop()
+        XCTAssertGreaterThan(stats.rx, 10_000, "fwd sent through the new peer: \(second.tail())")
+        XCTAssertTrue(r.stdout.contains("port 0 outages 1"), "\(r)")
+    }
+
     /// Server mode: vio listens; testpmd (client=1) connects, is killed and started again ten
     /// times in a row. Every restart is one recovered outage; no mbuf and no file descriptor is
     /// leaked (vio's /proc/PID/fd is counted with the first backend and with the last); a second
