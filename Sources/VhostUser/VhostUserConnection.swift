@@ -93,10 +93,7 @@ public final class VhostUserConnection: VirtioTransport, @unchecked Sendable {
         self.path = path
         wanted = Self.wantedProtocolFeatures.union(inflightTracking ? .inflightShmfd : [])
         self.logger = logger
-        guard replyTimeoutSeconds > 0, replyTimeoutSeconds <= 3600 else {
-            throw VhostUserError.badReply(request: "setup", detail: "reply timeout \(replyTimeoutSeconds) s must be in (0, 3600]")
-        }
-        replyTimeout = replyTimeoutSeconds
+        replyTimeout = try Self.checkedReplyTimeout(replyTimeoutSeconds)
         role = .client
         fd = try Self.connectSocket(path)
         wakeFD = cvio_eventfd()
@@ -118,10 +115,7 @@ public final class VhostUserConnection: VirtioTransport, @unchecked Sendable {
         self.path = path
         wanted = Self.wantedProtocolFeatures.union(inflightTracking ? .inflightShmfd : [])
         self.logger = logger
-        guard replyTimeoutSeconds > 0, replyTimeoutSeconds <= 3600 else {
-            throw VhostUserError.badReply(request: "setup", detail: "reply timeout \(replyTimeoutSeconds) s must be in (0, 3600]")
-        }
-        replyTimeout = replyTimeoutSeconds
+        replyTimeout = try Self.checkedReplyTimeout(replyTimeoutSeconds)
         let l = try Self.listenSocket(path)
         role = .server(listenFD: l)
         fd = -1
@@ -142,6 +136,13 @@ public final class VhostUserConnection: VirtioTransport, @unchecked Sendable {
         for f in kickFDs + callFDs where f >= 0 { close(f) }
         if let i = inflight { close(i.fd) }
         if case .server(let l) = role { close(l); unlink(path) }
+    }
+
+    private static func checkedReplyTimeout(_ seconds: Double) throws -> Double {
+        guard seconds > 0, seconds <= 3600 else {
+            throw VhostUserError.badReply(request: "setup", detail: "reply timeout \(seconds) s must be in (0, 3600]")
+        }
+        return seconds
     }
 
     /// Client (we connect to the backend's socket) or server (the backend connects to ours).

@@ -305,14 +305,7 @@ public struct VirtioBlkQueue<Ring: Virtqueue & ~Copyable>: ~Copyable {
             // Nothing yet: look again after about one request's time.
             if n > 0 { pace(harvested: n, inFlight: before, now: now) } else { nextPollAt = now &+ Swift.min(cyclesPerCompletion, maxPollGap) }
         }
-        for i in 0..<n {
-            let ctx = Int(bitPattern: cookies[i]) - 1
-            let c = contexts[ctx]
-            let status = BlkStatus(byte: slab.load(fromByteOffset: ctx * BlkSlot.bytes + BlkSlot.statusOffset, as: UInt8.self))
-            out[i] = BlkCompletion(tag: c.tag, operation: c.operation, status: status, bytes: status == .ok ? c.bytes : 0)
-            freeContexts[(freeFirst &+ freeTop) & contextMask] = UInt16(ctx)
-            freeTop += 1
-        }
+        complete(n, into: out)
         if let e = vq.failure {
             stopBrokenRing(e)
         } else if n == 0 && vq.inFlight > 0 {
@@ -323,6 +316,19 @@ public struct VirtioBlkQueue<Ring: Virtqueue & ~Copyable>: ~Copyable {
             idlePolls = 0
         }
         return n
+    }
+
+    /// The `n` harvested completions (in `cookies`) into `out`, their contexts free again.
+    @inlinable @inline(__always)
+    mutating func complete(_ n: Int, into out: UnsafeMutablePointer<BlkCompletion>) {
+        for i in 0..<n {
+            let ctx = Int(bitPattern: cookies[i]) - 1
+            let c = contexts[ctx]
+            let status = BlkStatus(byte: slab.load(fromByteOffset: ctx * BlkSlot.bytes + BlkSlot.statusOffset, as: UInt8.self))
+            out[i] = BlkCompletion(tag: c.tag, operation: c.operation, status: status, bytes: status == .ok ? c.bytes : 0)
+            freeContexts[(freeFirst &+ freeTop) & contextMask] = UInt16(ctx)
+            freeTop += 1
+        }
     }
 
     /// After a paced poll that found `harvested` of `inFlight`: update the estimate of the
@@ -366,14 +372,7 @@ public struct VirtioBlkQueue<Ring: Virtqueue & ~Copyable>: ~Copyable {
             if link.isUp || !core.mayResetRings { return 0 }
             // The backend is gone; its used entries are still in our memory.
             let n = vq.failure == nil ? vq.harvest(into: cookies, lengths: lengths, max: Swift.min(max, vq.size)) : 0
-            for i in 0..<n {
-                let ctx = Int(bitPattern: cookies[i]) - 1
-                let c = contexts[ctx]
-                let status = BlkStatus(byte: slab.load(fromByteOffset: ctx * BlkSlot.bytes + BlkSlot.statusOffset, as: UInt8.self))
-                out[i] = BlkCompletion(tag: c.tag, operation: c.operation, status: status, bytes: status == .ok ? c.bytes : 0)
-                freeContexts[(freeFirst &+ freeTop) & contextMask] = UInt16(ctx)
-                freeTop += 1
-            }
+            complete(n, into: out)
             if resumesInflight {
                 // The backend resumes what the ring holds: it stays as it is.
                 suspended = true
