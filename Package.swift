@@ -18,6 +18,7 @@ let package = Package(
         .library(name: "DPDK", targets: ["DPDK"]),
         .library(name: "VirtioTestSupport", targets: ["VirtioTestSupport"]),
         .library(name: "NetStack", targets: ["NetStack"]),
+        .library(name: "NIODataplane", targets: ["NIODataplane"]),
         .library(name: "DataplaneHTTP", targets: ["DataplaneHTTP"]),
         .executable(name: "vio", targets: ["vio"]),
     ],
@@ -51,6 +52,12 @@ let package = Package(
         .systemLibrary(name: "CLwIP", pkgConfig: "lwip", providers: [.apt(["liblwip-dev"])]),
         .target(name: "CVioLwIP", dependencies: ["CLwIP"]),
         .target(name: "NetStack", dependencies: ["CVioLwIP", "VirtioNet", "DPDK"]),
+        // SwiftNIO on the dataplane: an EventLoop that is the poll loop, Channels on NetStack's
+        // TCP connections, a server bootstrap.
+        .target(name: "NIODataplane", dependencies: [
+            "NetStack", "DPDK",
+            .product(name: "NIOCore", package: "swift-nio"),
+        ]),
         .target(name: "DataplaneHTTP", dependencies: [
             "NetStack", "VirtioNet", "VirtioCore", "VhostUser", "DPDK",
             .product(name: "NIOCore", package: "swift-nio"),
@@ -74,6 +81,9 @@ let package = Package(
         .executableTarget(name: "hostile-device", dependencies: ["VhostUser", "VirtioCore", "VirtioTestSupport", "CVioLinux"],
                           path: "Tests/HostileDevice"),
         .testTarget(name: "IntegrationTests", dependencies: ["vio", "hostile-device"]),
+        .testTarget(name: "NIODataplaneTests", dependencies: [
+            "NIODataplane", .product(name: "NIOCore", package: "swift-nio"),
+        ]),
         .testTarget(name: "DataplaneHTTPTests", dependencies: [
             "DataplaneHTTP", "NetStack",
             .product(name: "NIOCore", package: "swift-nio"),

@@ -29,6 +29,7 @@ struct vlw_conn {
     int want_write;
     int in_ready;
     int released;                 // the application closed it; free when off the ready list
+    int tx_shut;                  // vlw_conn_shutdown_write sent our FIN
     uint32_t remote_ip;
     uint16_t remote_port;
     void *user;
@@ -152,7 +153,17 @@ static err_t on_recv(void *arg, struct tcp_pcb *pcb, struct pbuf *p, err_t err) 
         if (p) { tcp_recved(pcb, p->tot_len); pbuf_free(p); }
         return ERR_OK;
     }
-    if (!p) { c->state |= VLW_EV_PEER_CLOSED; push_ready(c, VLW_EV_PEER_CLOSED); return ERR_OK; }
+    if (!p) {
+        c->state |= VLW_EV_PEER_CLOSED;
+        if (c->tx_shut) {
+            // Both directions are closed: lwIP now finishes the connection by itself (TIME_WAIT
+            // or CLOSING) and frees the pcb later without a callback, so let go of it here.
+            tcp_arg(pcb, NULL); tcp_recv(pcb, NULL); tcp_sent(pcb, NULL); tcp_err(pcb, NULL);
+            c->pcb = NULL;
+        }
+        push_ready(c, VLW_EV_PEER_CLOSED);
+        return ERR_OK;
+    }
     if (err != ERR_OK) { pbuf_free(p); return ERR_OK; }
     c->rx_len += p->tot_len;
     if (c->rx) pbuf_cat(c->rx, p); else c->rx = p;
@@ -299,6 +310,14 @@ long vlw_conn_write(vlw_conn *c, const void *data, size_t len) {
 }
 
 void vlw_conn_flush(vlw_conn *c) { if (c->pcb) tcp_output(c->pcb); }
+
+int vlw_conn_shutdown_write(vlw_conn *c) {
+    if (!c->pcb) return ERR_CONN;
+    if (c->tx_shut) return ERR_OK;
+    err_t e = tcp_shutdown(c->pcb, 0, 1);
+    if (e == ERR_OK) { c->tx_shut = 1; tcp_output(c->pcb); }
+    return e;
+}
 
 static void release(vlw_conn *c) {
     if (c->rx) { pbuf_free(c->rx); c->rx = NULL; }

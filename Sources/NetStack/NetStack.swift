@@ -176,10 +176,18 @@ public final class NetStack {
     /// received. Takes the core lock only when there is something to do.
     @discardableResult
     public func poll<Port: PacketPort & ~Copyable>(_ port: inout Port) -> Int {
+        poll(&port, work: NoTurnWork())
+    }
+
+    /// One turn that also runs `work` (an event loop's tasks and timers) inside the lock, after
+    /// the connection events and before the frames go out, when `work.hasWork` says there is some.
+    @discardableResult
+    public func poll<Port: PacketPort & ~Copyable, Work: NetStackTurnWork>(_ port: inout Port, work: Work) -> Int {
         let n = port.rxBurst(rxBufs, max: burst)
         let now = TSC.now()
         let tick = now >= nextTick
-        guard n > 0 || tick || vlw_work_pending() != 0 else { return 0 }
+        let hasWork = work.hasWork
+        guard n > 0 || tick || hasWork || vlw_work_pending() != 0 else { return 0 }
         vlw_lock()
         inPoll = true
         for i in 0..<n {
@@ -195,6 +203,10 @@ public final class NetStack {
         }
         driverCounters = port.counters
         dispatch()
+        if hasWork {
+            work.runWork()
+            dispatch()   // what the work's writes and closes made lwIP report
+        }
         if tick {
             nextTick = now &+ tickCycles
             onTick?()
@@ -230,6 +242,7 @@ public final class NetStack {
             guard let lu = vlw_conn_listener_user(c) else { vlw_conn_abort(c); continue }
             let listener = Unmanaged<TCPListener>.fromOpaque(lu).takeUnretainedValue()
             let conn = TCPConnection(raw: c, stack: self)
+            conn.localPort = listener.port
             vlw_conn_set_user(c, Unmanaged.passRetained(conn).toOpaque())
             listener.onAccept(conn)
             if !conn.isClosed { conn.deliver(events) }
@@ -245,6 +258,19 @@ public final class NetStack {
             if turns & 1023 == 0, !keepGoing() { return }
         }
     }
+}
+
+/// Work that runs inside a `NetStack.poll` turn with the core lock held (so it may use
+/// connections), e.g. an event loop's tasks and timers.
+public protocol NetStackTurnWork {
+    /// Whether this turn has work; read without the lock, once per turn.
+    var hasWork: Bool { get }
+    func runWork()
+}
+
+struct NoTurnWork: NetStackTurnWork {
+    @inline(__always) var hasWork: Bool { false }
+    func runWork() {}
 }
 
 /// A listening TCP socket.
@@ -279,6 +305,8 @@ public final class TCPConnection {
     unowned let stack: NetStack
     public let remoteAddress: IPv4Address
     public let remotePort: UInt16
+    /// The listening port it was accepted on.
+    public internal(set) var localPort: UInt16 = 0
     /// Runs inside `poll` with the events since the last call.
     public var onEvent: ((TCPConnection, TCPEvents) -> Void)?
     var wrote = false
@@ -339,6 +367,20 @@ public final class TCPConnection {
         checkThread()
         if let raw { wrote = false; vlw_conn_flush(raw) }
     }
+
+    /// Half-close: FIN after the queued bytes; receiving goes on. Returns nil, or the lwIP
+    /// error's name when the connection could not be shut down (it is gone).
+    @discardableResult
+    public func shutdownOutput() -> String? {
+        checkThread()
+        guard let r = raw else { return lwipErrorName(-11) }
+        if wrote { wrote = false; vlw_conn_flush(r) }
+        let e = vlw_conn_shutdown_write(r)
+        return e == 0 ? nil : lwipErrorName(e)
+    }
+
+    /// The lwIP error that ended the connection (0: none; -15 ERR_CLSD is an orderly end).
+    public var errorCode: Int32 { raw.map { vlw_conn_error($0) } ?? 0 }
 
     /// Closes gracefully (FIN after the queued bytes). The handler is dropped.
     public func close() {

@@ -81,6 +81,9 @@ size_t vlw_conn_writable(vlw_conn *c);
 long vlw_conn_write(vlw_conn *c, const void *data, size_t len);
 /// Sends what was queued (tcp_output).
 void vlw_conn_flush(vlw_conn *c);
+/// Half-close: sends FIN after the queued data; receiving goes on. Lock held. 0 or an err_t.
+/// Once the peer's FIN also arrived, the glue lets go of the pcb (lwIP ends it by itself).
+int vlw_conn_shutdown_write(vlw_conn *c);
 /// VLW_EV_PEER_CLOSED / VLW_EV_ERROR state bits (sticky).
 uint32_t vlw_conn_state(const vlw_conn *c);
 /// The lwIP error that ended the connection (err_t), 0 if none.
