@@ -55,8 +55,9 @@ let package = Package(
         // SwiftNIO on the dataplane: an EventLoop that is the poll loop, Channels on NetStack's
         // TCP connections, a server bootstrap.
         .target(name: "NIODataplane", dependencies: [
-            "NetStack", "DPDK",
+            "NetStack", "DPDK", "VirtioNet", "VirtioCore", "VhostUser",
             .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "Logging", package: "swift-log"),
         ]),
         .target(name: "DataplaneHTTP", dependencies: [
             "NetStack", "VirtioNet", "VirtioCore", "VhostUser", "DPDK",
@@ -80,7 +81,13 @@ let package = Package(
         // The test suite's own vhost-user device, which misbehaves on command (Tests/HostileDevice).
         .executableTarget(name: "hostile-device", dependencies: ["VhostUser", "VirtioCore", "VirtioTestSupport", "CVioLinux"],
                           path: "Tests/HostileDevice"),
-        .testTarget(name: "IntegrationTests", dependencies: ["vio", "hostile-device"]),
+        // A NIO server on the dataplane for the channel tests (Tests/NIOProbe).
+        .executableTarget(name: "nio-probe", dependencies: [
+            "NIODataplane", "NetStack",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
+        ], path: "Tests/NIOProbe"),
+        .testTarget(name: "IntegrationTests", dependencies: ["vio", "hostile-device", "nio-probe"]),
         .testTarget(name: "NIODataplaneTests", dependencies: [
             "NIODataplane", .product(name: "NIOCore", package: "swift-nio"),
         ]),

@@ -52,7 +52,13 @@ public final class DataplaneChannel: Channel, ChannelCore, @unchecked Sendable {
     private var closed = false
     private var inputClosed = false
     private var inputEOFSeen = false
+    /// close(mode: .output) was asked for: no new writes; FIN once the flushed ones are out.
     private var outputClosed = false
+    private var outputShut = false
+    private var outputClosePromise: EventLoopPromise<Void>?
+    /// Closed for NIO while lwIP still takes the flushed writes (a kernel socket keeps sending
+    /// its buffer after close(); the writes waiting here are that buffer). FIN when they are out.
+    private var lingering = false
     private var readPending = false
     private var readScheduled = false
 
@@ -84,6 +90,16 @@ public final class DataplaneChannel: Channel, ChannelCore, @unchecked Sendable {
     // MARK: NetStack events
 
     func handle(_ events: TCPEvents) {
+        if lingering {
+            if events.contains(.failed) || conn.isFailed || conn.isClosed {
+                failAllWrites(IOError(errnoCode: ECONNRESET, reason: "the connection failed while its last writes were sent"))
+                endLinger()
+            } else {
+                _ = discardInput()
+                writeFlushed()
+            }
+            return
+        }
         guard !closed else { return }
         if events.contains(.failed) || conn.isFailed {
             let code = conn.errorCode
@@ -170,7 +186,7 @@ public final class DataplaneChannel: Channel, ChannelCore, @unchecked Sendable {
         if allowRemoteHalfClosure {
             inputClosed = true
             pipeline.fireUserInboundEventTriggered(ChannelEvent.inputClosed)
-            if outputClosed, !closed { close0(error: ChannelError.eof, mode: .all, promise: nil) }
+            if outputShut, !closed { close0(error: ChannelError.eof, mode: .all, promise: nil) }
         } else {
             close0(error: ChannelError.eof, mode: .all, promise: nil)
         }
@@ -180,7 +196,7 @@ public final class DataplaneChannel: Channel, ChannelCore, @unchecked Sendable {
 
     private func writeFlushed() {
         var wrote = false
-        while flushedCount > 0, !closed, !outputClosed {
+        while flushedCount > 0, !conn.isClosed, !outputShut {
             let room = conn.writableBytes
             if room == 0 { break }   // NetStack's writable event continues
             var item = pending.first!
@@ -231,8 +247,33 @@ public final class DataplaneChannel: Channel, ChannelCore, @unchecked Sendable {
             pending[pending.startIndex] = item
             if n == 0 { break }
         }
-        if wrote, !closed { conn.flush() }
+        if wrote, !conn.isClosed { conn.flush() }
+        if pending.isEmpty {
+            if outputClosed, !outputShut { shutOutput() }
+            if lingering { endLinger(); return }
+        }
         if !closed { updateWritability() }
+    }
+
+    /// Our FIN, after the last flushed write (close(mode: .output)).
+    private func shutOutput() {
+        outputShut = true
+        let promise = outputClosePromise
+        outputClosePromise = nil
+        if let e = conn.shutdownOutput() {
+            promise?.fail(IOError(errnoCode: ENOTCONN, reason: "shutdown of the TCP connection: \(e)"))
+        } else {
+            promise?.succeed(())
+        }
+        guard !closed else { return }
+        pipeline.fireUserInboundEventTriggered(ChannelEvent.outputClosed)
+        if inputClosed, !closed { close0(error: ChannelError.eof, mode: .all, promise: nil) }
+    }
+
+    private func endLinger() {
+        lingering = false
+        conn.close()
+        loop.lingering.removeValue(forKey: ObjectIdentifier(self))
     }
 
     private func finishFront(_ item: PendingWrite, written: Int) {
@@ -308,31 +349,41 @@ public final class DataplaneChannel: Channel, ChannelCore, @unchecked Sendable {
         switch mode {
         case .output:
             if outputClosed { promise?.fail(ChannelError.outputClosed); return }
-            // What was flushed goes first; what lwIP did not take yet fails.
-            writeFlushed()
+            // As NIOPosix: the writes already made go out first (flushed now), then FIN.
             outputClosed = true
-            failAllWrites(ChannelError.outputClosed)
-            updateWritability()
-            if let e = conn.shutdownOutput() {
-                promise?.fail(IOError(errnoCode: ENOTCONN, reason: "shutdown of the TCP connection: \(e)"))
-            } else {
-                promise?.succeed(())
-            }
-            pipeline.fireUserInboundEventTriggered(ChannelEvent.outputClosed)
-            if inputClosed, !closed { close0(error: ChannelError.eof, mode: .all, promise: nil) }
+            outputClosePromise = promise
+            flushedCount = pending.count
+            writeFlushed()
         case .input:
             if inputClosed { promise?.fail(ChannelError.inputClosed); return }
             inputClosed = true
             _ = discardInput()
             promise?.succeed(())
             pipeline.fireUserInboundEventTriggered(ChannelEvent.inputClosed)
-            if outputClosed, !closed { close0(error: ChannelError.eof, mode: .all, promise: nil) }
+            if outputShut, !closed { close0(error: ChannelError.eof, mode: .all, promise: nil) }
         case .all:
             closed = true
             let wasActive = isActive
             activeFlag.store(false, ordering: .releasing)
-            failAllWrites(error is ChannelError ? ChannelError.ioOnClosedChannel : error)
-            conn.close()   // FIN after what lwIP holds; a connection already gone is only released
+            // Writes never flushed fail; flushed ones still go out (as from a kernel socket's
+            // buffer) unless the connection failed, then FIN.
+            while pending.count > flushedCount {
+                let w = pending.removeLast()
+                pendingBytes -= w.data.readableBytes
+                w.promise?.fail(ChannelError.ioOnClosedChannel)
+            }
+            if outputShut || conn.isClosed || conn.isFailed || error is IOError { failAllWrites(error is IOError ? error : ChannelError.ioOnClosedChannel) }
+            outputClosePromise?.fail(ChannelError.ioOnClosedChannel)
+            outputClosePromise = nil
+            if pending.isEmpty {
+                conn.close()   // FIN after what lwIP holds; a connection already gone is only released
+            } else {
+                lingering = true
+                loop.lingering[ObjectIdentifier(self)] = { [self] in
+                    failAllWrites(ChannelError.ioOnClosedChannel)
+                    endLinger()
+                }
+            }
             loop.channels.removeValue(forKey: ObjectIdentifier(self))
             promise?.succeed(())
             if wasActive { pipeline.fireChannelInactive() }

@@ -39,6 +39,8 @@ public final class DataplaneEventLoop: EventLoop, @unchecked Sendable {
     private var nextTimerID: UInt64 = 0
     /// Channels registered with the loop, closed when it shuts down.
     var channels: [ObjectIdentifier: any Channel] = [:]
+    /// Closed channels whose last flushed writes still go out; each entry ends one at once.
+    var lingering: [ObjectIdentifier: () -> Void] = [:]
 
     let cyclesPerSecond: UInt64
     /// File-region writes read into this before lwIP copies them (one loop, one thread).
@@ -253,6 +255,9 @@ public final class DataplaneEventLoop: EventLoop, @unchecked Sendable {
             turns &+= 1
             quiet = (tasksRun == before && !queued.load(ordering: .acquiring)) ? quiet + 1 : 0
         }
+        // Closed connections still sending their last bytes get those quiet turns, then end.
+        for end in Array(lingering.values) { execute { end() } }
+        turn(self)
         while let t = timers.top {
             timers.remove(t)
             t.fail(EventLoopError.shutdown)

@@ -214,7 +214,9 @@ public final class DataplaneServerBootstrap: @unchecked Sendable {
                 box.channel = try NIOAsyncChannel<Output, Never>(wrappingChannelSynchronously: channel)
             }
         }, childInit: childChannelInitializer) { server, output in
+            // A read cycle per connection: NIOAsyncChannel hands reads on at readComplete.
             server.pipeline.syncOperations.fireChannelRead(NIOAny(output))
+            server.pipeline.syncOperations.fireChannelReadComplete()
         }.get()
         return box.channel!
     }

@@ -30,6 +30,8 @@ enum Tools {
         return dir.appendingPathComponent("vio").path
     }
     static let testpmd = "/usr/bin/dpdk-testpmd"
+    /// NIO servers on the dataplane (Tests/NIOProbe), built next to `vio`.
+    static var nioProbe: String { URL(fileURLWithPath: vio).deletingLastPathComponent().appendingPathComponent("nio-probe").path }
     /// The test suite's own misbehaving vhost-user device (Tests/HostileDevice), built next to `vio`.
     static var hostileDevice: String { URL(fileURLWithPath: vio).deletingLastPathComponent().appendingPathComponent("hostile-device").path }
 
@@ -231,13 +233,13 @@ final class Vio {
     let started = Date()
 
     /// `cpus`: the CPUs `vio` may run on (taskset); CPU 1 unless a test spreads lcores.
-    init(_ args: [String], dir: TempDir, name: String = "vio", json: Bool = true, cpus: String = "1") throws {
+    init(_ args: [String], dir: TempDir, name: String = "vio", json: Bool = true, cpus: String = "1", binary: String = Tools.vio) throws {
         out = dir.path("\(name).out"); err = dir.path("\(name).err")
         jsonPath = json ? dir.path("\(name).json") : nil
         FileManager.default.createFile(atPath: out, contents: nil)
         FileManager.default.createFile(atPath: err, contents: nil)
         process.executableURL = URL(fileURLWithPath: "/usr/bin/taskset")
-        process.arguments = ["-c", cpus, Tools.vio] + args + (jsonPath.map { ["--json", $0] } ?? [])
+        process.arguments = ["-c", cpus, binary] + args + (jsonPath.map { ["--json", $0] } ?? [])
         process.standardOutput = FileHandle(forWritingAtPath: out)
         process.standardError = FileHandle(forWritingAtPath: err)
         process.standardInput = FileHandle.nullDevice
