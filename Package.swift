@@ -60,9 +60,8 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .target(name: "DataplaneHTTP", dependencies: [
-            "NetStack", "VirtioNet", "VirtioCore", "VhostUser", "DPDK",
+            "NetStack", "NIODataplane", "VirtioNet", "VirtioCore", "VhostUser", "DPDK",
             .product(name: "NIOCore", package: "swift-nio"),
-            .product(name: "NIOEmbedded", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),
         ]),

@@ -2,6 +2,7 @@ import DPDK
 import Foundation
 import Logging
 import NetStack
+import NIODataplane
 import Synchronization
 import NIOCore
 import NIOHTTP1
@@ -34,9 +35,6 @@ public struct HTTPDataplaneConfig: Sendable {
     }
 }
 
-/// The port type `run` opens: the split ring (the HTTP path is bound by the stack, not the ring).
-public typealias HTTPDataplanePort = VirtioNetPort<SplitVirtqueue>
-
 public enum HTTPDataplaneError: Error, CustomStringConvertible {
     case setup(String)
     case linkLost(String)
@@ -65,8 +63,9 @@ public struct HTTPDataplaneStats: Codable, Sendable {
 }
 
 /// Runs an HTTP server on a virtio-net port on the calling thread (the dataplane lcore):
-/// initialises DPDK, opens the port, starts the stack and serves `router` until `shouldStop`
-/// returns true (checked every 1024 loop turns) or the link is lost.
+/// `Dataplane.run` opens the port, starts the stack and runs the event loop; `HTTPServer` serves
+/// `router` on dataplane channels until `shouldStop` returns true (checked every 1024 loop
+/// turns), a signal arrives (with `handleSignals`) or the link is lost.
 ///
 /// ```swift
 /// let router = HTTPRouter()
@@ -75,17 +74,7 @@ public struct HTTPDataplaneStats: Codable, Sendable {
 ///                                           interface: IPv4Interface(cidr: "198.18.0.2/24")!),
 ///                       router: router)
 /// ```
-/// Set by SIGINT/SIGTERM when `run` handles signals.
-private let signalStop = Atomic<Bool>(false)
-
 public enum HTTPDataplane {
-    /// SIGINT/SIGTERM stop `run` cleanly (the port is closed, so the device sees an orderly stop).
-    static func installSignalHandlers() {
-        for sig in [SIGINT, SIGTERM] {
-            signal(sig) { _ in signalStop.store(true, ordering: .relaxed) }
-        }
-    }
-
     /// Adds `GET /stats` (JSON: driver, stack and HTTP counters) to `router` and serves.
     /// `onReady` runs once the server listens (e.g. to print a line a supervisor waits for).
     /// With `handleSignals`, SIGINT and SIGTERM stop it (pass false if the caller handles them and
@@ -93,85 +82,56 @@ public enum HTTPDataplane {
     public static func run(_ config: HTTPDataplaneConfig, router: HTTPRouter, logger: Logger = Logger(label: "httpd"),
                            statsPath: String? = "/stats", handleSignals: Bool = true, onReady: (() -> Void)? = nil,
                            shouldStop: @escaping () -> Bool = { false }) throws {
-        if handleSignals { installSignalHandlers() }
-        do {
-            let eal = try EAL.initialize(mode: config.memory, memoryMB: config.memoryMB)
-            logger.info("\(eal.summary)")
-        } catch {
-            throw HTTPDataplaneError.setup("\(error)")
-        }
-        let pool: PacketPool
-        do { pool = try PacketPool(name: "httpd_pool", count: config.mbufs) } catch {
-            throw HTTPDataplaneError.setup("\(error)")
-        }
-        var opts = VirtioNetOptions()
-        opts.ringSize = config.ringSize
-        opts.reconnect = config.reconnect
-        var port: HTTPDataplanePort
-        let device: VirtioNetDevice<SplitVirtqueue>
-        do {
-            let stop = shouldStop
-            let transport = config.vhostUserServer
-                ? try VhostUserConnection(listeningAt: config.vhostUserPath, logger: logger, acceptTimeout: config.reconnect?.timeout,
-                                          abort: { stop() || signalStop.load(ordering: .relaxed) })
-                : try VhostUserConnection(path: config.vhostUserPath, logger: logger)
-            device = try VirtioNetDevice(transport: transport, pool: pool, options: opts, logger: logger)
-            port = try device.makePort(0)  // the port keeps its device
-        } catch {
-            throw HTTPDataplaneError.setup("port vhost:\(config.vhostUserPath): \(error)")
-        }
-        var stackConfig = NetStackConfig(interface: config.interface, gateway: config.gateway)
-        stackConfig.burst = config.burst
-        let stack: NetStack
-        do { stack = try NetStack(port: port, config: stackConfig) } catch {
-            throw HTTPDataplaneError.setup("\(error)")
-        }
-        let server = HTTPServer(stack: stack, router: router, options: config.server)
+        var dc = DataplaneConfig(vhostUserPath: config.vhostUserPath, interface: config.interface)
+        dc.gateway = config.gateway
+        dc.memory = config.memory
+        dc.memoryMB = config.memoryMB
+        dc.mbufs = config.mbufs
+        dc.ringSize = config.ringSize
+        dc.burst = config.burst
+        dc.vhostUserServer = config.vhostUserServer
+        dc.reconnect = config.reconnect
+        dc.poolName = "httpd_pool"
         let started = Date()
-        let mac = port.mac.description
-        let features = port.features.description
-        if let statsPath {
-            router.get(statsPath) { [unowned server, unowned stack] _ in
-                let d = stack.driverCounters
-                let stats = HTTPDataplaneStats(
-                    driver: .init(mac: mac, features: features, rxPackets: d.rxPackets, rxBytes: d.rxBytes,
-                                  txPackets: d.txPackets, txBytes: d.txBytes, txDrops: d.txDrops, rxErrors: d.rxErrors,
-                                  txErrors: d.txErrors, rxNoMbuf: d.rxNoMbuf),
-                    stack: stack.counters, http: server.counters, mbufsInUse: pool.inUseCount,
-                    uptimeSeconds: Date().timeIntervalSince(started))
-                let enc = JSONEncoder()
-                enc.outputFormatting = [.prettyPrinted, .sortedKeys]
-                guard let data = try? enc.encode(stats) else { return .text("cannot encode stats\n", status: .internalServerError) }
-                var b = ByteBufferAllocator().buffer(capacity: data.count + 1)
-                b.writeBytes(data)
-                b.writeString("\n")
-                return HTTPResponse(status: .ok, headers: ["Content-Type": "application/json"], body: .bytes(b))
+        var bindError: Error?
+        do {
+            try Dataplane.run(dc, logger: logger, handleSignals: handleSignals, shouldStop: { shouldStop() || bindError != nil }) { dp in
+                let server = HTTPServer(loop: dp.loop, router: router, options: config.server)
+                let stack = dp.stack, pool = dp.pool, mac = dp.mac.description, features = dp.features
+                if let statsPath {
+                    router.get(statsPath) { [unowned server, unowned stack] _ in
+                        server.tick()   // response byte counts up to now
+                        let d = stack.driverCounters
+                        let stats = HTTPDataplaneStats(
+                            driver: .init(mac: mac, features: features, rxPackets: d.rxPackets, rxBytes: d.rxBytes,
+                                          txPackets: d.txPackets, txBytes: d.txBytes, txDrops: d.txDrops, rxErrors: d.rxErrors,
+                                          txErrors: d.txErrors, rxNoMbuf: d.rxNoMbuf),
+                            stack: stack.counters, http: server.counters, mbufsInUse: pool.inUseCount,
+                            uptimeSeconds: Date().timeIntervalSince(started))
+                        let enc = JSONEncoder()
+                        enc.outputFormatting = [.prettyPrinted, .sortedKeys]
+                        guard let data = try? enc.encode(stats) else { return .text("cannot encode stats\n", status: .internalServerError) }
+                        var b = ByteBufferAllocator().buffer(capacity: data.count + 1)
+                        b.writeBytes(data)
+                        b.writeString("\n")
+                        return HTTPResponse(status: .ok, headers: ["Content-Type": "application/json"], body: .bytes(b))
+                    }
+                }
+                server.bind(dp.serverBootstrap(), port: Int(config.listenPort)).whenComplete { result in
+                    switch result {
+                    case .success:
+                        logger.info("httpd: \(config.interface) mac \(mac), listening on TCP port \(config.listenPort)")
+                        onReady?()
+                    case .failure(let e):
+                        bindError = e
+                    }
+                }
             }
+        } catch DataplaneError.setup(let s) {
+            throw HTTPDataplaneError.setup(s)
+        } catch DataplaneError.linkLost(let s) {
+            throw HTTPDataplaneError.linkLost(s)
         }
-        do { try server.listen(port: config.listenPort) } catch {
-            throw HTTPDataplaneError.setup("\(error)")
-        }
-        logger.info("httpd: \(config.interface) mac \(mac), listening on TCP port \(config.listenPort)")
-        onReady?()
-        var linkError: String?
-        var linkWasDown = false
-        var turns = 0
-        while true {
-            stack.poll(&port)
-            turns &+= 1
-            guard turns & 1023 == 0 else { continue }
-            // With a reconnect policy a lost backend only pauses the port (its rings hand their
-            // mbufs back); lwIP keeps its connections and retransmits once the link is back.
-            switch port.maintainLink() {
-            case .failed(let why, _): linkError = why
-            case .down(let why) where !linkWasDown: linkWasDown = true; logger.warning("httpd: link down (\(why)); reconnecting")
-            case .reconnected: linkWasDown = false; logger.info("httpd: link up again (device reconnected)")
-            default: break
-            }
-            if linkError != nil { break }
-            if shouldStop() || signalStop.load(ordering: .relaxed) { break }
-        }
-        _ = port.close()
-        if let e = linkError { throw HTTPDataplaneError.linkLost(e) }
+        if let e = bindError { throw HTTPDataplaneError.setup("\(e)") }
     }
 }

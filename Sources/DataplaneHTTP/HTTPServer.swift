@@ -4,7 +4,7 @@ import Glibc
 import DPDK
 import NetStack
 import NIOCore
-import NIOEmbedded
+import NIODataplane
 import NIOHTTP1
 
 /// Limits and timeouts of the HTTP layer.
@@ -45,63 +45,79 @@ public struct HTTPCounters: Codable, Sendable, Equatable {
     public init() {}
 }
 
-/// HTTP/1.1 on `NetStack` connections: NIOHTTP1's `HTTPRequestDecoder` and `HTTPResponseEncoder`
-/// in an `EmbeddedChannel` per connection (the dataplane drives it: bytes in, parts out),
-/// keep-alive, pipelining (responses in request order; reading pauses while responses wait),
-/// chunked request bodies, 400/413/431/408, a router, and counters. Runs inside `NetStack.poll`.
+/// HTTP/1.1 on dataplane channels (`NIODataplane`): each accepted connection's pipeline is
+/// NIOHTTP1's `HTTPRequestDecoder` and `HTTPResponseEncoder` and an `HTTPConnectionHandler` with
+/// keep-alive, pipelining (responses in request order; reading pauses while the channel is not
+/// writable, i.e. over `maxPendingOutputBytes` of unsent response), chunked request bodies,
+/// 400/413/431/408, file bodies as `FileRegion`s, a router, and counters. Runs on the loop.
 public final class HTTPServer {
     public let router: HTTPRouter
     public let options: HTTPServerOptions
-    public let stack: NetStack
+    public let loop: DataplaneEventLoop
     public internal(set) var counters = HTTPCounters()
-    var connections: [ObjectIdentifier: HTTPConnection] = [:]
-    var listener: TCPListener?
-    /// Read scratch and file-read scratch, one per server (the dataplane is one thread).
-    let scratch: UnsafeMutableRawBufferPointer
-    let allocator = ByteBufferAllocator()
+    var connections: [ObjectIdentifier: HTTPConnectionHandler] = [:]
     var nowMs: UInt64 = 0
     let msPerCycle: Double
+    var ticker: RepeatedTask?
 
-    public init(stack: NetStack, router: HTTPRouter, options: HTTPServerOptions = HTTPServerOptions()) {
-        self.stack = stack
+    public init(loop: DataplaneEventLoop, router: HTTPRouter, options: HTTPServerOptions = HTTPServerOptions()) {
+        self.loop = loop
         self.router = router
         self.options = options
-        scratch = .allocate(byteCount: 64 * 1024, alignment: 64)
         msPerCycle = 1000.0 / Double(TSC.hz)
         updateClock()
-        let previous = stack.onTick
-        stack.onTick = { [unowned self] in
-            previous?()
-            self.tick()
-        }
     }
 
-    deinit { scratch.deallocate() }
+    /// Listens on `port` with `bootstrap`; the future gives the server channel.
+    public func bind(_ bootstrap: DataplaneServerBootstrap, port: Int) -> EventLoopFuture<Channel> {
+        let high = max(4096, options.maxPendingOutputBytes)
+        return bootstrap
+            .childChannelOption(ChannelOptions.allowRemoteHalfClosure, value: true)
+            .childChannelOption(ChannelOptions.writeBufferWaterMark, value: .init(low: high / 2, high: high))
+            .childChannelInitializer { [self] channel in
+                channel.eventLoop.makeCompletedFuture { try setUp(channel) }
+            }
+            .bind(port: port)
+            .map { [self] channel in
+                // Timeouts: one check every 100 ms for all connections, not a timer per request.
+                ticker = loop.scheduleRepeatedTask(initialDelay: .milliseconds(100), delay: .milliseconds(100)) { [weak self] _ in
+                    self?.tick()
+                }
+                channel.closeFuture.whenComplete { [weak self] _ in self?.ticker?.cancel() }
+                return channel
+            }
+    }
 
-    /// Starts accepting on `port`.
-    public func listen(port: UInt16, backlog: Int = 128) throws {
-        listener = try stack.listen(port: port, backlog: backlog) { [unowned self] conn in self.accept(conn) }
+    func setUp(_ channel: Channel) throws {
+        var limits = NIOHTTPDecoderLimitConfiguration()
+        limits.maxHeaderListSize = options.maxHeaderBytes
+        limits.maxHeaderFieldSize = options.maxHeaderBytes
+        let h = HTTPConnectionHandler(server: self, channel: channel)
+        let ops = channel.pipeline.syncOperations
+        try ops.addHandler(RequestBytesObserver(connection: h))
+        try ops.addHandler(ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .dropBytes, informationalResponseStrategy: .drop,
+                                                                   limitConfiguration: limits)))
+        try ops.addHandler(HTTPResponseEncoder())
+        try ops.addHandler(h)
+        connections[ObjectIdentifier(h)] = h
+        counters.connectionsAccepted += 1
+        counters.connectionsOpen += 1
     }
 
     func updateClock() { nowMs = UInt64(Double(TSC.now()) * msPerCycle) }
 
-    func accept(_ conn: TCPConnection) {
-        let h = HTTPConnection(conn, server: self)
-        connections[ObjectIdentifier(h)] = h
-        counters.connectionsAccepted += 1
-        counters.connectionsOpen += 1
-        conn.onEvent = { [unowned h] _, events in h.handle(events) }
-    }
-
-    func closed(_ h: HTTPConnection) {
+    func closed(_ h: HTTPConnectionHandler) {
         if connections.removeValue(forKey: ObjectIdentifier(h)) != nil { counters.connectionsOpen -= 1 }
     }
 
     /// Timeouts: requests that stall, idle keep-alive connections, peers that stop reading.
     func tick() {
         updateClock()
-        var expired: [HTTPConnection] = []
-        for h in connections.values where h.isExpired(now: nowMs) { expired.append(h) }
+        var expired: [HTTPConnectionHandler] = []
+        for h in connections.values {
+            h.noteProgress()
+            if h.isExpired(now: nowMs) { expired.append(h) }
+        }
         for h in expired { h.timeout() }
     }
 
@@ -115,168 +131,101 @@ public final class HTTPServer {
     }
 }
 
-/// One connection's HTTP state.
-final class HTTPConnection {
-    let conn: TCPConnection
-    unowned let server: HTTPServer
-    let channel: EmbeddedChannel
-    enum Out {
-        case bytes(ByteBuffer)
-        case file(FileBody, offset: Int)
+/// Sees the raw bytes before the decoder, so a request that has started but produced no part
+/// yet (a stalled request line) counts as in progress.
+final class RequestBytesObserver: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+    unowned let connection: HTTPConnectionHandler
+    init(connection: HTTPConnectionHandler) { self.connection = connection }
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        connection.sawBytes(unwrapInboundIn(data).readableBytes)
+        context.fireChannelRead(data)
     }
-    var out: [Out] = []
-    var outIndex = 0
-    var pendingBytes = 0
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        // Before the decoder, which reports a request cut short by the FIN as a parse error.
+        if case ChannelEvent.inputClosed = event { connection.inputEnded = true }
+        context.fireUserInboundEventTriggered(event)
+    }
+}
+
+/// One connection's HTTP state (the last handler of its pipeline).
+final class HTTPConnectionHandler: ChannelDuplexHandler {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundIn = HTTPServerResponsePart
+    typealias OutboundOut = HTTPServerResponsePart
+
+    unowned let server: HTTPServer
+    let channel: Channel
+    var context: ChannelHandlerContext?
     var head: HTTPRequestHead?
-    var body: ByteBuffer
-    /// Bytes fed to the decoder since the last complete request (a request in progress).
+    var body = ByteBuffer()
+    /// Bytes seen since the last complete request (a request in progress).
     var partial = 0
     var requestsServed = 0
-    /// After the queued output: close (error responses, `Connection: close`, HTTP/1.0).
-    var closeAfterOutput = false
     /// No more requests are read (an error response is on its way, or the peer is gone).
     var stopReading = false
+    /// A read the pipeline asked for while the output was over its limit.
+    var heldRead = false
+    /// The peer's FIN arrived (seen before the decoder).
+    var inputEnded = false
     var lastActivity: UInt64
     var lastProgress: UInt64
+    var lastWritten: UInt64 = 0
+    var counted: UInt64 = 0
     var finished = false
 
-    init(_ conn: TCPConnection, server: HTTPServer) {
-        self.conn = conn
+    init(server: HTTPServer, channel: Channel) {
         self.server = server
-        var limits = NIOHTTPDecoderLimitConfiguration()
-        limits.maxHeaderListSize = server.options.maxHeaderBytes
-        limits.maxHeaderFieldSize = server.options.maxHeaderBytes
-        channel = EmbeddedChannel(handlers: [
-            ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .dropBytes, informationalResponseStrategy: .drop,
-                                                    limitConfiguration: limits)),
-            HTTPResponseEncoder(),
-        ])
-        body = server.allocator.buffer(capacity: 0)
+        self.channel = channel
         lastActivity = server.nowMs
         lastProgress = server.nowMs
     }
 
-    // MARK: events
+    var dataplane: DataplaneChannel? { channel as? DataplaneChannel }
+    /// Response bytes not yet taken by the stack.
+    var pendingBytes: Int { dataplane?.pendingBytes ?? 0 }
 
-    func handle(_ events: TCPEvents) {
-        guard !finished else { return }
-        if events.contains(.failed) || conn.isFailed {
-            server.counters.peerResets += 1
-            if partial > 0 || head != nil || conn.readableBytes > 0 { server.counters.closedMidRequest += 1 }
-            finish()
-            return
-        }
-        var progress = true
-        while progress && !finished {
-            progress = false
-            if pendingBytes > 0, writeOutput() { progress = true }
-            if finished { return }
-            if pendingBytes == 0 && closeAfterOutput { finish(); return }
-            if !stopReading, pendingBytes < server.options.maxPendingOutputBytes, conn.readableBytes > 0 {
-                readAndDecode()
-                progress = true
-            }
-        }
-        if finished { return }
-        if conn.isPeerClosed && conn.readableBytes == 0 && !closeAfterOutput {
-            // The client half-closed: answer what it asked for, then close. A request cut short
-            // is dropped.
-            if partial > 0 || head != nil { server.counters.closedMidRequest += 1 }
-            stopReading = true
-            closeAfterOutput = true
-            if pendingBytes == 0 { finish() }
-        }
-    }
+    func handlerAdded(context: ChannelHandlerContext) { self.context = context }
 
-    func isExpired(now: UInt64) -> Bool {
-        let o = server.options
-        if pendingBytes > 0 { return now &- lastProgress > UInt64(o.idleTimeoutMilliseconds) }
-        if partial > 0 || head != nil { return now &- lastActivity > UInt64(o.requestTimeoutMilliseconds) }
-        return now &- lastActivity > UInt64(o.idleTimeoutMilliseconds)
-    }
-
-    func timeout() {
-        if pendingBytes == 0 && (partial > 0 || head != nil) && !stopReading {
-            // A request that stalled: 408, then close once it is out.
-            server.counters.requestTimeouts += 1
-            respondError(.requestTimeout)
-            lastProgress = server.nowMs
-            _ = writeOutput()
-            if finished { return }
-            conn.flush()
-            if pendingBytes == 0 { finish() }
-            return
-        }
-        server.counters.idleClosed += 1
-        if pendingBytes > 0 { conn.abort(); finishState() } else { finish() }
-    }
-
-    func finish() {
-        guard !finished else { return }
-        conn.close()
-        finishState()
-    }
-
-    func finishState() {
-        finished = true
-        out.removeAll()
-        pendingBytes = 0
-        _ = try? channel.finish(acceptAlreadyClosed: true)
-        server.closed(self)
-    }
-
-    // MARK: input
-
-    func readAndDecode() {
-        let n = conn.read(into: server.scratch)
-        guard n > 0 else { return }
-        lastActivity = server.nowMs
-        var buf = server.allocator.buffer(capacity: n)
-        buf.writeBytes(UnsafeRawBufferPointer(rebasing: server.scratch[0..<n]))
+    func sawBytes(_ n: Int) {
         partial += n
-        do {
-            try channel.writeInbound(buf)
-            while let part = try channel.readInbound(as: HTTPServerRequestPart.self) {
-                process(part)
-                if stopReading { break }
-            }
-        } catch let e as HTTPParserError {
-            decoderFailed(e)
-        } catch {
-            decoderFailed(nil)
-        }
+        lastActivity = server.nowMs
     }
 
-    func decoderFailed(_ e: HTTPParserError?) {
-        guard !stopReading else { return }
-        if case .headerOverflow? = e {
-            server.counters.headersTooLarge += 1
-            respondError(.requestHeaderFieldsTooLarge)
-        } else {
-            server.counters.badRequests += 1
-            respondError(.badRequest)
+    /// Counts response bytes the stack took and notes progress (a response that moves is not idle).
+    func noteProgress() {
+        guard let d = dataplane else { return }
+        let w = d.bytesWritten
+        if w != lastWritten {
+            lastWritten = w
+            lastProgress = server.nowMs
+            lastActivity = server.nowMs
         }
+        server.counters.responseBytes += w - counted
+        counted = w
     }
 
-    func process(_ part: HTTPServerRequestPart) {
-        guard !stopReading else { return }
-        switch part {
+    // MARK: inbound
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard !stopReading, !finished else { return }
+        switch unwrapInboundIn(data) {
         case .head(let h):
             if let len = h.headers.first(name: "content-length").flatMap(Int.init), len > server.options.maxBodyBytes {
                 server.counters.bodiesTooLarge += 1
-                respondError(.payloadTooLarge)
+                respondError(.payloadTooLarge, context: context)
                 return
             }
             head = h
             body.clear()
             if h.headers.first(name: "expect")?.lowercased() == "100-continue" {
-                queue(bytes: "HTTP/1.1 100 Continue\r\n\r\n")
+                context.write(wrapOutboundOut(.head(HTTPResponseHead(version: h.version, status: .continue))), promise: nil)
             }
         case .body(var b):
             guard head != nil else { return }
             if body.readableBytes + b.readableBytes > server.options.maxBodyBytes {
                 server.counters.bodiesTooLarge += 1
-                respondError(.payloadTooLarge)
+                respondError(.payloadTooLarge, context: context)
                 return
             }
             server.counters.requestBodyBytes += UInt64(b.readableBytes)
@@ -286,26 +235,93 @@ final class HTTPConnection {
             head = nil
             partial = 0
             let req = HTTPRequest(head: h, body: body)
-            body = server.allocator.buffer(capacity: 0)
+            body = context.channel.allocator.buffer(capacity: 0)
             server.counters.requests += 1
             if requestsServed > 0 { server.counters.keepAliveRequests += 1 }
             requestsServed += 1
-            let response = server.router.handle(req)
-            respond(response, to: h, keepAlive: h.isKeepAlive)
+            respond(server.router.handle(req), to: h, keepAlive: h.isKeepAlive, context: context)
         }
     }
 
-    // MARK: output
+    func channelReadComplete(context: ChannelHandlerContext) {
+        context.flush()
+        context.fireChannelReadComplete()
+    }
 
-    func respondError(_ status: HTTPResponseStatus) {
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        if let e = error as? HTTPParserError {
+            guard !stopReading, !finished else { return }
+            if inputEnded {
+                // A request cut short by the client's FIN is dropped, not answered.
+                if partial > 0 || head != nil { server.counters.closedMidRequest += 1 }
+                partial = 0
+                head = nil
+                stopReading = true
+                finish(context: context)
+                return
+            }
+            if case .headerOverflow = e {
+                server.counters.headersTooLarge += 1
+                respondError(.requestHeaderFieldsTooLarge, context: context)
+            } else {
+                server.counters.badRequests += 1
+                respondError(.badRequest, context: context)
+            }
+            context.flush()
+            return
+        }
+        // The connection failed (reset): drop it; a request cut short counts.
+        if let io = error as? IOError, io.errnoCode == ECONNRESET { server.counters.peerResets += 1 }
+        if partial > 0 || head != nil { server.counters.closedMidRequest += 1 }
+        partial = 0
+        head = nil
+        finish(context: context)
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if case ChannelEvent.inputClosed = event, !finished {
+            // The client half-closed: answer what it asked for, then close (the channel sends the
+            // queued responses before its FIN). A request cut short is dropped.
+            if partial > 0 || head != nil { server.counters.closedMidRequest += 1 }
+            stopReading = true
+            context.flush()
+            finish(context: context)
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        finishState()
+        context.fireChannelInactive()
+    }
+
+    // MARK: outbound
+
+    /// Pipelining backpressure: no new reads while the responses already made are over the limit.
+    func read(context: ChannelHandlerContext) {
+        if stopReading || finished { return }
+        if !context.channel.isWritable { heldRead = true; return }
+        context.read()
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable, heldRead {
+            heldRead = false
+            if !stopReading { context.read() }
+        }
+        context.fireChannelWritabilityChanged()
+    }
+
+    func respondError(_ status: HTTPResponseStatus, context: ChannelHandlerContext) {
         stopReading = true
         head = nil
         var r = HTTPResponse.text("\(status.code) \(status.reasonPhrase)\n", status: status)
         r.headers.replaceOrAdd(name: "Connection", value: "close")
-        respond(r, to: nil, keepAlive: false)
+        respond(r, to: nil, keepAlive: false, context: context)
     }
 
-    func respond(_ response: HTTPResponse, to request: HTTPRequestHead?, keepAlive: Bool) {
+    func respond(_ response: HTTPResponse, to request: HTTPRequestHead?, keepAlive: Bool, context: ChannelHandlerContext) {
         var headers = response.headers
         let isHead = request?.method == .HEAD
         if response.status.mayHaveResponseBody, !headers.contains(name: "content-length") {
@@ -314,83 +330,79 @@ final class HTTPConnection {
         if let s = server.options.serverName { headers.replaceOrAdd(name: "Server", value: s) }
         if !keepAlive {
             headers.replaceOrAdd(name: "Connection", value: "close")
-            closeAfterOutput = true
             stopReading = true
         } else if request?.version == .http1_0 {
             headers.replaceOrAdd(name: "Connection", value: "keep-alive")
         }
         let version = request?.version ?? .http1_1
-        let responseHead = HTTPResponseHead(version: version, status: response.status, headers: headers)
-        do {
-            try channel.writeOutbound(HTTPServerResponsePart.head(responseHead))
-            try channel.writeOutbound(HTTPServerResponsePart.end(nil))
-            while let data = try channel.readOutbound(as: IOData.self) {
-                if case .byteBuffer(let b) = data, b.readableBytes > 0 { queue(b) }
-            }
-        } catch {
-            // The encoder does not fail for a well-formed head; if it did, end the connection.
-            closeAfterOutput = true
-            stopReading = true
-            return
-        }
+        context.write(wrapOutboundOut(.head(HTTPResponseHead(version: version, status: response.status, headers: headers))), promise: nil)
         server.count(status: response.status)
         if !isHead && response.status.mayHaveResponseBody {
             switch response.body {
-            case .bytes(let b): if b.readableBytes > 0 { queue(b) }
-            case .file(let f): if f.size > 0 { out.append(.file(f, offset: 0)); pendingBytes += f.size }
+            case .bytes(let b):
+                if b.readableBytes > 0 { context.write(wrapOutboundOut(.body(.byteBuffer(b))), promise: nil) }
+            case .file(let f):
+                if f.size > 0 {
+                    // The FileBody owns the descriptor; the handle borrows it until the write ends.
+                    let handle = NIOFileHandle(_deprecatedTakingOwnershipOfDescriptor: f.fd)
+                    let region = FileRegion(fileHandle: handle, readerIndex: 0, endIndex: f.size)
+                    let p = context.eventLoop.makePromise(of: Void.self)
+                    p.futureResult.whenComplete { _ in _ = try? handle.takeDescriptorOwnership(); withExtendedLifetime(f) {} }
+                    context.write(wrapOutboundOut(.body(.fileRegion(region))), promise: p)
+                }
             case .empty: break
             }
         }
-    }
-
-    func queue(_ b: ByteBuffer) {
-        out.append(.bytes(b))
-        pendingBytes += b.readableBytes
-    }
-
-    func queue(bytes s: String) {
-        var b = server.allocator.buffer(capacity: s.utf8.count)
-        b.writeString(s)
-        queue(b)
-    }
-
-    /// Writes what the send buffer takes; true if anything was written.
-    func writeOutput() -> Bool {
-        var wrote = false
-        // Every return counts: a response that moved is not idle, even if the buffer filled mid-item.
-        defer { if wrote { lastProgress = server.nowMs; lastActivity = server.nowMs } }
-        while outIndex < out.count {
-            var room = conn.writableBytes
-            if room == 0 { break }
-            switch out[outIndex] {
-            case .bytes(var b):
-                let n = b.withUnsafeReadableBytes { conn.write($0) }
-                if n < 0 { finish(); return wrote }
-                if n == 0 { return wrote }
-                wrote = true
-                b.moveReaderIndex(forwardBy: n)
-                pendingBytes -= n
-                server.counters.responseBytes += UInt64(n)
-                if b.readableBytes == 0 { outIndex += 1 } else { out[outIndex] = .bytes(b); return wrote }
-            case .file(let f, var offset):
-                room = min(room, server.scratch.count, f.size - offset)
-                let got = pread(f.fd, server.scratch.baseAddress, room, off_t(offset))
-                if got <= 0 {
-                    // The file shrank or failed under us: the promised length cannot be kept.
-                    conn.abort(); finishState(); return wrote
-                }
-                let n = conn.write(UnsafeRawBufferPointer(rebasing: server.scratch[0..<got]))
-                if n < 0 { finish(); return wrote }
-                if n > 0 {
-                    wrote = true
-                    offset += n
-                    pendingBytes -= n
-                    server.counters.responseBytes += UInt64(n)
-                }
-                if offset >= f.size { outIndex += 1 } else { out[outIndex] = .file(f, offset: offset); if n < got { return wrote } }
+        if keepAlive {
+            context.write(wrapOutboundOut(.end(nil)), promise: nil)
+        } else {
+            // Close once it is written (the channel sends it all before its FIN).
+            context.write(wrapOutboundOut(.end(nil))).whenComplete { [weak self] _ in
+                guard let self, let ctx = self.context else { return }
+                self.finish(context: ctx)
             }
         }
-        if outIndex == out.count { out.removeAll(keepingCapacity: true); outIndex = 0 }
-        return wrote
+    }
+
+    // MARK: timeouts and the end
+
+    func isExpired(now: UInt64) -> Bool {
+        guard !finished else { return false }
+        let o = server.options
+        if pendingBytes > 0 { return now &- lastProgress > UInt64(o.idleTimeoutMilliseconds) }
+        if partial > 0 || head != nil { return now &- lastActivity > UInt64(o.requestTimeoutMilliseconds) }
+        return now &- lastActivity > UInt64(o.idleTimeoutMilliseconds)
+    }
+
+    func timeout() {
+        guard let context, !finished else { return }
+        if pendingBytes == 0 && (partial > 0 || head != nil) && !stopReading {
+            // A request that stalled: 408, then close once it is out.
+            server.counters.requestTimeouts += 1
+            partial = 0
+            respondError(.requestTimeout, context: context)
+            context.flush()
+            return
+        }
+        server.counters.idleClosed += 1
+        if pendingBytes > 0 {
+            // The peer stopped reading its response: reset rather than linger.
+            context.triggerUserOutboundEvent(DataplaneChannelEvent.reset, promise: nil)
+        }
+        finish(context: context)
+    }
+
+    func finish(context: ChannelHandlerContext) {
+        guard !finished else { return }
+        noteProgress()
+        finishState()
+        context.close(promise: nil)
+    }
+
+    func finishState() {
+        guard !finished else { return }
+        finished = true
+        noteProgress()
+        server.closed(self)
     }
 }

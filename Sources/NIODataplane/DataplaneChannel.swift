@@ -7,6 +7,13 @@ import Synchronization
 
 extension DataplaneEventLoop: NetStackTurnWork {}
 
+/// Outbound events a `DataplaneChannel` understands (`triggerUserOutboundEvent`).
+public enum DataplaneChannelEvent: Sendable {
+    /// Reset the connection (RST) and close the channel, dropping unsent writes — what closing
+    /// a socket with SO_LINGER 0 does. A plain `close()` sends what was flushed, then FIN.
+    case reset
+}
+
 /// A SwiftNIO `Channel` on one NetStack TCP connection (accepted by a `DataplaneServerChannel`).
 ///
 /// Everything runs on the dataplane loop inside `NetStack.poll` (the stack's handlers and the
@@ -396,7 +403,16 @@ public final class DataplaneChannel: Channel, ChannelCore, @unchecked Sendable {
     }
 
     public func triggerUserOutboundEvent0(_ event: Any, promise: EventLoopPromise<Void>?) {
-        promise?.fail(ChannelError.operationUnsupported)
+        guard case .reset? = event as? DataplaneChannelEvent else {
+            promise?.fail(ChannelError.operationUnsupported)
+            return
+        }
+        // RST: what is queued is dropped, and the channel closes.
+        failAllWrites(ChannelError.ioOnClosedChannel)
+        conn.abort()
+        if lingering { endLinger() }
+        promise?.succeed(())
+        if !closed { close0(error: ChannelError.ioOnClosedChannel, mode: .all, promise: nil) }
     }
 
     public func channelRead0(_ data: NIOAny) {}   // reached the tail unhandled: dropped
