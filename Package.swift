@@ -55,7 +55,7 @@ let package = Package(
         // SwiftNIO on the dataplane: an EventLoop that is the poll loop, Channels on NetStack's
         // TCP connections, a server bootstrap.
         .target(name: "NIODataplane", dependencies: [
-            "NetStack", "DPDK", "VirtioNet", "VirtioCore", "VhostUser",
+            "NetStack", "DPDK", "VirtioNet", "VirtioCore", "VhostUser", "CVioLinux",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),
         ]),
@@ -66,7 +66,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .executableTarget(name: "vio", dependencies: [
-            "VirtioNet", "VirtioBlk", "VirtioCore", "DPDK", "VhostUser", "VirtioPCI", "CVioLinux", "NetStack", "DataplaneHTTP",
+            "VirtioNet", "VirtioBlk", "VirtioCore", "DPDK", "VhostUser", "VirtioPCI", "CVioLinux", "NetStack", "DataplaneHTTP", "NIODataplane",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
             .product(name: "Histogram", package: "hdrhistogram-swift"),

@@ -9,7 +9,12 @@ Two network namespaces of the bench's own:
     virtio-net driver, HTTP by DataplaneHTTP.
 (b) kernel: `vio-nio-httpd` (Bench package, release, CPU 1, one event loop) in S on 198.19.0.2:
     the same HTTPRouter handlers behind a plain SwiftNIO server, over the kernel's TCP and the veth.
-For each target and each path (/hello, a 64 KiB file): `wrk -t2 -c50 -d{seconds}s --latency`,
+(c) the Hummingbird example (Examples/HummingbirdOnDataplane, release, CPU 1) on the dataplane,
+(d) the same binary with --kernel: Hummingbird on NIOPosix in S (routes /hello, /64k, /json/bench).
+Server CPU cycles per request: on the dataplane, the busy TSC cycles of the server lcore (turns
+with work: NetStack.busyCycles, from /stats or /dataplane); on the kernel, the server process's
+user+system time plus the softirq time of its CPU (/proc), at the TSC rate.
+For each target and each path: `wrk -t2 -c50 -d{seconds}s --latency`,
 `--rounds` times alternating; the median round (by requests/s) is reported with its latency
 percentiles. Writes Bench/results/httpd-latest.json and prints a Markdown table for RESULTS.md.
 """
@@ -18,6 +23,26 @@ import argparse, json, os, re, signal, statistics, subprocess, sys, tempfile, ti
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VIO = os.path.join(ROOT, ".build/release/vio")
 NIO = os.path.join(ROOT, "Bench/.build/release/vio-nio-httpd")
+HB = os.path.join(ROOT, "Examples/HummingbirdOnDataplane/.build/release/HummingbirdOnDataplane")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def tsc_hz():
+    # The dataplane reports it; without one, the nominal rate from /proc/cpuinfo.
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("cpu MHz"):
+            return float(line.split(":")[1]) * 1e6
+    return 1e9
+
+
+def kernel_seconds(pid, cpu=1):
+    """utime+stime of the process and softirq of its CPU, in seconds."""
+    f = open("/proc/%d/stat" % pid).read().rsplit(")", 1)[1].split()
+    proc = (int(f[11]) + int(f[12])) / CLK_TCK
+    for line in open("/proc/stat"):
+        if line.startswith("cpu%d " % cpu):
+            softirq = int(line.split()[7]) / CLK_TCK
+    return proc + softirq
 TESTPMD = "/usr/bin/dpdk-testpmd"
 
 
@@ -27,6 +52,8 @@ def sh(*args, check=True, **kw):
 
 def parse_wrk(text):
     out = {"errors": None}
+    m = re.search(r"(\d+) requests in", text)
+    out["requests"] = int(m.group(1)) if m else 0
     m = re.search(r"Requests/sec:\s+([\d.]+)", text)
     out["rps"] = float(m.group(1)) if m else 0.0
     m = re.search(r"Transfer/sec:\s+([\d.]+)(\w+)", text)
@@ -57,6 +84,7 @@ def main():
     if not a.no_build:
         subprocess.run(["swift", "build", "-c", "release", "--product", "vio"], cwd=ROOT, check=True)
         subprocess.run(["swift", "build", "-c", "release", "--product", "vio-nio-httpd"], cwd=os.path.join(ROOT, "Bench"), check=True)
+        subprocess.run(["swift", "build", "-c", "release"], cwd=os.path.join(ROOT, "Examples/HummingbirdOnDataplane"), check=True)
 
     tag = str(os.getpid())
     nsc, nss = "viobc" + tag, "viobs" + tag
@@ -102,18 +130,25 @@ def main():
         sh("ip", "netns", "exec", nsc, "ip", "addr", "add", "198.18.0.1/24", "dev", tap)
         sh("ip", "netns", "exec", nsc, "ip", "link", "set", tap, "up")
 
+        # name: (command, base URL, ready line, paths, cycles source: "/stats", "/dataplane" or "proc")
         targets = {
             "dataplane (vio httpd, lwIP on virtio-net)": (
                 ["taskset", "-c", "1", VIO, "httpd", "--port", "vhost:" + sock, "--ip", "198.18.0.2/24", "--listen", "8080",
-                 "--root", www, "--memory-mb", "256"], "http://198.18.0.2:8080", "httpd: listening"),
+                 "--root", www, "--memory-mb", "256"], "http://198.18.0.2:8080", "httpd: listening", ["/hello", "/64k.bin"], "/stats"),
             "kernel (SwiftNIO on a veth)": (
                 ["taskset", "-c", "1", "ip", "netns", "exec", nss, NIO, "198.19.0.2", "8080", www, "1"],
-                "http://198.19.0.2:8080", "vio-nio-httpd: listening"),
+                "http://198.19.0.2:8080", "vio-nio-httpd: listening", ["/hello", "/64k.bin"], "proc"),
+            "Hummingbird on the dataplane": (
+                ["taskset", "-c", "1", HB, "--port", "vhost:" + sock, "--ip", "198.18.0.2/24", "--listen", "8080"],
+                "http://198.18.0.2:8080", "hummingbird: listening", ["/hello", "/64k", "/json/bench"], "/dataplane"),
+            "Hummingbird on NIOPosix (kernel, veth)": (
+                ["taskset", "-c", "1", "ip", "netns", "exec", nss, HB, "--kernel", "198.19.0.2", "--listen", "8080"],
+                "http://198.19.0.2:8080", "hummingbird: listening", ["/hello", "/64k", "/json/bench"], "proc"),
         }
-        paths = ["/hello", "/64k.bin"]
-        runs = {t: {p: [] for p in paths} for t in targets}
+        hz = tsc_hz()
+        runs = {t: {p: [] for p in targets[t][3]} for t in targets}
         for r in range(a.rounds):
-            for name, (cmd, base, ready) in targets.items():
+            for name, (cmd, base, ready, paths, source) in targets.items():
                 log = os.path.join(tmp, "server.log")
                 p = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
                 procs.append(p)
@@ -124,37 +159,50 @@ def main():
                 if ready not in open(log).read():
                     sys.exit("server did not start: " + open(log).read()[-2000:])
                 sh("ip", "netns", "exec", nsc, "curl", "-sS", "-o", "/dev/null", base + "/hello")  # ARP, warm-up
+                def cycles():
+                    if source == "proc":
+                        return kernel_seconds(p.pid) * hz
+                    j = json.loads(sh("ip", "netns", "exec", nsc, "curl", "-sS", base + source).stdout)
+                    return float(j["busyCycles"])
                 for path in paths:
+                    c0 = cycles()
                     w = sh("ip", "netns", "exec", nsc, "wrk", "-t2", "-c%d" % a.connections, "-d%ds" % a.seconds, "--latency", base + path,
                            timeout=a.seconds + 60)
+                    c1 = cycles()
                     res = parse_wrk(w.stdout)
+                    res["cycles_per_request"] = (c1 - c0) / res["requests"] if res["requests"] else 0
                     if res["rps"] == 0:
                         res["wrk_output"] = w.stdout + w.stderr
                     res["round"] = r
                     runs[name][path].append(res)
-                    print("%-45s %-9s round %d: %9.0f req/s  p50 %.2f ms  p99 %.2f ms  errors: %s" % (
-                        name, path, r, res["rps"], res.get("p50_ms", 0), res.get("p99_ms", 0), res["errors"]), flush=True)
+                    print("%-45s %-11s round %d: %9.0f req/s  p50 %.2f ms  p99 %.2f ms  %7.0f cycles/req  errors: %s" % (
+                        name, path, r, res["rps"], res.get("p50_ms", 0), res.get("p99_ms", 0), res["cycles_per_request"], res["errors"]),
+                        flush=True)
                 if name.startswith("dataplane"):
                     stats = sh("ip", "netns", "exec", nsc, "curl", "-sS", base + "/stats").stdout
                     with open(os.path.join(ROOT, "Bench/results/httpd-stats-latest.json"), "w") as f:
                         f.write(stats)
                 p.send_signal(signal.SIGINT)
-                p.wait(20)
+                try:
+                    p.wait(20)
+                except subprocess.TimeoutExpired:   # SIGINT is ignored when the bench runs in the background
+                    p.terminate()
+                    p.wait(10)
         summary = {}
         print()
-        print("| server | path | req/s (median round of %d) | p50 | p75 | p90 | p99 | socket errors |" % a.rounds)
-        print("|---|---|---:|---:|---:|---:|---:|---|")
+        print("| server | path | req/s (median round of %d) | p50 | p75 | p90 | p99 | server cycles/request | socket errors |" % a.rounds)
+        print("|---|---|---:|---:|---:|---:|---:|---:|---|")
         for name in targets:
-            for path in paths:
+            for path in targets[name][3]:
                 rs = sorted(runs[name][path], key=lambda x: x["rps"])
                 med = rs[(len(rs) - 1) // 2]   # the lower middle round when the count is even
                 summary.setdefault(name, {})[path] = {"median": med, "all_rps": [x["rps"] for x in runs[name][path]]}
-                print("| %s | %s | %.0f | %.2f ms | %.2f ms | %.2f ms | %.2f ms | %s |" % (
+                print("| %s | %s | %.0f | %.2f ms | %.2f ms | %.2f ms | %.2f ms | %.0f | %s |" % (
                     name, path, med["rps"], med.get("p50_ms", 0), med.get("p75_ms", 0), med.get("p90_ms", 0),
-                    med.get("p99_ms", 0), med["errors"]))
+                    med.get("p99_ms", 0), med["cycles_per_request"], med["errors"]))
         os.makedirs(os.path.join(ROOT, "Bench/results"), exist_ok=True)
         with open(os.path.join(ROOT, "Bench/results/httpd-latest.json"), "w") as f:
-            json.dump({"seconds": a.seconds, "rounds": a.rounds, "connections": a.connections, "results": summary}, f, indent=2)
+            json.dump({"seconds": a.seconds, "rounds": a.rounds, "connections": a.connections, "tsc_hz": hz, "results": summary}, f, indent=2)
     finally:
         cleanup()
 

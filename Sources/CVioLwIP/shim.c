@@ -8,6 +8,7 @@
 #include <netif/ethernet.h>
 #include <pthread.h>
 #include <semaphore.h>
+#include <unistd.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
@@ -58,6 +59,30 @@ int vlw_work_pending(void) {
 
 void vlw_set_tx_pending(int pending) { atomic_store_explicit(&g_tx_pending, pending, memory_order_relaxed); }
 
+// A sleeping dataplane (adaptive idle) is woken through this eventfd when lwIP's own thread
+// produces work for it: a frame from a timer, or a connection event. The dataplane announces
+// the sleep and then looks for work; this thread records its work and then looks for a sleeper
+// (all sequentially consistent), so a wake-up cannot be missed.
+static atomic_int g_sleeping;
+static int g_wake_fd = -1;
+
+void vlw_set_wake_fd(int fd) { g_wake_fd = fd; }
+
+int vlw_prepare_sleep(void) {
+    atomic_store(&g_sleeping, 1);
+    return atomic_load(&g_ready_count) == 0 && atomic_load(&g_tx_pending) == 0;
+}
+
+void vlw_end_sleep(void) { atomic_store_explicit(&g_sleeping, 0, memory_order_relaxed); }
+
+static void wake_dataplane(void) {
+    if (g_wake_fd >= 0 && atomic_load(&g_sleeping)) {
+        uint64_t one = 1;
+        ssize_t r = write(g_wake_fd, &one, sizeof one);
+        (void)r;
+    }
+}
+
 static void push_ready(vlw_conn *c, uint32_t ev) {
     c->events |= ev;
     if (c->in_ready) return;
@@ -65,7 +90,8 @@ static void push_ready(vlw_conn *c, uint32_t ev) {
     c->ready_next = NULL;
     if (g_ready_tail) g_ready_tail->ready_next = c; else g_ready_head = c;
     g_ready_tail = c;
-    atomic_fetch_add_explicit(&g_ready_count, 1, memory_order_relaxed);
+    atomic_fetch_add(&g_ready_count, 1);
+    if (pthread_equal(pthread_self(), g_tcpip_thread)) wake_dataplane();
 }
 
 // MARK: netif
@@ -78,8 +104,13 @@ static err_t vlw_linkoutput(struct netif *n, struct pbuf *p) {
     pbuf_copy_partial(p, dst, p->tot_len, 0);
     g_stats.tx_frames++;
     g_stats.tx_bytes += p->tot_len;
-    if (pthread_equal(pthread_self(), g_tcpip_thread)) g_stats.tx_timer_frames++;
-    atomic_store_explicit(&g_tx_pending, 1, memory_order_relaxed);
+    if (pthread_equal(pthread_self(), g_tcpip_thread)) {
+        g_stats.tx_timer_frames++;
+        atomic_store(&g_tx_pending, 1);
+        wake_dataplane();
+    } else {
+        atomic_store_explicit(&g_tx_pending, 1, memory_order_relaxed);
+    }
     return ERR_OK;
 }
 

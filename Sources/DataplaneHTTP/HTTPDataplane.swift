@@ -28,6 +28,8 @@ public struct HTTPDataplaneConfig: Sendable {
     /// Ride through a backend restart (the TCP stack and its connections stay; TCP retransmits
     /// what the outage lost). nil: a lost backend ends `run`.
     public var reconnect: ReconnectPolicy?
+    /// Busy-poll or sleep when idle (`Dataplane`'s default: adaptive).
+    public var idle = IdleMode.adaptive
 
     public init(vhostUserPath: String, interface: IPv4Interface) {
         self.vhostUserPath = vhostUserPath
@@ -53,6 +55,13 @@ public struct HTTPDataplaneStats: Codable, Sendable {
     public var http: HTTPCounters
     public var mbufsInUse: Int
     public var uptimeSeconds: Double
+    /// Cycles of the dataplane lcore's turns that had work, and the TSC rate.
+    public var busyCycles: UInt64
+    public var tscHz: UInt64
+    /// The idle mode, how often an adaptive loop slept and for how long in all.
+    public var idle: String
+    public var idleSleeps: UInt64
+    public var idleSleptSeconds: Double
 
     public struct DriverStats: Codable, Sendable {
         public var mac: String
@@ -92,6 +101,7 @@ public enum HTTPDataplane {
         dc.vhostUserServer = config.vhostUserServer
         dc.reconnect = config.reconnect
         dc.poolName = "httpd_pool"
+        dc.idle = config.idle
         let started = Date()
         var bindError: Error?
         do {
@@ -107,7 +117,9 @@ public enum HTTPDataplane {
                                           txPackets: d.txPackets, txBytes: d.txBytes, txDrops: d.txDrops, rxErrors: d.rxErrors,
                                           txErrors: d.txErrors, rxNoMbuf: d.rxNoMbuf),
                             stack: stack.counters, http: server.counters, mbufsInUse: pool.inUseCount,
-                            uptimeSeconds: Date().timeIntervalSince(started))
+                            uptimeSeconds: Date().timeIntervalSince(started), busyCycles: stack.busyCycles, tscHz: TSC.hz,
+                            idle: config.idle.rawValue, idleSleeps: dp.loop.sleeps,
+                            idleSleptSeconds: Double(dp.loop.sleptCycles) / Double(TSC.hz))
                         let enc = JSONEncoder()
                         enc.outputFormatting = [.prettyPrinted, .sortedKeys]
                         guard let data = try? enc.encode(stats) else { return .text("cannot encode stats\n", status: .internalServerError) }

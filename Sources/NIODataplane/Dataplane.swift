@@ -10,6 +10,16 @@ import VhostUser
 import VirtioCore
 import VirtioNet
 
+/// What the dataplane lcore does when there is nothing to do.
+public enum IdleMode: String, Sendable, CaseIterable {
+    /// Busy-poll always (lowest latency; the lcore is 100 % busy).
+    case poll
+    /// After `idleSpinMicroseconds` of empty polls, ask the device for an RX notification, look
+    /// once more, and sleep on the RX call eventfd, the loop's wake-up eventfd and the next timer;
+    /// on wake, back to polling with notifications suppressed.
+    case adaptive
+}
+
 /// A TCP/IP dataplane on one vhost-user virtio-net port: what `Dataplane.run` opens.
 public struct DataplaneConfig: Sendable {
     /// The vhost-user socket of the virtio-net device.
@@ -28,6 +38,14 @@ public struct DataplaneConfig: Sendable {
     public var reconnect: ReconnectPolicy?
     /// Name of the DPDK mempool.
     public var poolName = "dataplane_pool"
+    /// Busy-poll, or sleep when idle (the default: a server that waits for requests should not
+    /// burn a core).
+    public var idle = IdleMode.adaptive
+    /// How long polls must stay empty before an adaptive loop sleeps.
+    public var idleSpinMicroseconds = 200
+    /// The longest sleep (lwIP's timer thread wakes a sleeping loop when it sends; the stack's
+    /// 100 ms tick and the loop's timers bound a sleep too).
+    public var maxSleepMicroseconds = 100_000
 
     public init(vhostUserPath: String, interface: IPv4Interface) {
         self.vhostUserPath = vhostUserPath
@@ -53,9 +71,14 @@ public struct DataplaneContext: @unchecked Sendable {
     public let pool: PacketPool
     public let mac: EthernetAddress
     public let features: String
+    /// The TSC rate (`NetStack.busyCycles` is in these cycles).
+    public var tscHz: UInt64 { TSC.hz }
     /// A bootstrap for TCP servers on this dataplane.
     public func serverBootstrap() -> DataplaneServerBootstrap { DataplaneServerBootstrap(loop: loop, stack: stack) }
 }
+
+/// The running dataplane (one per process: lwIP is one stack).
+private let currentContext = Mutex<DataplaneContext?>(nil)
 
 /// Set by SIGINT/SIGTERM when `run` handles signals.
 private let signalStop = Atomic<Bool>(false)
@@ -67,6 +90,10 @@ public enum Dataplane {
             signal(sig) { _ in signalStop.store(true, ordering: .relaxed) }
         }
     }
+
+    /// The dataplane `run` is running, for code that did not get its context (e.g. a route that
+    /// reports `stack.busyCycles`). Use the stack and channels on the loop only.
+    public static var current: DataplaneContext? { currentContext.withLock { $0 } }
 
     /// True once SIGINT or SIGTERM arrived (with `installSignalHandlers`).
     public static var signalled: Bool { signalStop.load(ordering: .relaxed) }
@@ -95,6 +122,8 @@ public enum Dataplane {
         } catch {
             throw DataplaneError.setup("\(error)")
         }
+        // However `run` ends, DPDK's runtime files go (idempotent).
+        defer { EAL.cleanup() }
         let pool: PacketPool
         do { pool = try PacketPool(name: config.poolName, count: config.mbufs) } catch {
             throw DataplaneError.setup("\(error)")
@@ -124,6 +153,8 @@ public enum Dataplane {
         }
         let loop = DataplaneEventLoop()
         let context = DataplaneContext(loop: loop, stack: stack, pool: pool, mac: port.mac, features: port.features.description)
+        currentContext.withLock { $0 = context }
+        defer { currentContext.withLock { $0 = nil } }
         do { try setup(context) } catch {
             _ = port.close()
             throw error
@@ -131,10 +162,38 @@ public enum Dataplane {
         var linkError: String?
         var linkWasDown = false
         var turns = 0
+        // Adaptive idle: sleep on the RX queue's call eventfd after a spell of empty turns.
+        let callFD = port.rxNotificationDescriptor
+        var idle = config.idle
+        if idle == .adaptive && callFD == nil {
+            logger.warning("dataplane: the transport cannot wait for RX notifications; --idle poll")
+            idle = .poll
+        }
+        let spinCycles = TSC.hz / 1_000_000 * UInt64(max(1, config.idleSpinMicroseconds))
+        let maxSleepCycles = TSC.hz / 1_000_000 * UInt64(max(100, config.maxSleepMicroseconds))
+        if idle == .adaptive { stack.setWakeDescriptor(loop.wakeFD) }
+        var lastWork = stack.turnsWithWork
+        var idleSince = TSC.now()
         loop.run { loop in
             stack.poll(&port, work: loop)
             turns &+= 1
-            guard turns & 1023 == 0, linkError == nil else { return }
+            var woke = false
+            if idle == .adaptive {
+                if stack.turnsWithWork != lastWork {
+                    lastWork = stack.turnsWithWork
+                    idleSince = TSC.now()
+                } else if TSC.now() &- idleSince > spinCycles {
+                    if stack.prepareToSleep() && !loop.hasWork && port.enableRxNotifications() {
+                        woke = loop.sleep(maxCycles: min(maxSleepCycles, stack.cyclesUntilTick), descriptor: callFD)
+                    }
+                    stack.endSleep()
+                    port.disableRxNotifications()
+                    // Still idle: the next empty turn sleeps again at once (a wake that brings
+                    // work resets this); spinning after every timed-out sleep would cost ~4 %.
+                    idleSince = TSC.now() &- spinCycles &- 1
+                }
+            }
+            guard turns & 1023 == 0 || woke, linkError == nil else { return }
             // With a reconnect policy a lost backend only pauses the port (its rings hand their
             // mbufs back); lwIP keeps its connections and retransmits once the link is back.
             switch port.maintainLink() {
@@ -147,6 +206,7 @@ public enum Dataplane {
                 if !loop.isShuttingDown { loop.shutdownGracefully { _ in } }
             }
         }
+        stack.detach()
         _ = port.close()
         if let e = linkError { throw DataplaneError.linkLost(e) }
     }

@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import DPDK
+import CVioLinux
 import Dispatch
 import NetStack
 import NIOCore
@@ -48,6 +49,8 @@ public final class DataplaneEventLoop: EventLoop, @unchecked Sendable {
     private let nanosPerCycle: Double
     private let cyclesPerNano: Double
 
+    private(set) var _taskExecutor: DataplaneTaskExecutor!
+
     /// Turns the loop has run; tasks and timers each counted once they ran.
     public private(set) var turns: UInt64 = 0
     public private(set) var tasksRun: UInt64 = 0
@@ -62,9 +65,13 @@ public final class DataplaneEventLoop: EventLoop, @unchecked Sendable {
         nanosPerCycle = 1e9 / Double(hz)
         cyclesPerNano = Double(hz) / 1e9
         drained.reserveCapacity(64)
+        _taskExecutor = DataplaneTaskExecutor(loop: self)
     }
 
-    deinit { fileScratch.deallocate() }
+    deinit {
+        fileScratch.deallocate()
+        if wakeFD >= 0 { Glibc.close(wakeFD) }
+    }
 
     static func measureTSC() -> UInt64 {
         let t0 = NIODeadline.now().uptimeNanoseconds, c0 = TSC.now()
@@ -90,6 +97,50 @@ public final class DataplaneEventLoop: EventLoop, @unchecked Sendable {
 
     public func _executeIsolatedUnsafeUnchecked(_ task: @escaping () -> Void) { enqueue(task) }
 
+    /// Written when a task arrives for a sleeping loop.
+    let wakeFD: Int32 = cvio_eventfd()
+    /// True while the loop thread sleeps in `sleep(until:descriptor:)`.
+    private let sleeping = Atomic<Bool>(false)
+    /// Sleeps so far, and those a task, a descriptor or the time limit ended.
+    public private(set) var sleeps: UInt64 = 0
+    public private(set) var sleptCycles: UInt64 = 0
+
+    /// TSC cycles until the next scheduled task (nil: none).
+    public var cyclesUntilNextTimer: UInt64? {
+        guard let top = timers.top else { return nil }
+        let now = TSC.now()
+        return top.deadline > now ? top.deadline - now : 0
+    }
+
+    /// On the loop thread, between turns: blocks until a task arrives from another thread,
+    /// `descriptor` becomes readable (e.g. a queue's call eventfd) or `maxCycles` pass — unless
+    /// work is already there. A signal ends it too (EINTR). Returns whether it slept.
+    @discardableResult
+    public func sleep(maxCycles: UInt64, descriptor: Int32?) -> Bool {
+        var limit = maxCycles
+        if let t = cyclesUntilNextTimer { limit = min(limit, t) }
+        guard limit > 0 else { return false }
+        // Announce the sleep, then look for tasks: an enqueuer stores its task, then looks for
+        // a sleeper (both sequentially consistent), so one of the two always sees the other.
+        sleeping.store(true, ordering: .sequentiallyConsistent)
+        if queued.load(ordering: .sequentiallyConsistent) {
+            sleeping.store(false, ordering: .relaxed)
+            return false
+        }
+        let start = TSC.now()
+        var fds = [pollfd(fd: wakeFD, events: Int16(POLLIN), revents: 0),
+                   pollfd(fd: descriptor ?? -1, events: Int16(POLLIN), revents: 0)]
+        let ms = Int32(min(Double(limit) * nanosPerCycle / 1e6, 1000).rounded(.up))
+        _ = poll(&fds, nfds_t(descriptor == nil ? 1 : 2), max(1, ms))
+        sleeping.store(false, ordering: .relaxed)
+        var counter: UInt64 = 0
+        if fds[0].revents != 0 { _ = read(wakeFD, &counter, 8) }
+        if let d = descriptor, fds[1].revents != 0 { _ = read(d, &counter, 8) }
+        sleeps &+= 1
+        sleptCycles &+= TSC.now() &- start
+        return true
+    }
+
     private func enqueue(_ task: @escaping () -> Void) {
         if state.load(ordering: .acquiring) == State.stopped.rawValue {
             // The loop thread is gone: the caller's thread stands in for it while the task runs
@@ -105,7 +156,11 @@ public final class DataplaneEventLoop: EventLoop, @unchecked Sendable {
         }
         queue.withLock { q in
             q.append(task)
-            queued.store(true, ordering: .relaxed)
+            queued.store(true, ordering: .sequentiallyConsistent)
+        }
+        if sleeping.load(ordering: .sequentiallyConsistent) {
+            var one: UInt64 = 1
+            _ = write(wakeFD, &one, 8)
         }
     }
 
@@ -384,4 +439,23 @@ struct TimerHeap {
             i = m
         }
     }
+}
+
+/// Runs Swift concurrency jobs on the dataplane loop (`withTaskExecutorPreference`,
+/// `group.addTask(executorPreference:)`): async code that drives dataplane channels then runs on
+/// the loop thread, between polls, instead of hopping to the cooperative pool and back for every
+/// read and write. Like any code on the loop, it must not block.
+public final class DataplaneTaskExecutor: TaskExecutor, @unchecked Sendable {
+    public unowned let loop: DataplaneEventLoop
+    init(loop: DataplaneEventLoop) { self.loop = loop }
+
+    public func enqueue(_ job: consuming ExecutorJob) {
+        let job = UnownedJob(job)
+        loop.execute { [self] in job.runSynchronously(on: asUnownedTaskExecutor()) }
+    }
+}
+
+extension DataplaneEventLoop {
+    /// The loop as a Swift concurrency task executor.
+    public var taskExecutor: DataplaneTaskExecutor { _taskExecutor }
 }

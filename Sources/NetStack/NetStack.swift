@@ -1,4 +1,5 @@
 import CVioLwIP
+import Synchronization
 import DPDK
 import VirtioNet
 
@@ -98,6 +99,23 @@ public final class NetStack {
     public private(set) var inPoll = false
     /// The port's counters as of the last poll.
     public private(set) var driverCounters = NetCounters()
+    /// TSC cycles of the turns that had work (frames, connection events, the loop's tasks and
+    /// timers, ticks): what serving costs the dataplane lcore, as opposed to empty polls.
+    public var busyCycles: UInt64 { busy.load(ordering: .relaxed) }
+    let busy = Atomic<UInt64>(0)
+    /// Turns that had work (an idle loop compares it across turns).
+    public private(set) var turnsWithWork: UInt64 = 0
+    /// Frames lwIP's timer thread staged or connection events wait: poll again before sleeping.
+    public var hasPendingWork: Bool { vlw_work_pending() != 0 }
+
+    /// A sleeping dataplane thread is woken through `fd` (an eventfd) when lwIP's own thread
+    /// makes work for it (a frame from a timer, a connection event).
+    public func setWakeDescriptor(_ fd: Int32) { vlw_set_wake_fd(fd) }
+    /// Announces a sleep: false when work already waits (poll instead). `endSleep()` after.
+    public func prepareToSleep() -> Bool { vlw_prepare_sleep() != 0 }
+    public func endSleep() { vlw_end_sleep() }
+    /// TSC cycles until the next `onTick`.
+    public var cyclesUntilTick: UInt64 { let now = TSC.now(); return nextTick > now ? nextTick - now : 0 }
     /// Runs every `config.tickMilliseconds` inside `poll` (timeouts of the layers above).
     public var onTick: (() -> Void)?
     let tickCycles: UInt64
@@ -132,7 +150,7 @@ public final class NetStack {
     /// linkoutput's buffer: a fresh mbuf appended to the staging area (core lock held; on the
     /// dataplane thread or lwIP's timer thread).
     func stageFrame(_ len: UInt16) -> UnsafeMutableRawPointer? {
-        guard txCount < config.txStagingCapacity, let m = pool.allocate() else { stagingDrops &+= 1; return nil }
+        guard !detached, txCount < config.txStagingCapacity, let m = pool.allocate() else { stagingDrops &+= 1; return nil }
         m.dataLength = len
         m.packetLength = UInt32(len)
         txStage[txCount] = m
@@ -154,6 +172,15 @@ public final class NetStack {
         listeners.append(l)
         return l
     }
+
+    /// The port is going away: from now on frames lwIP produces (its timer thread keeps running
+    /// for the life of the process) are dropped instead of taking mbufs from the port's pool.
+    public func detach() {
+        if !inPoll { vlw_lock() }
+        detached = true
+        if !inPoll { vlw_unlock() }
+    }
+    var detached = false
 
     /// Stops accepting on `listener` (connections already accepted go on).
     public func close(_ listener: TCPListener) {
@@ -183,11 +210,13 @@ public final class NetStack {
     /// the connection events and before the frames go out, when `work.hasWork` says there is some.
     @discardableResult
     public func poll<Port: PacketPort & ~Copyable, Work: NetStackTurnWork>(_ port: inout Port, work: Work) -> Int {
-        let n = port.rxBurst(rxBufs, max: burst)
         let now = TSC.now()
+        let n = port.rxBurst(rxBufs, max: burst)
         let tick = now >= nextTick
         let hasWork = work.hasWork
         guard n > 0 || tick || hasWork || vlw_work_pending() != 0 else { return 0 }
+        defer { busy.store(busy.load(ordering: .relaxed) &+ (TSC.now() &- now), ordering: .relaxed) }
+        turnsWithWork &+= 1
         vlw_lock()
         inPoll = true
         for i in 0..<n {

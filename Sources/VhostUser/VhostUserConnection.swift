@@ -522,6 +522,12 @@ public final class VhostUserConnection: VirtioTransport, @unchecked Sendable {
     }
 
     @inline(never)
+    /// The ring's call eventfd (SET_VRING_CALL): the backend writes it when the driver asked
+    /// for a used-buffer notification.
+    public func notificationDescriptor(queue index: Int) -> Int32? {
+        index < callFDs.count && callFDs[index] >= 0 ? callFDs[index] : nil
+    }
+
     public func notify(queue index: Int) {
         var one: UInt64 = 1
         _ = Glibc.write(kickFDs[index], &one, 8)

@@ -324,6 +324,17 @@ public struct VirtioNetPort<Ring: Virtqueue & ~Copyable>: ~Copyable {
         return sent
     }
 
+    // MARK: Sleeping
+
+    /// What a sleeping poll loop waits on for frames: the RX queue's notification descriptor
+    /// (nil where the transport cannot deliver notifications).
+    public var rxNotificationDescriptor: Int32? { transport.notificationDescriptor(queue: rxQueueIndex) }
+
+    /// Asks the device to notify when it fills an RX buffer; false when frames are already
+    /// waiting (then poll instead of sleeping). `disableRxNotifications` afterwards.
+    public mutating func enableRxNotifications() -> Bool { rx.enableUsedNotifications() }
+    public mutating func disableRxNotifications() { rx.disableUsedNotifications() }
+
     // MARK: Stop
 
     /// Stops the device (if it is still there: every pair of it stops, since the device must be

@@ -4,6 +4,7 @@ import DPDK
 import Foundation
 import Logging
 import NetStack
+import NIODataplane
 
 extension IPv4Interface: ExpressibleByArgument {
     public init?(argument: String) { self.init(cidr: argument) }
@@ -53,6 +54,8 @@ struct Httpd: ParsableCommand {
     var requestTimeout: Double?
     @Option(help: "Seconds an idle keep-alive connection is kept.")
     var idleTimeout: Double?
+    @Option(help: "When idle: adaptive (after 200 µs of empty polls, sleep on the RX queue's notification, the loop's wake-up and the next timer) or poll (busy-poll always).")
+    var idle: IdleMode = .adaptive
     @Flag(help: "Log negotiation details.")
     var verbose = false
 
@@ -150,6 +153,7 @@ struct Httpd: ParsableCommand {
         var c = HTTPDataplaneConfig(vhostUserPath: uri.path, interface: s.ip!)
         c.vhostUserServer = uri.isServer
         c.reconnect = reconnect?.policy
+        c.idle = idle
         c.gateway = s.gateway
         c.listenPort = s.listen
         c.memory = s.memory
@@ -182,3 +186,5 @@ struct Httpd: ParsableCommand {
         print("httpd: stopped")
     }
 }
+
+extension IdleMode: ExpressibleByArgument {}

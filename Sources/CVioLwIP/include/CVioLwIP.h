@@ -51,6 +51,11 @@ int vlw_input(const void *frame, uint16_t len);
 /// Without the lock: is there anything for the dataplane to do (ready connections, frames that
 /// linkoutput produced on the tcpip thread)? A hint: a stale answer only delays work one loop.
 int vlw_work_pending(void);
+/// Adaptive idle: the eventfd lwIP's thread writes when it makes work for a sleeping dataplane.
+void vlw_set_wake_fd(int fd);
+/// Announces a sleep; returns 1 if nothing is pending (sleep), 0 if work waits (poll again).
+int vlw_prepare_sleep(void);
+void vlw_end_sleep(void);
 /// Lock held: sets the "frames waiting to be sent" hint (cleared after a full flush, set when some stay).
 void vlw_set_tx_pending(int pending);
 

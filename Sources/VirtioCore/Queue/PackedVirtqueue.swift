@@ -256,6 +256,23 @@ public struct PackedVirtqueue: ~Copyable {
         return inOrder ? harvestInOrder(max) { _, c, l in body(c, l) } : harvestOutOfOrder(max) { _, c, l in body(c, l) }
     }
 
+    @inline(__always) var driverEventFlags: UnsafeMutablePointer<Atomic<UInt16>> {
+        (memory + layout.driverEventOffset + 2).assumingMemoryBound(to: Atomic<UInt16>.self)
+    }
+
+    public mutating func enableUsedNotifications() -> Bool {
+        driverEventFlags.pointee.store(PackedEventFlags.enable, ordering: .relaxed)
+        atomicMemoryFence(ordering: .sequentiallyConsistent)
+        if inBatch || outstanding == 0 { return !inBatch }
+        let expected = usedWrap ? PackedDesc.flagAvail | PackedDesc.flagUsed : 0
+        let mask = PackedDesc.flagAvail | PackedDesc.flagUsed
+        return usedFlags(at: nextUsed) & mask != expected
+    }
+
+    public mutating func disableUsedNotifications() {
+        driverEventFlags.pointee.store(PackedEventFlags.disable, ordering: .relaxed)
+    }
+
     /// The flags of the descriptor at `pos`, read with acquire: its ID and length are read after.
     @inlinable @inline(__always)
     func usedFlags(at pos: UInt16) -> UInt16 {

@@ -159,6 +159,36 @@ public struct SplitVirtqueue: ~Copyable {
         published.deallocate()
     }
 
+    /// `used_event` (§2.7.10): the last slot of the avail ring.
+    @inline(__always) var usedEvent: UnsafeMutablePointer<Atomic<UInt16>> {
+        (memory + layout.availOffset + 4 + 2 * layout.size).assumingMemoryBound(to: Atomic<UInt16>.self)
+    }
+    @inline(__always) var availFlags: UnsafeMutablePointer<Atomic<UInt16>> {
+        (memory + layout.availOffset).assumingMemoryBound(to: Atomic<UInt16>.self)
+    }
+
+    public mutating func enableUsedNotifications() -> Bool {
+        if eventIndex {
+            // Notify once the used index moves past what we have seen (§2.7.10).
+            usedEvent.pointee.store(lastUsed, ordering: .relaxed)
+        } else {
+            availFlags.pointee.store(0, ordering: .relaxed)
+        }
+        // The device must see the request before we look at the used index again: a store-load
+        // fence, or a buffer used in between would neither be seen nor notified.
+        atomicMemoryFence(ordering: .sequentiallyConsistent)
+        return !inBatch && usedIdx.pointee.load(ordering: .acquiring) == lastUsed
+    }
+
+    public mutating func disableUsedNotifications() {
+        if eventIndex {
+            // An event index behind the used index is crossed only after 2^16 more buffers.
+            usedEvent.pointee.store(lastUsed &- 1, ordering: .relaxed)
+        } else {
+            availFlags.pointee.store(virtqAvailFlagNoInterrupt, ordering: .relaxed)
+        }
+    }
+
     /// Zeroes the rings and forgets every buffer (after `reclaimAll`, before a device restart).
     public mutating func resetRing() {
         memory.initializeMemory(as: UInt8.self, repeating: 0, count: layout.totalBytes)

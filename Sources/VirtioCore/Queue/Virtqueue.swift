@@ -47,6 +47,13 @@ public protocol Virtqueue: ~Copyable {
     mutating func addChain(count: Int, cookie: UnsafeMutableRawPointer?, _ segment: (Int) -> VirtqSegment) -> Bool
     /// Makes what was added visible (if the layout defers that) and says whether to notify.
     mutating func publish() -> Bool
+    /// Asks the device for a used-buffer notification (split: clears VRING_AVAIL_F_NO_INTERRUPT,
+    /// or with EVENT_IDX sets `used_event` to the last used index seen; packed: the driver event
+    /// area's flags to ENABLE), then looks at the ring once more after a full fence. False when
+    /// used buffers are already waiting (harvest them rather than sleep).
+    mutating func enableUsedNotifications() -> Bool
+    /// Back to polling: no used-buffer notifications.
+    mutating func disableUsedNotifications()
     /// Up to `max` completions (cookie, bytes the device wrote) into two arrays.
     mutating func harvest(into cookies: UnsafeMutablePointer<UnsafeMutableRawPointer?>,
                           lengths: UnsafeMutablePointer<UInt32>, max: Int) -> Int

@@ -91,6 +91,10 @@ public protocol VirtioTransport: AnyObject {
     var stoppedBases: [UInt32]? { get }
     /// Available-buffer notification for queue `index` (§2.7.13.4).
     func notify(queue index: Int)
+    /// A descriptor that becomes readable when the device sends queue `index` a used-buffer
+    /// notification (vhost-user: the ring's call eventfd), or nil where notifications cannot be
+    /// waited for (virtio-pci through uio here).
+    func notificationDescriptor(queue index: Int) -> Int32?
     /// False once the device has gone away (checked off the data path).
     var isConnected: Bool { get }
     /// Why the connection was lost, if it was.
@@ -147,4 +151,8 @@ extension VirtioTransport {
     public func reconnect(deadline: UInt64, abort: () -> Bool) throws {
         throw TransportError("\(deviceDescription) cannot reconnect")
     }
+}
+
+extension VirtioTransport {
+    public func notificationDescriptor(queue index: Int) -> Int32? { nil }
 }

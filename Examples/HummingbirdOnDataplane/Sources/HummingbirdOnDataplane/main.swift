@@ -44,6 +44,11 @@ func makeRouter(transport: String) -> Router<BasicRequestContext> {
             try await writer.finish(nil)
         })
     }
+    // What the dataplane lcore spent on work (TSC cycles), for cycles-per-request measurements.
+    router.get("/dataplane") { _, _ -> String in
+        guard let dp = Dataplane.current else { return "{}\n" }
+        return "{\"busyCycles\": \(dp.stack.busyCycles), \"tscHz\": \(dp.tscHz)}\n"
+    }
     let file = ByteBuffer(bytes: (0..<65536).map { UInt8($0 % 251) })
     router.get("/64k") { _, _ in Response(status: .ok, body: .init(byteBuffer: file)) }
     return router

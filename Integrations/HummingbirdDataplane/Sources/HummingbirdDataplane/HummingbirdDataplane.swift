@@ -51,10 +51,15 @@ public enum HummingbirdDataplane {
             http1.setup(channel: channel, logger: logger)
         }
         onReady?()
-        try await withThrowingDiscardingTaskGroup { group in
-            try await server.executeThenClose { connections in
-                for try await connection in connections {
-                    group.addTask { await http1.handle(value: connection, logger: logger) }
+        // The connections' async code runs on the loop thread (between polls), as NIO code on an
+        // event loop does: no hop to the cooperative pool and back for each read and write.
+        let executor = dataplane.loop.taskExecutor
+        try await withTaskExecutorPreference(executor) {
+            try await withThrowingDiscardingTaskGroup { group in
+                try await server.executeThenClose { connections in
+                    for try await connection in connections {
+                        group.addTask(executorPreference: executor) { await http1.handle(value: connection, logger: logger) }
+                    }
                 }
             }
         }
@@ -73,7 +78,7 @@ public enum HummingbirdDataplane {
     ) throws where Responder.Context: RequestContext, Responder.Context.Source == ApplicationRequestContextSource {
         let failure = Mutex<(any Error)?>(nil)
         try Dataplane.run(config, logger: logger) { dp in
-            Task {
+            Task(executorPreference: dp.loop.taskExecutor) {
                 do {
                     try await serve(responder, on: dp, port: port, configuration: configuration, serverName: serverName,
                                     logger: logger, onReady: onReady)
