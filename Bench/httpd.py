@@ -135,6 +135,10 @@ def main():
             "dataplane (vio httpd, lwIP on virtio-net)": (
                 ["taskset", "-c", "1", VIO, "httpd", "--port", "vhost:" + sock, "--ip", "198.18.0.2/24", "--listen", "8080",
                  "--root", www, "--memory-mb", "256"], "http://198.18.0.2:8080", "httpd: listening", ["/hello", "/64k.bin"], "/stats"),
+            "dataplane, --idle poll (busy-polling)": (
+                ["taskset", "-c", "1", VIO, "httpd", "--port", "vhost:" + sock, "--ip", "198.18.0.2/24", "--listen", "8080",
+                 "--root", www, "--memory-mb", "256", "--idle", "poll"], "http://198.18.0.2:8080", "httpd: listening", ["/hello", "/64k.bin"],
+                "/stats"),
             "kernel (SwiftNIO on a veth)": (
                 ["taskset", "-c", "1", "ip", "netns", "exec", nss, NIO, "198.19.0.2", "8080", www, "1"],
                 "http://198.19.0.2:8080", "vio-nio-httpd: listening", ["/hello", "/64k.bin"], "proc"),
@@ -188,6 +192,43 @@ def main():
                 except subprocess.TimeoutExpired:   # SIGINT is ignored when the bench runs in the background
                     p.terminate()
                     p.wait(10)
+        # Idle: CPU of a server nobody talks to, and the first request after a quiet second.
+        idle = {}
+        for mode in ("adaptive", "poll"):
+            log = os.path.join(tmp, "idle.log")
+            p = subprocess.Popen(["taskset", "-c", "1", VIO, "httpd", "--port", "vhost:" + sock, "--ip", "198.18.0.2/24",
+                                  "--listen", "8080", "--root", www, "--memory-mb", "256", "--idle", mode],
+                                 stdout=open(log, "w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            procs.append(p)
+            for _ in range(300):
+                if "httpd: listening" in open(log).read():
+                    break
+                time.sleep(0.1)
+            sh("ip", "netns", "exec", nsc, "curl", "-sS", "-o", "/dev/null", "http://198.18.0.2:8080/hello")
+            time.sleep(1)
+            f0 = open("/proc/%d/stat" % p.pid).read().rsplit(")", 1)[1].split()
+            time.sleep(5)
+            f1 = open("/proc/%d/stat" % p.pid).read().rsplit(")", 1)[1].split()
+            cpu = ((int(f1[11]) + int(f1[12])) - (int(f0[11]) + int(f0[12]))) / CLK_TCK / 5
+            time.sleep(1)
+            pg = sh("ip", "netns", "exec", nsc, "ping", "-c", "1", "-W", "2", "198.18.0.2", check=False).stdout
+            m = re.search(r"time=([\d.]+) ms", pg)
+            first_ping = float(m.group(1)) if m else None
+            time.sleep(1)
+            c = sh("ip", "netns", "exec", nsc, "curl", "-sS", "-o", "/dev/null", "-w", "%{time_total}", "http://198.18.0.2:8080/hello").stdout
+            first_curl = float(c) * 1000
+            busy = sh("ip", "netns", "exec", nsc, "ping", "-c", "20", "-i", "0.01", "198.18.0.2", check=False).stdout
+            m = re.search(r"= [\d.]+/([\d.]+)/", busy)
+            idle[mode] = {"cpu_share": cpu, "first_ping_ms": first_ping, "first_curl_ms": first_curl,
+                          "ping_avg_ms_back_to_back": float(m.group(1)) if m else None}
+            print("idle %-8s: CPU %.2f %% of a core; after 1 s idle: ping %s ms, curl %.2f ms; back-to-back pings avg %s ms" % (
+                mode, cpu * 100, first_ping, first_curl, idle[mode]["ping_avg_ms_back_to_back"]), flush=True)
+            p.send_signal(signal.SIGINT)
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.terminate()
+                p.wait(10)
         summary = {}
         print()
         print("| server | path | req/s (median round of %d) | p50 | p75 | p90 | p99 | server cycles/request | socket errors |" % a.rounds)
@@ -202,7 +243,7 @@ def main():
                     med.get("p99_ms", 0), med["cycles_per_request"], med["errors"]))
         os.makedirs(os.path.join(ROOT, "Bench/results"), exist_ok=True)
         with open(os.path.join(ROOT, "Bench/results/httpd-latest.json"), "w") as f:
-            json.dump({"seconds": a.seconds, "rounds": a.rounds, "connections": a.connections, "tsc_hz": hz, "results": summary}, f, indent=2)
+            json.dump({"seconds": a.seconds, "rounds": a.rounds, "connections": a.connections, "tsc_hz": hz, "results": summary, "idle": idle}, f, indent=2)
     finally:
         cleanup()
 

@@ -164,7 +164,10 @@ final class HTTPIntegrationTests: XCTestCase {
         sleep(5)
         let idleCPU = cpuSeconds(pid) - before
         XCTAssertGreaterThanOrEqual(before, 0)
-        XCTAssertLessThan(idleCPU, 0.1, "an idle server used \(idleCPU) s of CPU in 5 s (goal: under 2 % of a core)")
+        // Under a sanitizer (Scripts/sanitize.sh) every wake-up costs several times more.
+        let env = ProcessInfo.processInfo.environment
+        let bound = env["ASAN_OPTIONS"] != nil || env["TSAN_OPTIONS"] != nil ? 0.5 : 0.1
+        XCTAssertLessThan(idleCPU, bound, "an idle server used \(idleCPU) s of CPU in 5 s (goal: under 2 % of a core)")
         let ping = try ns!.run(["/usr/bin/ping", "-c", "3", "-i", "0.3", "-W", "2", Self.serverIP], timeout: 30)
         XCTAssertTrue(ping.text.contains("3 received"), ping.text)
         sleep(1)
