@@ -18,7 +18,7 @@ For each target and each path: `wrk -t2 -c50 -d{seconds}s --latency`,
 `--rounds` times alternating; the median round (by requests/s) is reported with its latency
 percentiles. Writes Bench/results/httpd-latest.json and prints a Markdown table for RESULTS.md.
 """
-import argparse, json, os, re, signal, statistics, subprocess, sys, tempfile, time
+import argparse, json, os, re, shutil, signal, statistics, subprocess, sys, tempfile, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VIO = os.path.join(ROOT, ".build/release/vio")
@@ -106,6 +106,8 @@ def main():
                     p.kill()
         for ns in (nsc, nss):
             sh("ip", "netns", "delete", ns, check=False)
+        # testpmd leaves its DPDK runtime directory behind.
+        shutil.rmtree("/var/run/dpdk/viobench" + tag, ignore_errors=True)
 
     try:
         sh("ip", "netns", "add", nsc)

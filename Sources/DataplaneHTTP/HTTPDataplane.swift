@@ -37,16 +37,8 @@ public struct HTTPDataplaneConfig: Sendable {
     }
 }
 
-public enum HTTPDataplaneError: Error, CustomStringConvertible {
-    case setup(String)
-    case linkLost(String)
-    public var description: String {
-        switch self {
-        case .setup(let s): return s
-        case .linkLost(let s): return "link lost: \(s)"
-        }
-    }
-}
+/// The errors of `HTTPDataplane.run` are those of `Dataplane.run` (setup, lost link).
+public typealias HTTPDataplaneError = DataplaneError
 
 /// Driver, stack and HTTP counters as `/stats` serves them.
 public struct HTTPDataplaneStats: Codable, Sendable {
@@ -104,45 +96,39 @@ public enum HTTPDataplane {
         dc.idle = config.idle
         let started = Date()
         var bindError: Error?
-        do {
-            try Dataplane.run(dc, logger: logger, handleSignals: handleSignals, shouldStop: { shouldStop() || bindError != nil }) { dp in
-                let server = HTTPServer(loop: dp.loop, router: router, options: config.server)
-                let stack = dp.stack, pool = dp.pool, mac = dp.mac.description, features = dp.features
-                if let statsPath {
-                    router.get(statsPath) { [unowned server, unowned stack] _ in
-                        server.tick()   // response byte counts up to now
-                        let d = stack.driverCounters
-                        let stats = HTTPDataplaneStats(
-                            driver: .init(mac: mac, features: features, rxPackets: d.rxPackets, rxBytes: d.rxBytes,
-                                          txPackets: d.txPackets, txBytes: d.txBytes, txDrops: d.txDrops, rxErrors: d.rxErrors,
-                                          txErrors: d.txErrors, rxNoMbuf: d.rxNoMbuf),
-                            stack: stack.counters, http: server.counters, mbufsInUse: pool.inUseCount,
-                            uptimeSeconds: Date().timeIntervalSince(started), busyCycles: stack.busyCycles, tscHz: TSC.hz,
-                            idle: config.idle.rawValue, idleSleeps: dp.loop.sleeps,
-                            idleSleptSeconds: Double(dp.loop.sleptCycles) / Double(TSC.hz))
-                        let enc = JSONEncoder()
-                        enc.outputFormatting = [.prettyPrinted, .sortedKeys]
-                        guard let data = try? enc.encode(stats) else { return .text("cannot encode stats\n", status: .internalServerError) }
-                        var b = ByteBufferAllocator().buffer(capacity: data.count + 1)
-                        b.writeBytes(data)
-                        b.writeString("\n")
-                        return HTTPResponse(status: .ok, headers: ["Content-Type": "application/json"], body: .bytes(b))
-                    }
-                }
-                server.bind(dp.serverBootstrap(), port: Int(config.listenPort)).whenComplete { result in
-                    switch result {
-                    case .success:
-                        logger.info("httpd: \(config.interface) mac \(mac), listening on TCP port \(config.listenPort)")
-                        onReady?()
-                    case .failure(let e):
-                        bindError = e
-                    }
+        try Dataplane.run(dc, logger: logger, handleSignals: handleSignals, shouldStop: { shouldStop() || bindError != nil }) { dp in
+            let server = HTTPServer(loop: dp.loop, router: router, options: config.server)
+            let stack = dp.stack, pool = dp.pool, mac = dp.mac.description, features = dp.features
+            if let statsPath {
+                router.get(statsPath) { [unowned server, unowned stack] _ in
+                    server.tick()   // response byte counts up to now
+                    let d = stack.driverCounters
+                    let stats = HTTPDataplaneStats(
+                        driver: .init(mac: mac, features: features, rxPackets: d.rxPackets, rxBytes: d.rxBytes,
+                                      txPackets: d.txPackets, txBytes: d.txBytes, txDrops: d.txDrops, rxErrors: d.rxErrors,
+                                      txErrors: d.txErrors, rxNoMbuf: d.rxNoMbuf),
+                        stack: stack.counters, http: server.counters, mbufsInUse: pool.inUseCount,
+                        uptimeSeconds: Date().timeIntervalSince(started), busyCycles: stack.busyCycles, tscHz: TSC.hz,
+                        idle: config.idle.rawValue, idleSleeps: dp.loop.sleeps,
+                        idleSleptSeconds: Double(dp.loop.sleptCycles) / Double(TSC.hz))
+                    let enc = JSONEncoder()
+                    enc.outputFormatting = [.prettyPrinted, .sortedKeys]
+                    guard let data = try? enc.encode(stats) else { return .text("cannot encode stats\n", status: .internalServerError) }
+                    var b = ByteBufferAllocator().buffer(capacity: data.count + 1)
+                    b.writeBytes(data)
+                    b.writeString("\n")
+                    return HTTPResponse(status: .ok, headers: ["Content-Type": "application/json"], body: .bytes(b))
                 }
             }
-        } catch DataplaneError.setup(let s) {
-            throw HTTPDataplaneError.setup(s)
-        } catch DataplaneError.linkLost(let s) {
-            throw HTTPDataplaneError.linkLost(s)
+            server.bind(dp.serverBootstrap(), port: Int(config.listenPort)).whenComplete { result in
+                switch result {
+                case .success:
+                    logger.info("httpd: \(config.interface) mac \(mac), listening on TCP port \(config.listenPort)")
+                    onReady?()
+                case .failure(let e):
+                    bindError = e
+                }
+            }
         }
         if let e = bindError { throw HTTPDataplaneError.setup("\(e)") }
     }
