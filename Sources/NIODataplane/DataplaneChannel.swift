@@ -114,6 +114,12 @@ public final class DataplaneChannel: Channel, ChannelCore, @unchecked Sendable {
                 close0(error: ChannelError.eof, mode: .all, promise: nil)
                 return
             }
+            // What arrived before the reset is delivered first (when a read is pending), so the
+            // pipeline knows what the peer had sent when it went.
+            if registered, readPending, !inputClosed, conn.readableBytes > 0 {
+                readIfPossible()
+                if closed { return }
+            }
             let err = IOError(errnoCode: code == -14 ? ECONNRESET : ECONNABORTED,
                               reason: "TCP connection to \(conn.remoteAddress):\(conn.remotePort): \(conn.failure ?? lwipErrorName(code))")
             pipeline.fireErrorCaught(err)

@@ -107,9 +107,10 @@ public final class DataplaneEventLoop: EventLoop, @unchecked Sendable {
 
     /// TSC cycles until the next scheduled task (nil: none).
     public var cyclesUntilNextTimer: UInt64? {
-        guard let top = timers.top else { return nil }
+        let due = timers.topDeadline
+        guard due != .max else { return nil }
         let now = TSC.now()
-        return top.deadline > now ? top.deadline - now : 0
+        return due > now ? due - now : 0
     }
 
     /// On the loop thread, between turns: blocks until a task arrives from another thread,
@@ -258,8 +259,8 @@ public final class DataplaneEventLoop: EventLoop, @unchecked Sendable {
     @inline(__always)
     public var hasWork: Bool {
         if queued.load(ordering: .relaxed) { return true }
-        guard let top = timers.top else { return false }
-        return TSC.now() >= top.deadline
+        let due = timers.topDeadline   // a plain integer: no reference counting per turn
+        return due != .max && TSC.now() >= due
     }
 
     /// Runs the tasks queued so far (not those they queue: those wait for the next turn, so the
@@ -393,11 +394,15 @@ struct TimerHeap {
     private var items: [ScheduledTimer] = []
     var count: Int { items.count }
     var top: ScheduledTimer? { items.first }
+    /// The earliest deadline (UInt64.max: none), kept beside the heap so that the loop's
+    /// per-turn check reads an integer.
+    private(set) var topDeadline = UInt64.max
 
     mutating func insert(_ t: ScheduledTimer) {
         t.index = items.count
         items.append(t)
         up(t.index)
+        topDeadline = items[0].deadline
     }
 
     mutating func remove(_ t: ScheduledTimer) {
@@ -411,6 +416,7 @@ struct TimerHeap {
         items.removeLast()
         t.index = -1
         if i < items.count { down(i); up(i) }
+        topDeadline = items.first?.deadline ?? .max
     }
 
     private mutating func up(_ start: Int) {

@@ -215,7 +215,6 @@ public final class NetStack {
         let tick = now >= nextTick
         let hasWork = work.hasWork
         guard n > 0 || tick || hasWork || vlw_work_pending() != 0 else { return 0 }
-        defer { busy.store(busy.load(ordering: .relaxed) &+ (TSC.now() &- now), ordering: .relaxed) }
         turnsWithWork &+= 1
         vlw_lock()
         inPoll = true
@@ -231,37 +230,47 @@ public final class NetStack {
             }
         }
         driverCounters = port.counters
-        dispatch()
+        var events = dispatch()
         if hasWork {
             work.runWork()
-            dispatch()   // what the work's writes and closes made lwIP report
+            events &+= dispatch()   // what the work's writes and closes made lwIP report
         }
         if tick {
             nextTick = now &+ tickCycles
             onTick?()
         }
-        flushTX(&port)
+        let sent = flushTX(&port)
         inPoll = false
         vlw_unlock()
         freeBulk(rxBufs, count: n)
+        // Busy: the turn moved something. A turn that only found the TX ring still full is a
+        // wait for the device, not work, and is not counted.
+        if n > 0 || sent > 0 || events > 0 || hasWork || tick {
+            busy.store(busy.load(ordering: .relaxed) &+ (TSC.now() &- now), ordering: .relaxed)
+        }
         return n
     }
 
     /// Sends the staged frames; what the ring does not take waits for the next poll.
-    func flushTX<Port: PacketPort & ~Copyable>(_ port: inout Port) {
-        guard txCount > 0 else { vlw_set_tx_pending(0); return }
+    @discardableResult
+    func flushTX<Port: PacketPort & ~Copyable>(_ port: inout Port) -> Int {
+        guard txCount > 0 else { vlw_set_tx_pending(0); return 0 }
         let sent = port.txBurst(txStage, count: txCount)
-        if sent < txCount {
+        if sent > 0, sent < txCount {
             (txStage).update(from: txStage + sent, count: txCount - sent)
         }
         txCount -= sent
         vlw_set_tx_pending(txCount > 0 ? 1 : 0)
+        return sent
     }
 
     /// Hands each connection with events to its handler.
-    func dispatch() {
+    @discardableResult
+    func dispatch() -> Int {
         var ev: UInt32 = 0
+        var count = 0
         while let c = vlw_next_ready(&ev) {
+            count &+= 1
             let events = TCPEvents(rawValue: ev)
             if let u = vlw_conn_user(c) {
                 Unmanaged<TCPConnection>.fromOpaque(u).takeUnretainedValue().deliver(events)
@@ -276,6 +285,7 @@ public final class NetStack {
             listener.onAccept(conn)
             if !conn.isClosed { conn.deliver(events) }
         }
+        return count
     }
 
     /// Polls until `keepGoing` returns false (checked every 1024 turns).
