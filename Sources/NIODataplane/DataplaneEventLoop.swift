@@ -183,7 +183,7 @@ public final class DataplaneEventLoop: EventLoop, @unchecked Sendable {
     @discardableResult
     public func _scheduleTaskIsolatedUnsafeUnchecked<T>(deadline: NIODeadline, _ task: @escaping () throws -> T) -> Scheduled<T> {
         let promise: EventLoopPromise<T> = makePromise()
-        let timer = ScheduledTimer(deadline: tscDeadline(deadline),
+        let timer = ScheduledTimer(deadline: tscDeadline(deadline), deadlineNanos: deadline.uptimeNanoseconds,
                                    run: { do { promise.succeed(try task()) } catch { promise.fail(error) } },
                                    fail: { promise.fail($0) })
         if isShuttingDown {
@@ -280,6 +280,9 @@ public final class DataplaneEventLoop: EventLoop, @unchecked Sendable {
         guard timers.top != nil else { return }
         let now = TSC.now()
         while let top = timers.top, top.deadline <= now {
+            // The TSC deadline is converted with a measured rate: never run a task before its
+            // deadline on the monotonic clock (it is then due on a later turn).
+            if NIODeadline.now().uptimeNanoseconds < top.deadlineNanos { break }
             timers.remove(top)
             timersFired &+= 1
             top.run()
@@ -372,13 +375,16 @@ public final class DataplaneEventLoopGroup: EventLoopGroup, @unchecked Sendable 
 
 final class ScheduledTimer {
     let deadline: UInt64
+    /// The deadline as NIO gave it (CLOCK_MONOTONIC nanoseconds).
+    let deadlineNanos: UInt64
     var sequence: UInt64 = 0
     /// Position in the heap; -1 when not in it.
     var index = -1
     let run: () -> Void
     let fail: (Error) -> Void
-    init(deadline: UInt64, run: @escaping () -> Void, fail: @escaping (Error) -> Void) {
+    init(deadline: UInt64, deadlineNanos: UInt64, run: @escaping () -> Void, fail: @escaping (Error) -> Void) {
         self.deadline = deadline
+        self.deadlineNanos = deadlineNanos
         self.run = run
         self.fail = fail
     }
