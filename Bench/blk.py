@@ -30,6 +30,13 @@ percentiles, and:
   ~131,000 per 128 KiB read); the callgrind daemons therefore run with GLIBC_TUNABLES raising
   glibc.cpu.x86_rep_stosb_threshold (and _movsb_) out of reach, so memset takes its AVX2 loop
   (~240 instructions per 4 KiB) and the figure reflects the work done rather than the byte count.
+- device instr/IO, SPDK's ring use: the same callgrind measurement for requests laid out and
+  published the way SPDK 24.05's initiator does it (this build with --device-reference, default
+  "--no-indirect --queue-size 512 --no-poll-pacing": three descriptors per 4 KiB request in a ring
+  of 512, no indirect tables, the used index polled all the time). The issue measured SPDK's own
+  requests and ours with `--no-indirect --queue-size 512` at the same count (2.63 K), so this
+  stands in for SPDK's requests in the same run and by the same method; "ratio" divides this
+  build's device instr/IO by it. With --against the other build's device instr/IO is measured too.
 - vs SPDK table: this build's median IOPS / SPDK 24.05's median from the issue's table (SPDK_2405
   below: measured on this VM type in an earlier run, not in this run; no figure for read 128k QD8).
 
@@ -64,6 +71,9 @@ SPDK_LABEL = "SPDK 24.05 (issue table, other run)"
 # I/Os of 128 KiB). Their daemon runs with memset/memcpy kept off `rep stosb`/`rep movsb`, which
 # valgrind counts one instruction per iteration (see the docstring).
 CALLGRIND_IOS, CALLGRIND_MAX_SIZE = 16384, 1 << 30
+# SPDK 24.05's ring use (the issue): 3 direct descriptors per 4 KiB request, a ring of 512, no
+# indirect tables, completions polled continually.
+REFERENCE = "--no-indirect --queue-size 512 --no-poll-pacing"
 CALLGRIND_ENV = {"GLIBC_TUNABLES": "glibc.cpu.x86_rep_stosb_threshold=0xffffffffffffffff:"
                                    "glibc.cpu.x86_rep_movsb_threshold=0xffffffffffffffff"}
 
@@ -386,6 +396,9 @@ def main():
     ap.add_argument("--against", metavar="VIO", help="another vio binary (e.g. an older commit's release build), run "
                     "alternately with this build each round; adds its median IOPS and the ratios")
     ap.add_argument("--against-extra", metavar="ARGS", default="", help="extra blkbench arguments for the --against binary")
+    ap.add_argument("--device-reference", metavar="ARGS", default=REFERENCE,
+                    help="blkbench arguments that make this build lay out and publish requests as SPDK does, for the "
+                    f"reference device instr/IO (default: {REFERENCE!r}; empty: not measured)")
     args = ap.parse_args()
     vio = os.path.abspath(args.vio)
     if not os.path.exists(vio):
@@ -396,6 +409,7 @@ def main():
         sys.exit(f"blk bench: {args.against} does not exist")
     jobs = parse_jobs(args.jobs) if args.jobs else JOBS
     extra, against_extra = shlex.split(args.extra), shlex.split(args.against_extra)
+    reference = shlex.split(args.device_reference)
     info = open("/proc/meminfo").read()
     free = int(re.search(r"HugePages_Free:\s+(\d+)", info).group(1))
     memory = "hugepages" if free >= 256 and " hugetlbfs " in open("/proc/mounts").read() else "nohuge"
@@ -417,6 +431,7 @@ def main():
             m = reps[len(reps) // 2]
             ios = m["reads"] + m["writes"]
             kicks = m.get("notifications")
+            against_dev, ref_dev = None, None
             if args.no_callgrind:
                 ins, rt, dev_ins, dev_ios = None, None, None, None
             else:
@@ -424,6 +439,11 @@ def main():
                 if base_ir is None:
                     base_ir = startup_ir(workdir, args.iothread)
                 dev_ins, dev_ios = device_instructions(rw, bs, qd, workdir, memory, args.iothread, vio, extra, base_ir)
+                if args.against:
+                    against_dev, _ = device_instructions(rw, bs, qd, workdir, memory, args.iothread, args.against,
+                                                         against_extra, base_ir)
+                if reference:
+                    ref_dev, _ = device_instructions(rw, bs, qd, workdir, memory, args.iothread, vio, reference, base_ir)
             lat = m.get("latency") or {}
             spdk = SPDK_2405.get((rw, bs.lower(), qd))
             om = other[len(other) // 2] if other else None
@@ -434,6 +454,8 @@ def main():
                        device_cpu_pct=device_cpu, device_cpu_pct_rounds=[r["device_cpu_pct"] for r in reps],
                        notifications=kicks, ios_per_kick=ios / kicks if kicks else None,
                        device_instructions=dev_ins, device_callgrind_ios=dev_ios, device_startup_ir=base_ir,
+                       against_device_instructions=against_dev, reference_device_instructions=ref_dev,
+                       device_vs_reference=dev_ins / ref_dev if dev_ins and ref_dev else None,
                        spdk_iops=spdk, vs_spdk=m["iops"] / spdk if spdk else None,
                        against=om["iops"] if om else None,
                        against_rounds_iops=[o["iops"] for o in other] if other else None,
@@ -451,6 +473,7 @@ def main():
     os.makedirs(os.path.join(ROOT, "Bench/results"), exist_ok=True)
     doc = dict(date=date, commit=rev + ("+local changes" if dirty else ""), command=cmd.strip(), iothread=args.iothread,
                vio=vio, against=args.against, extra=args.extra, against_extra=args.against_extra, device_startup_ir=base_ir,
+               device_reference=args.device_reference,
                spdk_reference=dict(label=SPDK_LABEL, note="median IOPS from the issue's table, measured on this VM type in an "
                                    "earlier run, not in this run", iops={f"{r} {b} QD{q}": v for (r, b, q), v in SPDK_2405.items()}),
                results=rows)
@@ -462,6 +485,14 @@ def main():
                   + "\n".join(f"| {r['rw']} {r['bs']} QD{r['iodepth']} | {r['iops']:,.0f} | {r['against']:,.0f} | "
                               f"{r['iops'] / r['against']:.2f} | {f2(r['median_pair_ratio'])} |"
                               for r in rows if r["against"]))
+    if any(r.get("reference_device_instructions") or r.get("against_device_instructions") for r in rows):
+        table += ("\n\nDevice (qemu-storage-daemon) instructions per I/O, callgrind, the same method for each: this build; "
+                  f"this build laid out as SPDK does (`{args.device_reference}`)"
+                  + ("; the --against build" if args.against else "") + ":\n\n| job | this build | SPDK's ring use | ratio |"
+                  + (" against |" if args.against else "") + "\n|---|---|---|---|" + ("---|" if args.against else "") + "\n"
+                  + "\n".join(f"| {r['rw']} {r['bs']} QD{r['iodepth']} | {num(r['device_instructions'])} | "
+                              f"{num(r['reference_device_instructions'])} | {f2(r['device_vs_reference'])} |"
+                              + (f" {num(r['against_device_instructions'])} |" if args.against else "") for r in rows))
     print(table)
     plot(rows, os.path.join(ROOT, "Bench/results/blk-latest.png"), doc, args.against)
     if not args.no_record:
@@ -475,6 +506,10 @@ def main():
                     f"Negotiated: {rows[0]['features'] if rows else '?'}; memory: {memory}. "
                     f"\"vs SPDK table\" divides by SPDK 24.05's medians from the issue's table (an earlier run on this "
                     f"VM type, not this run).\n\n{table}\n")
+
+
+def num(x):
+    return "–" if x is None else f"{x:,.0f}"
 
 
 def f2(x):
@@ -538,15 +573,25 @@ def plot(rows, path, doc, against):
     ax.legend(fontsize=8, loc="upper left", ncol=len(groups))
     if has_dev:
         ax2 = axes[1][0]
-        vals = [r.get("device_instructions") for r in rows]
-        ax2.bar([i for i, v in zip(x, vals) if v is not None], [v for v in vals if v is not None], 0.4, color="tab:gray")
-        for i, v in zip(x, vals):
-            if v is not None:
-                ax2.text(i, v, f"{v:,.0f}", ha="center", va="bottom", fontsize=8)
+        series = [("this build", "device_instructions", "tab:gray"),
+                  ("SPDK's ring use (this build, " + (doc.get("device_reference") or "") + ")", "reference_device_instructions", "tab:olive")]
+        if against:
+            series.append((f"--against {os.path.basename(against)}", "against_device_instructions", "tab:orange"))
+        series = [s for s in series if any(r.get(s[1]) is not None for r in rows)]
+        w2 = 0.8 / len(series)
+        for k, (label, key, color) in enumerate(series):
+            for i, r in enumerate(rows):
+                v = r.get(key)
+                if v is None:
+                    continue
+                xi = i + (k - (len(series) - 1) / 2) * w2
+                ax2.bar([xi], [v], w2, color=color, label=label if i == next(j for j, rr in enumerate(rows) if rr.get(key) is not None) else None)
+                ax2.text(xi, v, f"{v:,.0f}", ha="center", va="bottom", fontsize=7)
         ax2.set_xticks(x)
         ax2.set_xticklabels(labels, fontsize=8)
         ax2.set_ylabel("device instructions / I/O")
-        ax2.set_title("qemu-storage-daemon instructions per I/O (callgrind, this build's driver)", fontsize=9)
+        ax2.legend(fontsize=8, loc="upper left")
+        ax2.set_title("qemu-storage-daemon instructions per I/O (callgrind, the same method for each driver)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
