@@ -580,12 +580,9 @@ def plot(rows, path, doc, against):
         series = [s for s in series if any(r.get(s[1]) is not None for r in rows)]
         w2 = 0.8 / len(series)
         for k, (label, key, color) in enumerate(series):
-            for i, r in enumerate(rows):
-                v = r.get(key)
-                if v is None:
-                    continue
-                xi = i + (k - (len(series) - 1) / 2) * w2
-                ax2.bar([xi], [v], w2, color=color, label=label if i == next(j for j, rr in enumerate(rows) if rr.get(key) is not None) else None)
+            pts = [(i + (k - (len(series) - 1) / 2) * w2, r[key]) for i, r in enumerate(rows) if r.get(key) is not None]
+            ax2.bar([p[0] for p in pts], [p[1] for p in pts], w2, color=color, label=label)
+            for xi, v in pts:
                 ax2.text(xi, v, f"{v:,.0f}", ha="center", va="bottom", fontsize=7)
         ax2.set_xticks(x)
         ax2.set_xticklabels(labels, fontsize=8)

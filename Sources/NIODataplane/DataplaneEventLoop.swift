@@ -388,9 +388,11 @@ final class ScheduledTimer {
         self.run = run
         self.fail = fail
     }
-    /// Earlier deadline first; equal deadlines in the order they were scheduled.
+    /// Earlier deadline first; equal deadlines in the order they were scheduled. Ordered by NIO's
+    /// deadline, not the TSC one: each conversion reads both clocks anew, so two equal deadlines
+    /// can convert to TSC values in either order.
     @inline(__always) func before(_ o: ScheduledTimer) -> Bool {
-        deadline != o.deadline ? deadline < o.deadline : sequence < o.sequence
+        deadlineNanos != o.deadlineNanos ? deadlineNanos < o.deadlineNanos : sequence < o.sequence
     }
 }
 
