@@ -56,7 +56,10 @@ final class SocketServerProcess {
     /// A DPDK process's runtime directory (/var/run/dpdk/PREFIX), removed once it has exited.
     let runtimeDirectory: String?
 
-    init(socket: String, log: String, command: [String], name: String) throws {
+    /// `readyLine`: a line the process logs once it listens. A process that serves a single
+    /// connection may be done, and its socket gone, before the next look for the socket (a
+    /// front end that reconnects at once and is refused): the line still says it started.
+    init(socket: String, log: String, command: [String], name: String, readyLine: String? = nil) throws {
         self.socket = socket
         self.log = log
         runtimeDirectory = command.firstIndex(of: "--file-prefix").flatMap { $0 + 1 < command.count ? "/var/run/dpdk/\(command[$0 + 1])" : nil }
@@ -70,6 +73,7 @@ final class SocketServerProcess {
         try process.run()
         let deadline = Date().addingTimeInterval(20)
         while !FileManager.default.fileExists(atPath: socket) {
+            if let line = readyLine, tail(100_000).contains(line) { break }
             guard process.isRunning, Date() < deadline else {
                 kill()
                 throw TestFailure("\(name) did not create \(socket): \(tail())")
@@ -122,7 +126,7 @@ final class HostileDevice {
             socket: socket, log: dir.path("\(name).log"),
             command: [Tools.hostileDevice, "--socket", socket, "--type", type, "--queues", "\(queues)", "--after", "\(after)"]
                 + (packed ? ["--packed"] : []) + faults.flatMap { ["--fault", $0] },
-            name: "hostile-device")
+            name: "hostile-device", readyLine: "listening on \(socket):")
     }
 
     func tail(_ n: Int = 3000) -> String { server.tail(n) }
