@@ -66,6 +66,21 @@ public struct VirtioBlkQueue<Ring: Virtqueue & ~Copyable>: ~Copyable {
     @usableFromInline static var pacingMinInFlight: Int { 8 }
     @usableFromInline var kicks: UInt64 = 0
     public var notifications: UInt64 { kicks }
+    /// Poll pacing: the most completions a paced poll waits for (a quarter of what is in flight,
+    /// at most this).
+    public var pollBatch = 16
+    /// Whether completed descriptor chains are reused oldest first (see
+    /// `SplitVirtqueue.recycleInTableOrder`).
+    public var recycleInTableOrder: Bool {
+        get { vq.recycleInTableOrder }
+        set { vq.recycleInTableOrder = newValue }
+    }
+    /// With indirect descriptors: the longest request chain that still goes into the ring itself
+    /// (see `SplitVirtqueue.directChainLimit`); it may change between requests.
+    public var directChainLimit: Int {
+        get { vq.directChainLimit }
+        set { vq.directChainLimit = newValue }
+    }
     public internal(set) var stopReason: String?
     @usableFromInline let capacity: UInt64
     /// Operations the device did not negotiate (bit `1 << type`), and those a read-only device
@@ -347,7 +362,7 @@ public struct VirtioBlkQueue<Ring: Virtqueue & ~Copyable>: ~Copyable {
             c = (3 &* c &+ Swift.min(sample, 2 &* c)) / 4
         }
         cyclesPerCompletion = c
-        let target = UInt64(Swift.min(16, inFlight / 4))
+        let target = UInt64(Swift.min(pollBatch, inFlight / 4))
         nextPollAt = now &+ Swift.min(c &* target, maxPollGap)
     }
 

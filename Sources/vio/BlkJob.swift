@@ -1,3 +1,4 @@
+import ArgumentParser
 import DPDK
 import Foundation
 import Histogram
@@ -25,6 +26,66 @@ struct BlkJobParameters {
     var seed: UInt64
     /// A request outstanding longer than this fails the run (the device lost it or stopped).
     var ioTimeout: Double = 5
+    /// --alternate: a setting switched on and off in turns during the measured run.
+    var alternate: BlkAlternate?
+    var alternatePeriod: Double = 0.05
+}
+
+/// `--alternate SETTING=VALUE`: the measured run switches between the job's own setting (phase A)
+/// and this one (phase B) every `period`, counting the I/Os completed in each phase. Both run in
+/// one process against one device within milliseconds of each other, so the VM's swings in speed
+/// (about 2x over seconds here) fall on both alike: a ratio from separate runs cannot get that.
+struct BlkAlternate: ExpressibleByArgument, CustomStringConvertible {
+    enum Setting: Equatable {
+        /// `VirtioBlkQueue.directChainLimit`.
+        case directChainLimit(Int)
+        /// `VirtioBlkQueue.pollPacing`.
+        case pollPacing(Bool)
+        /// `VirtioBlkQueue.pollBatch`.
+        case pollBatch(Int)
+        /// `VirtioBlkQueue.recycleInTableOrder`.
+        case tableOrder(Bool)
+    }
+    var setting: Setting
+    var description: String {
+        switch setting {
+        case .directChainLimit(let n): return "direct-chain-limit=\(n)"
+        case .pollPacing(let on): return "poll-pacing=\(on ? "on" : "off")"
+        case .pollBatch(let n): return "poll-batch=\(n)"
+        case .tableOrder(let on): return "table-order=\(on ? "on" : "off")"
+        }
+    }
+    init?(argument: String) {
+        let kv = argument.split(separator: "=", maxSplits: 1).map(String.init)
+        guard kv.count == 2 else { return nil }
+        switch kv[0] {
+        case "direct-chain-limit":
+            guard let n = Int(kv[1]), n >= 1 else { return nil }
+            setting = .directChainLimit(n)
+        case "poll-pacing":
+            guard kv[1] == "on" || kv[1] == "off" else { return nil }
+            setting = .pollPacing(kv[1] == "on")
+        case "poll-batch":
+            guard let n = Int(kv[1]), n >= 1 else { return nil }
+            setting = .pollBatch(n)
+        case "table-order":
+            guard kv[1] == "on" || kv[1] == "off" else { return nil }
+            setting = .tableOrder(kv[1] == "on")
+        default: return nil
+        }
+    }
+}
+
+/// What --alternate measured: I/Os and seconds in each phase (whole phases after the ramp).
+struct BlkAlternateReport: Codable {
+    var setting: String
+    var periodMs: Double
+    var phases: Int
+    var aIOs: UInt64, bIOs: UInt64
+    var aSeconds: Double, bSeconds: Double
+    var aIOPS: Double, bIOPS: Double
+    /// bIOPS / aIOPS.
+    var ratio: Double
 }
 
 /// One blkbench job on every queue of a device, specialised for its ring layout.
@@ -83,6 +144,14 @@ struct BlkJob<Ring: Virtqueue & ~Copyable>: ~Copyable {
     var statsLabel = ""
     /// Set by any lcore's job that fails, so the others stop issuing.
     var shared: RunControl?
+    /// --alternate: the settings of phase A (the job's own, per queue) and whether B is on.
+    var alternateA: [(directChainLimit: Int, pollPacing: Bool, pollBatch: Int, tableOrder: Bool)] = []
+    var inPhaseB = false
+    var phaseStart: UInt64 = 0
+    var phaseStartIOs: UInt64 = 0
+    var phaseCount = 0
+    var phaseIOs: (a: UInt64, b: UInt64) = (0, 0)
+    var phaseCycles: (a: UInt64, b: UInt64) = (0, 0)
 
     /// A job on the device's queues `queueIndices` (one lcore's share).
     init(device: VirtioBlkDevice<Ring>, queueIndices: [Int], params: BlkJobParameters, data: UnsafeMutableRawPointer, memory: String) {
@@ -277,6 +346,41 @@ struct BlkJob<Ring: Virtqueue & ~Copyable>: ~Copyable {
         device.stop(reason: reason)
     }
 
+    /// --alternate: ends the phase running since `phaseStart` at `now` (counted if measured
+    /// whole) and starts the other one.
+    @inline(never)
+    mutating func switchPhase(now: UInt64, measuredFrom: UInt64) {
+        guard let alt = p.alternate else { return }
+        let ios = r.reads + r.writes
+        if phaseStart >= measuredFrom && measuring && issuing {
+            if inPhaseB { phaseIOs.b += ios - phaseStartIOs; phaseCycles.b += now - phaseStart }
+            else { phaseIOs.a += ios - phaseStartIOs; phaseCycles.a += now - phaseStart }
+            phaseCount += 1
+        }
+        inPhaseB.toggle()
+        for q in 0..<queueCount {
+            switch alt.setting {
+            case .directChainLimit(let n): queues[q].directChainLimit = inPhaseB ? n : alternateA[q].directChainLimit
+            case .pollPacing(let on): queues[q].pollPacing = inPhaseB ? on : alternateA[q].pollPacing
+            case .pollBatch(let n): queues[q].pollBatch = inPhaseB ? n : alternateA[q].pollBatch
+            case .tableOrder(let on): queues[q].recycleInTableOrder = inPhaseB ? on : alternateA[q].tableOrder
+            }
+        }
+        phaseStart = now
+        phaseStartIOs = ios
+    }
+
+    /// What --alternate measured, if it ran.
+    var alternateReport: BlkAlternateReport? {
+        guard let alt = p.alternate else { return nil }
+        let hz = Double(TSC.hz)
+        let a = Double(phaseCycles.a) / hz, b = Double(phaseCycles.b) / hz
+        let ai = a > 0 ? Double(phaseIOs.a) / a : 0, bi = b > 0 ? Double(phaseIOs.b) / b : 0
+        return BlkAlternateReport(setting: alt.description, periodMs: p.alternatePeriod * 1000, phases: phaseCount,
+                                  aIOs: phaseIOs.a, bIOs: phaseIOs.b, aSeconds: a, bSeconds: b, aIOPS: ai, bIOPS: bi,
+                                  ratio: ai > 0 ? bi / ai : 0)
+    }
+
     /// Runs the job to its end (time, size, a signal or a failed device); the results are in `r`
     /// and `failure`.
     mutating func run() throws {
@@ -301,6 +405,15 @@ struct BlkJob<Ring: Virtqueue & ~Copyable>: ~Copyable {
         // counts from its return.
         var resumedAt: UInt64 = 0
 
+        let alternatePeriod = UInt64(p.alternatePeriod * hz)
+        var nextSwitch = UInt64.max
+        if p.alternate != nil {
+            alternateA = (0..<queueCount).map {
+                (queues[$0].directChainLimit, queues[$0].pollPacing, queues[$0].pollBatch, queues[$0].recycleInTableOrder)
+            }
+            phaseStart = start
+            nextSwitch = start + alternatePeriod
+        }
         // Fill every slot.
         for q in 0..<queueCount {
             for d in 0..<p.iodepth {
@@ -318,6 +431,10 @@ struct BlkJob<Ring: Virtqueue & ~Copyable>: ~Copyable {
             let now = TSC.now()
             if !measuring && now >= rampEnd {
                 measuring = true; measureStart = now
+            }
+            if now >= nextSwitch {
+                switchPhase(now: now, measuredFrom: measureStart)
+                nextSwitch = now + alternatePeriod
             }
             // Slots idle because the job had issued all it should stay idle; a size limit ends the
             // job once everything issued is back.
@@ -386,5 +503,6 @@ struct BlkJob<Ring: Virtqueue & ~Copyable>: ~Copyable {
         r.invalidStatus = invalidStatus
         r.firstError = firstError
         for q in 0..<queueCount { r.notifications += queues[q].notifications }
+        r.alternate = alternateReport
     }
 }

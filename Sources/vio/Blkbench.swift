@@ -43,6 +43,8 @@ struct BlkbenchReport: Codable {
     var features: String
     var ring: String
     var error: String?
+    /// --alternate: I/Os per phase.
+    var alternate: BlkAlternateReport?
 }
 
 /// A flat TOML job file (`key = value`, `#` comments): the defaults for `vio blkbench`.
@@ -86,6 +88,9 @@ struct Blkbench: ParsableCommand {
     @Option(help: "Time before measuring starts (e.g. 2s).") var rampTime: Seconds?
     @Flag(help: "Stamp every written block and check every read; read back all written blocks at the end.") var verify = false
     @Option(help: "Random seed.") var seed: UInt64 = 1
+    @Option(help: ArgumentHelp("Switch between the job's own setting and this one every --alternate-period while measuring, and report the IOPS of each phase: direct-chain-limit=N, poll-pacing=on|off, poll-batch=N (the most completions a paced poll waits for; default 16) or table-order=on|off (completed descriptors reused oldest first).", valueName: "setting=value"))
+    var alternate: BlkAlternate?
+    @Option(help: "Phase length for --alternate (e.g. 50ms).") var alternatePeriod: Seconds = Seconds(0.05)
     @Option(help: "Write the final report as JSON to this file.") var json: String?
     @Option(help: "With --verify: write, for every block written, its device sector and the generation last written there (one 'SECTOR GENERATION' line each; every 512-byte sector of the block starts with the block number and the generation as two little-endian UInt64s).")
     var verifyManifest: String?
@@ -113,12 +118,17 @@ struct Blkbench: ParsableCommand {
             throw VioFailure(description: "--iodepth 1...4096, --queues 1...64, --rwmixread 0...100")
         }
 
+        if alternate != nil, (blk.lcores?.cpus.count ?? 1) > 1 {
+            throw ValidationError("--alternate runs on one lcore (each lcore would switch on its own clock)")
+        }
+        guard alternatePeriod.value >= 0.002 else { throw ValidationError("--alternate-period must be at least 2ms") }
         if let l = blk.lcores?.cpus.count, l > nq {
             throw ValidationError("--lcores gives \(l) lcores for \(nq) queue(s): each lcore needs at least one")
         }
         let setup = try BlkSetup(blk, queues: nq)
         var (r, failure, stopFailure, failureCode) = try setup.open(Run(size: size, verify: verify, lcores: blk.lcores?.cpus.count ?? 1, rw: rw, bs: bs, iodepth: iodepth, mix: mix, ramp: ramp, runtime: runtime, seed: seed,
-                                              ioTimeout: blk.ioTimeout.value, memory: setup.eal.mode.rawValue, manifest: verify ? verifyManifest : nil))
+                                              ioTimeout: blk.ioTimeout.value, memory: setup.eal.mode.rawValue, manifest: verify ? verifyManifest : nil,
+                                              alternate: alternate, alternatePeriod: alternatePeriod.value))
         r.error = failure
         print(String(format: "%@ bs=%d iodepth=%d queues=%d: %llu reads, %llu writes in %.2f s: %.0f IOPS, %.1f MiB/s, %llu errors",
                      rw.rawValue, bs, iodepth, r.queues, r.reads, r.writes, r.seconds, r.iops, r.mibPerSecond, r.errors))
@@ -127,6 +137,10 @@ struct Blkbench: ParsableCommand {
                          Double(l.p99Ns) / 1000, Double(l.p999Ns) / 1000, Double(l.maxNs) / 1000))
         }
         if verify { print("verify: \(r.verified) blocks checked, \(r.verifyErrors) mismatches") }
+        if let a = r.alternate {
+            print(String(format: "alternate %@ every %.0f ms: %d phases, A (own) %.0f IOPS, B %.0f IOPS, B/A %.3f",
+                         a.setting, a.periodMs, a.phases, a.aIOPS, a.bIOPS, a.ratio))
+        }
         if r.failedInFlight > 0 { print("\(r.failedInFlight) requests in flight failed with the device") }
         if let o = r.outages {
             print(String(format: "outages %d (%.2f s down), %llu requests submitted again after a reconnect%@", o.count, o.reduce(0) { $0 + $1.seconds }, r.resubmitted ?? 0,
@@ -150,6 +164,7 @@ extension Blkbench {
     struct Run: VirtioBlkDeviceBody {
         let size: Int, verify: Bool, lcores: Int, rw: BlkPattern, bs: Int, iodepth: Int, mix: Int, ramp: Double, runtime: Double?, seed: UInt64
         let ioTimeout: Double, memory: String, manifest: String?
+        var alternate: BlkAlternate? = nil, alternatePeriod: Double = 0.05
         /// The report, the run's failure, why the final stop failed (if it did), and the exit
         /// status of the failure (1: the device came back unusable, else 2).
         func run<Ring: Virtqueue & ~Copyable>(_ dev: VirtioBlkDevice<Ring>) throws -> (BlkbenchReport, String?, String?, Int32) {
@@ -165,7 +180,8 @@ extension Blkbench {
             let segsPerIO = (bs + segBytes - 1) / segBytes
             guard segsPerIO <= dev.maxSegments else { throw VioFailure(description: "--bs \(bs) needs \(segsPerIO) segments; the device takes \(dev.maxSegments)") }
             let params = BlkJobParameters(rw: rw, bs: bs, iodepth: iodepth, mix: mix, verify: verify, blocks: blocks, limitBytes: limitBytes,
-                                          segmentBytes: segBytes, segmentsPerIO: segsPerIO, ramp: ramp, runtime: runtime, seed: seed, ioTimeout: ioTimeout)
+                                          segmentBytes: segBytes, segmentsPerIO: segsPerIO, ramp: ramp, runtime: runtime, seed: seed, ioTimeout: ioTimeout,
+                                          alternate: alternate, alternatePeriod: alternatePeriod)
             let data = try DMAMemory(size: dev.queueCount * iodepth * bs + 4096)
             // Queue q on lcore q mod L, each lcore's jobs on their own slice of the region.
             // A device that offers fewer queues than asked leaves some lcores without one.

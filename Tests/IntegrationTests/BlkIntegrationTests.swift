@@ -121,6 +121,32 @@ final class BlkIntegrationTests: XCTestCase {
         }
     }
 
+    /// `--alternate`: the layout of requests switches every 5 ms while they are in flight (direct
+    /// chains and indirect tables; descriptors reused oldest or newest first) and every block read
+    /// back still matches; both phases ran and their I/Os add up to no more than the run's.
+    func testBlkbenchAlternateKeepsDataAndCountsBothPhases() throws {
+        let dir = try TempDir()
+        let dev = try StorageDaemon(.file(try image(dir, megabytes: 32)), dir: dir)
+        for setting in ["direct-chain-limit=1", "table-order=off"] {
+            let r = try Vio.run(["blkbench", "--dev", "vhost-user-blk:\(dev.socket)", "--rw", "randrw", "--bs", "4k", "--iodepth", "32",
+                                 "--size", "16m", "--runtime", "2s", "--verify", "--alternate", setting, "--alternate-period", "5ms"] + noHuge,
+                                dir: dir, timeout: 60)
+            XCTAssertEqual(r.status, 0, "\(r)")
+            XCTAssertEqual(r.int("verifyErrors"), 0, "\(r)")
+            XCTAssertGreaterThan(r.int("verified") ?? 0, 1000, "\(r)")
+            XCTAssertEqual(r.int("slotsOutstandingAtExit"), 0)
+            let alt = r.json?["alternate"] as? [String: Any] ?? [:]
+            XCTAssertEqual(alt["setting"] as? String, setting, "\(r)")
+            let a = (alt["aIOs"] as? NSNumber)?.intValue ?? 0, b = (alt["bIOs"] as? NSNumber)?.intValue ?? 0
+            XCTAssertGreaterThan((alt["phases"] as? NSNumber)?.intValue ?? 0, 100, "\(r)")
+            XCTAssertGreaterThan(a, 1000, "\(r)"); XCTAssertGreaterThan(b, 1000, "\(r)")
+            XCTAssertLessThanOrEqual(a + b, (r.int("reads") ?? 0) + (r.int("writes") ?? 0), "\(r)")
+        }
+        let bad = try Vio.run(["blkbench", "--dev", "vhost-user-blk:\(dev.socket)", "--alternate", "queue-size=64"] + noHuge, dir: dir, timeout: 60, json: false)
+        XCTAssertEqual(bad.status, 64, "\(bad)")
+        XCTAssertTrue(bad.stderr.contains("queue-size=64"), "\(bad)")
+    }
+
     /// A job file drives blkbench; sizes-based run ends by itself.
     func testBlkbenchJobFileAndSizeLimit() throws {
         let dir = try TempDir()
