@@ -41,16 +41,18 @@ percentiles, and:
   below: measured on this VM type in an earlier run, not in this run; no figure for read 128k QD8).
 
 With --against OTHER_VIO the other build runs alternately with this one each round (a fresh daemon
-per run), and a second table gives both medians, the ratio of medians and the median of the per-round
-pair ratios (this round's IOPS / the other build's IOPS in the same round, more robust on this noisy
-VM). --extra / --against-extra pass extra blkbench arguments to this build's / the other build's
+per run; odd rounds run the other build first), and a second table gives both medians, the ratio of
+medians, the median of the per-round pair ratios (this round's IOPS / the other build's IOPS in the
+same round, more robust on this noisy VM) and their geometric mean with a 95 % interval (mean of the
+log ratios ± 2 standard errors): an interval that contains 1.00 means the run cannot tell the builds
+apart. To compare one build's settings, use blkbench --alternate instead (both in one process). --extra / --against-extra pass extra blkbench arguments to this build's / the other build's
 runs (use --extra=--no-indirect for a single option starting with "--").
 
 Writes Bench/results/blk-latest.json and Bench/results/blk-latest.png (matplotlib, installed with
 pip if missing; skipped with a message if that fails) and, unless --no-record, appends a dated
 entry with the exact command to Bench/RESULTS.md.
 """
-import argparse, json, os, re, shlex, shutil, signal, statistics, subprocess, sys, tempfile, time
+import argparse, json, math, os, re, shlex, shutil, signal, statistics, subprocess, sys, tempfile, time
 from datetime import datetime, timezone
 
 from plotting import pyplot
@@ -375,6 +377,20 @@ def parse_jobs(spec):
     return jobs
 
 
+def geo_interval(ratios):
+    """Geometric mean of the pair ratios and its 95 % interval (mean of the logs ± 2 standard
+    errors), as [mean, low, high]; None without two usable pairs."""
+    logs = [math.log(r) for r in ratios if r]
+    if len(logs) < 2:
+        return None
+    m, se = statistics.mean(logs), statistics.stdev(logs) / math.sqrt(len(logs))
+    return [math.exp(m), math.exp(m - 2 * se), math.exp(m + 2 * se)]
+
+
+def fmt_interval(g):
+    return "–" if not g else f"{g[0]:.2f} ({g[1]:.2f}–{g[2]:.2f})"
+
+
 def med(xs):
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None
@@ -418,11 +434,16 @@ def main():
     try:
         for rw, bs, qd in jobs:
             reps, other, pairs = [], [], []
-            for _ in range(args.rounds):
+            for k in range(args.rounds):
+                # With --against, odd rounds run the other build first (ABBA): neither build always
+                # gets the VM right after the other's run.
+                if args.against and k % 2 == 1:
+                    other.append(run(rw, bs, qd, args.seconds, workdir, memory, args.iothread, args.against, against_extra))
                 reps.append(run(rw, bs, qd, args.seconds, workdir, memory, args.iothread, vio, extra))
+                if args.against and k % 2 == 0:
+                    other.append(run(rw, bs, qd, args.seconds, workdir, memory, args.iothread, args.against, against_extra))
                 if args.against:
-                    o = run(rw, bs, qd, args.seconds, workdir, memory, args.iothread, args.against, against_extra)
-                    other.append(o)
+                    o = other[-1]
                     pairs.append(reps[-1]["iops"] / o["iops"] if o["iops"] else None)
             device_cpu = med(r["device_cpu_pct"] for r in reps)
             rounds_iops = [r["iops"] for r in reps]
@@ -461,7 +482,8 @@ def main():
                        against_rounds_iops=[o["iops"] for o in other] if other else None,
                        against_device_cpu_pct=med(o["device_cpu_pct"] for o in other) if other else None,
                        against_ios_per_kick=((om["reads"] + om["writes"]) / om["notifications"]) if om and om.get("notifications") else None,
-                       pair_ratios=pairs if args.against else None, median_pair_ratio=med(pairs) if args.against else None)
+                       pair_ratios=pairs if args.against else None, median_pair_ratio=med(pairs) if args.against else None,
+                       geo_pair_ratio=geo_interval(pairs) if args.against else None)
             rows.append(row)
             print(fmt(row), flush=True)
     finally:
@@ -481,9 +503,12 @@ def main():
     table = header() + "\n".join(fmt(r) for r in rows)
     if args.against:
         table += ("\n\nAlternating with `--against` each round (median IOPS; pair ratio = this round's IOPS / the other build's "
-                  "in the same round):\n\n| job | this build | against | ratio of medians | median pair ratio |\n|---|---|---|---|---|\n"
+                  "in the same round, rounds in ABBA order; geometric mean of the pair ratios with its 95 % interval, "
+                  "mean ± 2 standard errors of the log ratios):\n\n"
+                  "| job | this build | against | ratio of medians | median pair ratio | geometric mean (95 % interval) |\n"
+                  "|---|---|---|---|---|---|\n"
                   + "\n".join(f"| {r['rw']} {r['bs']} QD{r['iodepth']} | {r['iops']:,.0f} | {r['against']:,.0f} | "
-                              f"{r['iops'] / r['against']:.2f} | {f2(r['median_pair_ratio'])} |"
+                              f"{r['iops'] / r['against']:.2f} | {f2(r['median_pair_ratio'])} | {fmt_interval(r['geo_pair_ratio'])} |"
                               for r in rows if r["against"]))
     if any(r.get("reference_device_instructions") or r.get("against_device_instructions") for r in rows):
         table += ("\n\nDevice (qemu-storage-daemon) instructions per I/O, callgrind, the same method for each: this build; "
