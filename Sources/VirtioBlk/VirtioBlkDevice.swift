@@ -34,8 +34,8 @@ public struct VirtioBlkOptions: Sendable {
     public var allowIndirect = true
     public var allowEventIndex = true
     /// Split rings with VIRTIO_F_INDIRECT_DESC: requests of at most this many descriptors
-    /// (header, data segments, status) go straight into the ring while half of it stays free;
-    /// longer ones, and the rest, take an indirect table. 1: every request takes a table.
+    /// (header, data segments, status) go straight into the ring while a quarter of it stays
+    /// free; longer ones, and the rest, take an indirect table. 1: every request takes a table.
     public var directChainLimit = 4
     /// Spaces polls while many requests are in flight, so that each poll finds a batch of
     /// completions (see `VirtioBlkQueue.pollPacing`).
@@ -205,6 +205,9 @@ public final class VirtioBlkDevice<Ring: Virtqueue & ~Copyable>: @unchecked Send
             precondition(used, "indirect descriptors are negotiated for split rings only")
         }
         vq.directChainLimit = directChainLimit
+        // A quarter of the ring stays for requests in tables: a queue of 512 then holds 128
+        // 4 KiB requests as direct chains (all of QD128) and still 128 requests of any length.
+        vq.tableReserve = queueSize / 4
         // Without VIRTIO_F_IN_ORDER, descriptors still go round the table in order: the device
         // reads it front to back, each line once, as its prefetcher expects.
         vq.recycleInTableOrder = true

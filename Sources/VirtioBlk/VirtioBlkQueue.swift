@@ -75,6 +75,12 @@ public struct VirtioBlkQueue<Ring: Virtqueue & ~Copyable>: ~Copyable {
         get { vq.recycleInTableOrder }
         set { vq.recycleInTableOrder = newValue }
     }
+    /// With indirect descriptors: descriptors direct chains leave free for requests in tables
+    /// (see `SplitVirtqueue.tableReserve`).
+    public var tableReserve: Int {
+        get { vq.tableReserve }
+        set { vq.tableReserve = newValue }
+    }
     /// With indirect descriptors: the longest request chain that still goes into the ring itself
     /// (see `SplitVirtqueue.directChainLimit`); it may change between requests.
     public var directChainLimit: Int {

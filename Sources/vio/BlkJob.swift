@@ -45,6 +45,8 @@ struct BlkAlternate: ExpressibleByArgument, CustomStringConvertible {
         case pollBatch(Int)
         /// `VirtioBlkQueue.recycleInTableOrder`.
         case tableOrder(Bool)
+        /// `VirtioBlkQueue.tableReserve`.
+        case tableReserve(Int)
     }
     var setting: Setting
     var description: String {
@@ -53,6 +55,7 @@ struct BlkAlternate: ExpressibleByArgument, CustomStringConvertible {
         case .pollPacing(let on): return "poll-pacing=\(on ? "on" : "off")"
         case .pollBatch(let n): return "poll-batch=\(n)"
         case .tableOrder(let on): return "table-order=\(on ? "on" : "off")"
+        case .tableReserve(let n): return "table-reserve=\(n)"
         }
     }
     init?(argument: String) {
@@ -71,6 +74,9 @@ struct BlkAlternate: ExpressibleByArgument, CustomStringConvertible {
         case "table-order":
             guard kv[1] == "on" || kv[1] == "off" else { return nil }
             setting = .tableOrder(kv[1] == "on")
+        case "table-reserve":
+            guard let n = Int(kv[1]), n >= 0 else { return nil }
+            setting = .tableReserve(n)
         default: return nil
         }
     }
@@ -145,7 +151,7 @@ struct BlkJob<Ring: Virtqueue & ~Copyable>: ~Copyable {
     /// Set by any lcore's job that fails, so the others stop issuing.
     var shared: RunControl?
     /// --alternate: the settings of phase A (the job's own, per queue) and whether B is on.
-    var alternateA: [(directChainLimit: Int, pollPacing: Bool, pollBatch: Int, tableOrder: Bool)] = []
+    var alternateA: [(directChainLimit: Int, pollPacing: Bool, pollBatch: Int, tableOrder: Bool, tableReserve: Int)] = []
     var inPhaseB = false
     var phaseStart: UInt64 = 0
     var phaseStartIOs: UInt64 = 0
@@ -181,6 +187,7 @@ struct BlkJob<Ring: Virtqueue & ~Copyable>: ~Copyable {
         r = BlkbenchReport(rw: params.rw, bs: params.bs, iodepth: params.iodepth, queues: queueCount, seconds: 0, reads: 0, writes: 0,
                            iops: 0, mibPerSecond: 0, errors: 0, verified: 0, verifyErrors: 0, failedInFlight: 0,
                            slotsOutstandingAtExit: 0, memory: memory, features: device.features.description, ring: Ring.layoutName)
+        r.queueSize = device.queueSize
     }
 
     deinit {
@@ -364,6 +371,7 @@ struct BlkJob<Ring: Virtqueue & ~Copyable>: ~Copyable {
             case .pollPacing(let on): queues[q].pollPacing = inPhaseB ? on : alternateA[q].pollPacing
             case .pollBatch(let n): queues[q].pollBatch = inPhaseB ? n : alternateA[q].pollBatch
             case .tableOrder(let on): queues[q].recycleInTableOrder = inPhaseB ? on : alternateA[q].tableOrder
+            case .tableReserve(let n): queues[q].tableReserve = inPhaseB ? n : alternateA[q].tableReserve
             }
         }
         phaseStart = now
@@ -409,7 +417,7 @@ struct BlkJob<Ring: Virtqueue & ~Copyable>: ~Copyable {
         var nextSwitch = UInt64.max
         if p.alternate != nil {
             alternateA = (0..<queueCount).map {
-                (queues[$0].directChainLimit, queues[$0].pollPacing, queues[$0].pollBatch, queues[$0].recycleInTableOrder)
+                (queues[$0].directChainLimit, queues[$0].pollPacing, queues[$0].pollBatch, queues[$0].recycleInTableOrder, queues[$0].tableReserve)
             }
             phaseStart = start
             nextSwitch = start + alternatePeriod

@@ -42,6 +42,8 @@ struct BlkbenchReport: Codable {
     var memory: String
     var features: String
     var ring: String
+    /// Descriptors per queue.
+    var queueSize: Int?
     var error: String?
     /// --alternate: I/Os per phase.
     var alternate: BlkAlternateReport?
@@ -125,7 +127,7 @@ struct Blkbench: ParsableCommand {
         if let l = blk.lcores?.cpus.count, l > nq {
             throw ValidationError("--lcores gives \(l) lcores for \(nq) queue(s): each lcore needs at least one")
         }
-        let setup = try BlkSetup(blk, queues: nq)
+        let setup = try BlkSetup(blk, queues: nq, iodepth: iodepth)
         var (r, failure, stopFailure, failureCode) = try setup.open(Run(size: size, verify: verify, lcores: blk.lcores?.cpus.count ?? 1, rw: rw, bs: bs, iodepth: iodepth, mix: mix, ramp: ramp, runtime: runtime, seed: seed,
                                               ioTimeout: blk.ioTimeout.value, memory: setup.eal.mode.rawValue, manifest: verify ? verifyManifest : nil,
                                               alternate: alternate, alternatePeriod: alternatePeriod.value))

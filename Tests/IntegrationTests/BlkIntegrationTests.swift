@@ -147,6 +147,21 @@ final class BlkIntegrationTests: XCTestCase {
         XCTAssertTrue(bad.stderr.contains("queue-size=64"), "\(bad)")
     }
 
+    /// Without --queue-size, blkbench sizes a vhost-user ring to hold --iodepth requests as direct
+    /// chains (4 x iodepth, from 256 up to 1024); --queue-size decides when given.
+    func testBlkbenchSizesTheRingToTheDepth() throws {
+        let dir = try TempDir()
+        let dev = try StorageDaemon(.null(megabytes: 64), dir: dir)
+        for (args, size) in [(["--iodepth", "1"], 256), (["--iodepth", "128"], 512), (["--iodepth", "1000"], 1024),
+                             (["--iodepth", "128", "--queue-size", "128"], 128)] {
+            let r = try Vio.run(["blkbench", "--dev", "vhost-user-blk:\(dev.socket)", "--rw", "randread", "--size", "8m", "--runtime", "0.3s"]
+                                + args + noHuge, dir: dir, timeout: 60)
+            XCTAssertEqual(r.status, 0, "\(r)")
+            XCTAssertEqual(r.int("queueSize"), size, "\(args): \(r)")
+            XCTAssertGreaterThan(r.int("reads") ?? 0, 100, "\(r)")
+        }
+    }
+
     /// A job file drives blkbench; sizes-based run ends by itself.
     func testBlkbenchJobFileAndSizeLimit() throws {
         let dir = try TempDir()

@@ -268,8 +268,8 @@ final class BlkQueueTests: XCTestCase {
         try roundTrip(SplitVirtqueue.self, offered: base.union([.indirectDescriptors]), expectIndirect: true)
     }
 
-    /// A short request takes a table when its chain would eat into the half of the ring kept for
-    /// tables, and a queue with no descriptor left is full.
+    /// A short request takes a table when its chain would eat into the quarter of the ring kept
+    /// for tables, and a queue with no descriptor left is full.
     func testDirectChainFallsBackToTableWhenRingIsShort() throws {
         let (t, d) = try open(SplitVirtqueue.self, offered: base.union([.indirectDescriptors]), queueSize: 8)
         let dev = try ringDevice(t, d)
@@ -285,9 +285,9 @@ final class BlkQueueTests: XCTestCase {
             q.commit()
             used += dev.pop().map(\.ringDescriptors)
         }
-        // One chain of 3 in the ring leaves 5 free; direct chains never take the last half of the
-        // ring, so the next five requests take a table each, then the queue is full.
-        XCTAssertEqual(used, [3, 1, 1, 1, 1, 1, -1])
+        // Two chains of 3 in the ring leave 2 free; direct chains never take the last quarter of
+        // the ring, so the next two requests take a table each, then the queue is full.
+        XCTAssertEqual(used, [3, 3, 1, 1, -1, -1, -1])
         XCTAssertEqual(dev.violations(), [])
     }
 

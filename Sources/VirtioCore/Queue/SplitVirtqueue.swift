@@ -112,15 +112,17 @@ public struct SplitVirtqueue: ~Copyable {
     }
 
     /// With indirect tables: chains of at most this many descriptors still go into the ring
-    /// itself (the device then reads one line fewer per request), as long as half the ring stays
-    /// free for chains in tables: the queue then still holds at least `size / 2` buffers however
-    /// long they are. 1 (the default) puts every chain longer than one into a table.
+    /// itself (the device then reads one line fewer per request), as long as `tableReserve`
+    /// descriptors stay free for chains in tables: the queue then still holds at least that many
+    /// buffers however long they are. 1 (the default) puts every chain longer than one into a table.
     public var directChainLimit = 1
+    /// Descriptors direct chains leave free for chains in tables (default: half the ring).
+    public var tableReserve: Int
 
     /// Whether a chain of `count` descriptors goes into an indirect table.
     @inlinable func goesIndirect(_ count: Int) -> Bool {
         guard let t = indirect, count > 1, count <= t.entriesPerTable else { return false }
-        return count > directChainLimit || freeDescs &- count < size / 2
+        return count > directChainLimit || freeDescs &- count < tableReserve
     }
 
     /// Ring descriptors a chain of `count` segments takes.
@@ -150,6 +152,7 @@ public struct SplitVirtqueue: ~Copyable {
         links = .allocate(capacity: layout.size)
         published = .allocate(capacity: layout.size)
         freeDescs = layout.size
+        tableReserve = layout.size / 2
         resetRing()
     }
 

@@ -38,6 +38,8 @@ public protocol Virtqueue: ~Copyable {
     /// With indirect tables: the longest chain that still goes into the ring itself while half
     /// the ring stays free (1: every longer chain takes a table). Layouts without tables ignore it.
     var directChainLimit: Int { get set }
+    /// With indirect tables: descriptors direct chains leave free for chains in tables.
+    var tableReserve: Int { get set }
     /// Out of order: whether completed descriptors are reused in table order (see
     /// `SplitVirtqueue.recycleInTableOrder`). Layouts that always hand out in ring order ignore it.
     var recycleInTableOrder: Bool { get set }
@@ -77,6 +79,7 @@ extension Virtqueue where Self: ~Copyable {
     /// Indirect tables are not implemented for this layout.
     public mutating func useIndirect(_ tables: IndirectTables) -> Bool { false }
     public var directChainLimit: Int { get { 0 } set {} }
+    public var tableReserve: Int { get { 0 } set {} }
     public var recycleInTableOrder: Bool { get { true } set {} }
 }
 
