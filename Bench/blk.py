@@ -447,6 +447,7 @@ def main():
                     pairs.append(reps[-1]["iops"] / o["iops"] if o["iops"] else None)
             device_cpu = med(r["device_cpu_pct"] for r in reps)
             rounds_iops = [r["iops"] for r in reps]
+            against_rounds = [o["iops"] for o in other]   # in round order, before sorting
             reps.sort(key=lambda r: r["iops"])
             other.sort(key=lambda r: r["iops"])
             m = reps[len(reps) // 2]
@@ -479,7 +480,7 @@ def main():
                        device_vs_reference=dev_ins / ref_dev if dev_ins and ref_dev else None,
                        spdk_iops=spdk, vs_spdk=m["iops"] / spdk if spdk else None,
                        against=om["iops"] if om else None,
-                       against_rounds_iops=[o["iops"] for o in other] if other else None,
+                       against_rounds_iops=against_rounds if other else None,
                        against_device_cpu_pct=med(o["device_cpu_pct"] for o in other) if other else None,
                        against_ios_per_kick=((om["reads"] + om["writes"]) / om["notifications"]) if om and om.get("notifications") else None,
                        pair_ratios=pairs if args.against else None, median_pair_ratio=med(pairs) if args.against else None,
