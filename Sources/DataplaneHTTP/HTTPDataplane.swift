@@ -12,28 +12,14 @@ import VirtioNet
 
 /// Everything needed to serve HTTP on a vhost-user virtio-net port.
 public struct HTTPDataplaneConfig: Sendable {
-    /// The vhost-user socket of the virtio-net device.
-    public var vhostUserPath: String
-    public var interface: IPv4Interface
-    public var gateway: IPv4Address?
+    /// The dataplane under the server: the device, memory, rings, reconnect and idle mode.
+    public var dataplane: DataplaneConfig
     public var listenPort: UInt16 = 8080
-    public var memory: MemoryMode = .auto
-    public var memoryMB = 256
-    public var mbufs = 16384
-    public var ringSize = 1024
-    public var burst = 32
     public var server = HTTPServerOptions()
-    /// Listen on `vhostUserPath` for the backend (vhost-user server mode) instead of connecting.
-    public var vhostUserServer = false
-    /// Ride through a backend restart (the TCP stack and its connections stay; TCP retransmits
-    /// what the outage lost). nil: a lost backend ends `run`.
-    public var reconnect: ReconnectPolicy?
-    /// Busy-poll or sleep when idle (`Dataplane`'s default: adaptive).
-    public var idle = IdleMode.adaptive
 
     public init(vhostUserPath: String, interface: IPv4Interface) {
-        self.vhostUserPath = vhostUserPath
-        self.interface = interface
+        dataplane = DataplaneConfig(vhostUserPath: vhostUserPath, interface: interface)
+        dataplane.poolName = "httpd_pool"
     }
 }
 
@@ -83,20 +69,9 @@ public enum HTTPDataplane {
     public static func run(_ config: HTTPDataplaneConfig, router: HTTPRouter, logger: Logger = Logger(label: "httpd"),
                            statsPath: String? = "/stats", handleSignals: Bool = true, onReady: (() -> Void)? = nil,
                            shouldStop: @escaping () -> Bool = { false }) throws {
-        var dc = DataplaneConfig(vhostUserPath: config.vhostUserPath, interface: config.interface)
-        dc.gateway = config.gateway
-        dc.memory = config.memory
-        dc.memoryMB = config.memoryMB
-        dc.mbufs = config.mbufs
-        dc.ringSize = config.ringSize
-        dc.burst = config.burst
-        dc.vhostUserServer = config.vhostUserServer
-        dc.reconnect = config.reconnect
-        dc.poolName = "httpd_pool"
-        dc.idle = config.idle
         let started = Date()
         var bindError: Error?
-        try Dataplane.run(dc, logger: logger, handleSignals: handleSignals, shouldStop: { shouldStop() || bindError != nil }) { dp in
+        try Dataplane.run(config.dataplane, logger: logger, handleSignals: handleSignals, shouldStop: { shouldStop() || bindError != nil }) { dp in
             let server = HTTPServer(loop: dp.loop, router: router, options: config.server)
             let stack = dp.stack, pool = dp.pool, mac = dp.mac.description, features = dp.features
             if let statsPath {
@@ -109,7 +84,7 @@ public enum HTTPDataplane {
                                       txErrors: d.txErrors, rxNoMbuf: d.rxNoMbuf),
                         stack: stack.counters, http: server.counters, mbufsInUse: pool.inUseCount,
                         uptimeSeconds: Date().timeIntervalSince(started), busyCycles: stack.busyCycles, tscHz: TSC.hz,
-                        idle: config.idle.rawValue, idleSleeps: dp.loop.sleeps,
+                        idle: config.dataplane.idle.rawValue, idleSleeps: dp.loop.sleeps,
                         idleSleptSeconds: Double(dp.loop.sleptCycles) / Double(TSC.hz))
                     let enc = JSONEncoder()
                     enc.outputFormatting = [.prettyPrinted, .sortedKeys]
@@ -123,7 +98,7 @@ public enum HTTPDataplane {
             server.bind(dp.serverBootstrap(), port: Int(config.listenPort)).whenComplete { result in
                 switch result {
                 case .success:
-                    logger.info("httpd: \(config.interface) mac \(mac), listening on TCP port \(config.listenPort)")
+                    logger.info("httpd: \(config.dataplane.interface) mac \(mac), listening on TCP port \(config.listenPort)")
                     onReady?()
                 case .failure(let e):
                     bindError = e

@@ -27,7 +27,7 @@ public enum DataplaneChannelEvent: Sendable {
 /// not yet taken, with `channelWritabilityChanged` on each change. `close(mode: .output)` sends
 /// FIN (half-close), `close(mode: .input)` discards what arrives; a reset arrives as
 /// `IOError(ECONNRESET)` through `errorCaught` and closes the channel.
-public final class DataplaneChannel: Channel, ChannelCore, @unchecked Sendable {
+public final class DataplaneChannel: DataplaneLoopChannel, @unchecked Sendable {
     public let loop: DataplaneEventLoop
     public var eventLoop: EventLoop { loop }
     public let allocator = ByteBufferAllocator()
@@ -37,7 +37,7 @@ public final class DataplaneChannel: Channel, ChannelCore, @unchecked Sendable {
     let conn: TCPConnection
     private var _pipeline: ChannelPipeline!
     public var pipeline: ChannelPipeline { _pipeline }
-    private let closePromise: EventLoopPromise<Void>
+    let closePromise: EventLoopPromise<Void>
     public var closeFuture: EventLoopFuture<Void> { closePromise.futureResult }
     public var _channelCore: ChannelCore { self }
 
@@ -55,7 +55,7 @@ public final class DataplaneChannel: Channel, ChannelCore, @unchecked Sendable {
     var readChunk = 64 * 1024
 
     // State (loop thread only).
-    private var registered = false
+    private(set) var registered = false
     private var closed = false
     private var inputClosed = false
     private var inputEOFSeen = false
@@ -397,14 +397,7 @@ public final class DataplaneChannel: Channel, ChannelCore, @unchecked Sendable {
                     endLinger()
                 }
             }
-            loop.channels.removeValue(forKey: ObjectIdentifier(self))
-            promise?.succeed(())
-            if wasActive { pipeline.fireChannelInactive() }
-            loop.execute { [self] in
-                if registered { pipeline.fireChannelUnregistered() }
-                removeHandlers(pipeline: pipeline)
-                closePromise.succeed(())
-            }
+            finishClose(wasActive: wasActive, promise: promise)
         }
     }
 

@@ -4,7 +4,7 @@ import Synchronization
 
 /// A SwiftNIO server `Channel` listening on a NetStack TCP port. Each accepted connection becomes
 /// a `DataplaneChannel`, set up by the bootstrap's child initializer and then activated.
-public final class DataplaneServerChannel: Channel, ChannelCore, @unchecked Sendable {
+public final class DataplaneServerChannel: DataplaneLoopChannel, @unchecked Sendable {
     public let loop: DataplaneEventLoop
     public var eventLoop: EventLoop { loop }
     public let stack: NetStack
@@ -14,7 +14,7 @@ public final class DataplaneServerChannel: Channel, ChannelCore, @unchecked Send
     public var remoteAddress: SocketAddress? { nil }
     private var _pipeline: ChannelPipeline!
     public var pipeline: ChannelPipeline { _pipeline }
-    private let closePromise: EventLoopPromise<Void>
+    let closePromise: EventLoopPromise<Void>
     public var closeFuture: EventLoopFuture<Void> { closePromise.futureResult }
     public var _channelCore: ChannelCore { self }
     private let activeFlag = Atomic<Bool>(false)
@@ -24,7 +24,7 @@ public final class DataplaneServerChannel: Channel, ChannelCore, @unchecked Send
     var backlog = 128
     var listener: TCPListener?
     private var closed = false
-    private var registered = false
+    private(set) var registered = false
     /// The bootstrap's per-connection setup.
     var acceptChild: ((DataplaneChannel) -> Void)?
     /// Connections accepted.
@@ -89,14 +89,7 @@ public final class DataplaneServerChannel: Channel, ChannelCore, @unchecked Send
         listener = nil
         let wasActive = isActive
         activeFlag.store(false, ordering: .releasing)
-        loop.channels.removeValue(forKey: ObjectIdentifier(self))
-        promise?.succeed(())
-        if wasActive { pipeline.fireChannelInactive() }
-        loop.execute { [self] in
-            if registered { pipeline.fireChannelUnregistered() }
-            removeHandlers(pipeline: pipeline)
-            closePromise.succeed(())
-        }
+        finishClose(wasActive: wasActive, promise: promise)
     }
 
     public func triggerUserOutboundEvent0(_ event: Any, promise: EventLoopPromise<Void>?) {
@@ -267,4 +260,27 @@ public final class DataplaneServerBootstrap: @unchecked Sendable {
 
 private final class AsyncServerBox<Output: Sendable>: @unchecked Sendable {
     var channel: NIOAsyncChannel<Output, Never>?
+}
+
+/// What the dataplane's channels (connections and listeners) share at the end of a close.
+protocol DataplaneLoopChannel: Channel, ChannelCore {
+    var loop: DataplaneEventLoop { get }
+    var registered: Bool { get }
+    var closePromise: EventLoopPromise<Void> { get }
+}
+
+extension DataplaneLoopChannel {
+    /// The end of a full close, in NIOPosix's order: the channel leaves the loop's table, the
+    /// close's promise succeeds, channelInactive fires (if it was active), and on a later turn of
+    /// the loop channelUnregistered fires, the handlers go and `closeFuture` completes.
+    func finishClose(wasActive: Bool, promise: EventLoopPromise<Void>?) {
+        loop.channels.removeValue(forKey: ObjectIdentifier(self))
+        promise?.succeed(())
+        if wasActive { pipeline.fireChannelInactive() }
+        loop.execute { [self] in
+            if registered { pipeline.fireChannelUnregistered() }
+            removeHandlers(pipeline: pipeline)
+            closePromise.succeed(())
+        }
+    }
 }
