@@ -35,8 +35,9 @@ public protocol Virtqueue: ~Copyable {
     /// VIRTIO_F_INDIRECT_DESC); false when the layout does not implement indirect descriptors
     /// (packed), so the caller must not negotiate them.
     mutating func useIndirect(_ tables: IndirectTables) -> Bool
-    /// With indirect tables: the longest chain that still goes into the ring itself while half
-    /// the ring stays free (1: every longer chain takes a table). Layouts without tables ignore it.
+    /// With indirect tables: the longest chain that still goes into the ring itself while
+    /// `tableReserve` descriptors stay free (1: every longer chain takes a table). Layouts without
+    /// tables ignore it.
     var directChainLimit: Int { get set }
     /// With indirect tables: descriptors direct chains leave free for chains in tables.
     var tableReserve: Int { get set }
