@@ -358,6 +358,7 @@ struct BlkJob<Ring: Virtqueue & ~Copyable>: ~Copyable {
     @inline(never)
     mutating func switchPhase(now: UInt64, measuredFrom: UInt64) {
         guard let alt = p.alternate else { return }
+        let queues = self.queues  // (see `run`: not through the stored pointer, for -sanitize=thread)
         let ios = r.reads + r.writes
         if phaseStart >= measuredFrom && measuring && issuing {
             if inPhaseB { phaseIOs.b += ios - phaseStartIOs; phaseCycles.b += now - phaseStart }
