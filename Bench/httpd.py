@@ -18,7 +18,7 @@ For each target and each path: `wrk -t2 -c50 -d{seconds}s --latency`,
 `--rounds` times alternating; the median round (by requests/s) is reported with its latency
 percentiles. Writes Bench/results/httpd-latest.json and prints a Markdown table for RESULTS.md.
 """
-import argparse, json, os, re, shutil, signal, statistics, subprocess, sys, tempfile, time
+import argparse, json, math, os, re, shutil, signal, statistics, subprocess, sys, tempfile, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VIO = os.path.join(ROOT, ".build/release/vio")
@@ -78,6 +78,15 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--connections", type=int, default=50)
     ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--only", action="append", default=[],
+                    help="run only the servers whose name contains this text (repeatable)")
+    ap.add_argument("--path", action="append", default=[], help="run only this path of each server (repeatable)")
+    ap.add_argument("--no-idle", action="store_true", help="skip the idle measurements")
+    ap.add_argument("--client-cpu", default="0",
+                    help="CPU list for wrk (taskset; default 0, with the bridge: CPU 1 is the server's alone); 'any' lets it float")
+    ap.add_argument("--against", metavar="VIO",
+                    help="also run `vio httpd` from this other build, right after ours in each round, and print the pair ratios")
+    ap.add_argument("--perf", metavar="DIR", help="record `perf record -g` of each dataplane server's wrk runs into DIR")
     a = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("httpd.py: needs root (network namespaces)")
@@ -86,6 +95,7 @@ def main():
         subprocess.run(["swift", "build", "-c", "release", "--product", "vio-nio-httpd"], cwd=os.path.join(ROOT, "Bench"), check=True)
         subprocess.run(["swift", "build", "-c", "release"], cwd=os.path.join(ROOT, "Examples/HummingbirdOnDataplane"), check=True)
 
+    client_cpu = [] if a.client_cpu == "any" else ["taskset", "-c", a.client_cpu]
     tag = str(os.getpid())
     nsc, nss = "viobc" + tag, "viobs" + tag
     tmp = tempfile.mkdtemp(prefix="vio-httpd-bench-")
@@ -137,6 +147,9 @@ def main():
             "dataplane (vio httpd, lwIP on virtio-net)": (
                 ["taskset", "-c", "1", VIO, "httpd", "--port", "vhost:" + sock, "--ip", "198.18.0.2/24", "--listen", "8080",
                  "--root", www, "--memory-mb", "256"], "http://198.18.0.2:8080", "httpd: listening", ["/hello", "/64k.bin"], "/stats"),
+            "dataplane, other build (--against)": (
+                ["taskset", "-c", "1", a.against or VIO, "httpd", "--port", "vhost:" + sock, "--ip", "198.18.0.2/24", "--listen", "8080",
+                 "--root", www, "--memory-mb", "256"], "http://198.18.0.2:8080", "httpd: listening", ["/hello", "/64k.bin"], "/stats"),
             "dataplane, --idle poll (busy-polling)": (
                 ["taskset", "-c", "1", VIO, "httpd", "--port", "vhost:" + sock, "--ip", "198.18.0.2/24", "--listen", "8080",
                  "--root", www, "--memory-mb", "256", "--idle", "poll"], "http://198.18.0.2:8080", "httpd: listening", ["/hello", "/64k.bin"],
@@ -151,6 +164,15 @@ def main():
                 ["taskset", "-c", "1", "ip", "netns", "exec", nss, HB, "--kernel", "198.19.0.2", "--listen", "8080"],
                 "http://198.19.0.2:8080", "hummingbird: listening", ["/hello", "/64k", "/json/bench"], "proc"),
         }
+        if not a.against:
+            del targets["dataplane, other build (--against)"]
+        if a.only:
+            targets = {k: v for k, v in targets.items() if any(o in k for o in a.only) or "(--against)" in k}
+        if a.path:
+            targets = {k: v[:3] + ([x for x in v[3] if x in a.path],) + v[4:] for k, v in targets.items()}
+            targets = {k: v for k, v in targets.items() if v[3]}
+        if not targets:
+            sys.exit("httpd.py: --only/--path select nothing")
         hz = tsc_hz()
         runs = {t: {p: [] for p in targets[t][3]} for t in targets}
         for r in range(a.rounds):
@@ -172,9 +194,17 @@ def main():
                     return float(j["busyCycles"])
                 for path in paths:
                     c0 = cycles()
-                    w = sh("ip", "netns", "exec", nsc, "wrk", "-t2", "-c%d" % a.connections, "-d%ds" % a.seconds, "--latency", base + path,
+                    prof = None
+                    if a.perf and source != "proc":
+                        os.makedirs(a.perf, exist_ok=True)
+                        out = os.path.join(a.perf, "%s-%s-r%d.data" % (re.sub(r"\W+", "_", name)[:40], path.strip("/").replace(".", "_"), r))
+                        prof = subprocess.Popen(["perf", "record", "-q", "-F", "1999", "-g", "-p", str(p.pid), "-o", out, "--", "sleep",
+                                                 str(max(1, a.seconds - 2))], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    w = sh(*client_cpu, "ip", "netns", "exec", nsc, "wrk", "-t2", "-c%d" % a.connections, "-d%ds" % a.seconds, "--latency", base + path,
                            timeout=a.seconds + 60)
                     c1 = cycles()
+                    if prof:
+                        prof.wait()
                     res = parse_wrk(w.stdout)
                     res["cycles_per_request"] = (c1 - c0) / res["requests"] if res["requests"] else 0
                     if res["rps"] == 0:
@@ -196,7 +226,7 @@ def main():
                     p.wait(10)
         # Idle: CPU of a server nobody talks to, and the first request after a quiet second.
         idle = {}
-        for mode in ("adaptive", "poll"):
+        for mode in (() if a.no_idle else ("adaptive", "poll")):
             log = os.path.join(tmp, "idle.log")
             p = subprocess.Popen(["taskset", "-c", "1", VIO, "httpd", "--port", "vhost:" + sock, "--ip", "198.18.0.2/24",
                                   "--listen", "8080", "--root", www, "--memory-mb", "256", "--idle", mode],
@@ -243,6 +273,19 @@ def main():
                 print("| %s | %s | %.0f | %.2f ms | %.2f ms | %.2f ms | %.2f ms | %.0f | %s |" % (
                     name, path, med["rps"], med.get("p50_ms", 0), med.get("p75_ms", 0), med.get("p90_ms", 0),
                     med.get("p99_ms", 0), med["cycles_per_request"], med["errors"]))
+        ours, other = "dataplane (vio httpd, lwIP on virtio-net)", "dataplane, other build (--against)"
+        if ours in runs and other in runs:
+            print()
+            print("this build / %s, by round (server cycles/request, req/s):" % a.against)
+            for path in targets[ours][3]:
+                pairs = [(x, y) for x, y in zip(runs[ours][path], runs[other][path]) if x["requests"] and y["requests"]]
+                cyc = [x["cycles_per_request"] / y["cycles_per_request"] for x, y in pairs if y["cycles_per_request"]]
+                rps = [x["rps"] / y["rps"] for x, y in pairs if y["rps"]]
+                g = lambda v: math.exp(sum(math.log(t) for t in v) / len(v)) if v else float("nan")
+                summary.setdefault("against", {})[path] = {"cycles_ratio_by_round": cyc, "rps_ratio_by_round": rps,
+                                                           "cycles_ratio_geomean": g(cyc), "rps_ratio_geomean": g(rps)}
+                print("  %-10s cycles/request %s (geometric mean %.3f); req/s %s (%.3f)" % (
+                    path, " ".join("%.3f" % t for t in cyc), g(cyc), " ".join("%.3f" % t for t in rps), g(rps)))
         os.makedirs(os.path.join(ROOT, "Bench/results"), exist_ok=True)
         with open(os.path.join(ROOT, "Bench/results/httpd-latest.json"), "w") as f:
             json.dump({"seconds": a.seconds, "rounds": a.rounds, "connections": a.connections, "tsc_hz": hz, "results": summary, "idle": idle}, f, indent=2)

@@ -35,6 +35,7 @@ public struct HTTPDataplaneStats: Codable, Sendable {
     public var uptimeSeconds: Double
     /// Cycles of the dataplane lcore's turns that had work, and the TSC rate.
     public var busyCycles: UInt64
+    public var busyTurns: UInt64
     public var tscHz: UInt64
     /// The idle mode, how often an adaptive loop slept and for how long in all.
     public var idle: String
@@ -83,7 +84,7 @@ public enum HTTPDataplane {
                                       txPackets: d.txPackets, txBytes: d.txBytes, txDrops: d.txDrops, rxErrors: d.rxErrors,
                                       txErrors: d.txErrors, rxNoMbuf: d.rxNoMbuf),
                         stack: stack.counters, http: server.counters, mbufsInUse: pool.inUseCount,
-                        uptimeSeconds: Date().timeIntervalSince(started), busyCycles: stack.busyCycles, tscHz: TSC.hz,
+                        uptimeSeconds: Date().timeIntervalSince(started), busyCycles: stack.busyCycles, busyTurns: stack.busyTurns, tscHz: TSC.hz,
                         idle: config.dataplane.idle.rawValue, idleSleeps: dp.loop.sleeps,
                         idleSleptSeconds: Double(dp.loop.sleptCycles) / Double(TSC.hz))
                     let enc = JSONEncoder()

@@ -60,6 +60,11 @@ public struct StackCounters: Codable, Sendable, Equatable {
     /// Of `txFrames`, those lwIP's own tcpip thread produced (timers: retransmits, window
     /// probes, delayed ACKs, keep-alive), which the next poll sends.
     public var txTimerFrames: UInt64
+    /// lwIP's allocations served from this executable's free lists, fresh from malloc, or too
+    /// large for a list (fastpath.c), and which of fastpath.c's replacements lwIP has called
+    /// (bit 0 the checksum, bit 1 the allocator; 3 when both are bound in place of liblwip's).
+    public var allocFromList: UInt64, allocFromMalloc: UInt64, allocLarge: UInt64
+    public var fastpathActive: Int
 
     init(_ s: vlw_stats, stagingDrops: UInt64) {
         rxFrames = s.rx_frames; rxBytes = s.rx_bytes; rxDropped = s.rx_dropped; rxNoPbuf = s.rx_no_pbuf
@@ -69,6 +74,9 @@ public struct StackCounters: Codable, Sendable, Equatable {
         aborted = s.aborted; resetByPeer = s.reset_by_peer; connectionErrors = s.errors
         bytesRead = s.bytes_read; bytesWritten = s.bytes_written; writeWouldBlock = s.write_would_block
         txTimerFrames = s.tx_timer_frames
+        let f = vlw_fastpath_get_stats()
+        allocFromList = f.from_list; allocFromMalloc = f.from_malloc; allocLarge = f.large
+        fastpathActive = Int(vlw_fastpath_active())
     }
 }
 
@@ -103,6 +111,9 @@ public final class NetStack {
     /// timers, ticks): what serving costs the dataplane lcore, as opposed to empty polls.
     public var busyCycles: UInt64 { busy.load(ordering: .relaxed) }
     let busy = Atomic<UInt64>(0)
+    /// The turns `busyCycles` counts.
+    public var busyTurns: UInt64 { busyTurnCount.load(ordering: .relaxed) }
+    let busyTurnCount = Atomic<UInt64>(0)
     /// Turns that had work (an idle loop compares it across turns).
     public private(set) var turnsWithWork: UInt64 = 0
     /// Frames lwIP's timer thread staged or connection events wait: poll again before sleeping.
@@ -247,6 +258,7 @@ public final class NetStack {
         // wait for the device, not work, and is not counted.
         if n > 0 || sent > 0 || events > 0 || hasWork || tick {
             busy.store(busy.load(ordering: .relaxed) &+ (TSC.now() &- now), ordering: .relaxed)
+            busyTurnCount.store(busyTurnCount.load(ordering: .relaxed) &+ 1, ordering: .relaxed)
         }
         return n
     }

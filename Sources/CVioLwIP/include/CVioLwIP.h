@@ -100,4 +100,23 @@ void vlw_conn_abort(vlw_conn *c);
 
 /// A copy of the counters (lock held for a consistent copy).
 vlw_stats vlw_get_stats(void);
+
+// MARK: fastpath.c: this executable's checksum and allocator in place of liblwip's
+
+/// Blocks the allocator handed out: from its free lists, fresh from malloc (a list was empty),
+/// and larger than its biggest class (always malloc).
+typedef struct {
+    uint64_t from_list, from_malloc, large;
+} vlw_fastpath_stats;
+vlw_fastpath_stats vlw_fastpath_get_stats(void);
+/// Which of this file's versions lwIP has called: bit 0 the checksum, bit 1 the allocator
+/// (0 after lwIP ran would mean the library's own were bound).
+int vlw_fastpath_active(void);
+/// The Internet checksum's folded ones'-complement sum (not complemented), as lwIP computes it.
+uint16_t vlw_checksum(const void *data, size_t len);
+/// liblwip's own lwip_standard_chksum (found past this executable's), or -1 if there is none.
+int vlw_library_checksum(const void *data, int len);
+/// Calls liblwip's inet_chksum and pbuf_alloc/pbuf_free (which reach the checksum and the
+/// allocator through the library's PLT) and returns vlw_fastpath_active() (-1: no pbuf).
+int vlw_fastpath_probe(const void *data, uint16_t len);
 #endif
