@@ -2,9 +2,14 @@
 """HTTP through the dataplane against the same handlers on the kernel, in one run.
 
 Two network namespaces of the bench's own:
-  client (C): wrk; a TAP device 198.18.0.1/24 that dpdk-testpmd (CPU 0, io mode) bridges to a
-              vhost-user socket; and one end of a veth pair, 198.19.0.1/24.
+  client (C): wrk (CPU 0 with the bridge, so that CPU 1 is the server's alone: --client-cpu);
+              198.18.0.1/24 on a TAP device that dpdk-testpmd (CPU 0, io mode) bridges to a
+              vhost-user socket (--bridge af_packet, the default over MTU 1500: on one end of a
+              veth pair whose other end is testpmd's AF_PACKET socket); and one end of a veth
+              pair, 198.19.0.1/24.
   server (S): the other veth end, 198.19.0.2/24.
+--mtu sets every interface's MTU and the dataplane servers' (--mtu): over 1500, lwIP sends
+segments up to MTU - 40 bytes where liblwip alone stops at 1460.
 (a) dataplane: `vio httpd` (release, CPU 1) on the vhost-user socket as 198.18.0.2: lwIP on the
     virtio-net driver, HTTP by DataplaneHTTP.
 (b) kernel: `vio-nio-httpd` (Bench package, release, CPU 1, one event loop) in S on 198.19.0.2:
@@ -82,6 +87,11 @@ def main():
                     help="run only the servers whose name contains this text (repeatable)")
     ap.add_argument("--path", action="append", default=[], help="run only this path of each server (repeatable)")
     ap.add_argument("--no-idle", action="store_true", help="skip the idle measurements")
+    ap.add_argument("--mtu", type=int, default=1500,
+                    help="MTU of the TAP, the veth pair and the dataplane servers (testpmd's ports get --max-pkt-len to match)")
+    ap.add_argument("--bridge", choices=["tap", "af_packet"],
+                    help="what testpmd bridges the vhost-user port to: a TAP (the default up to MTU 1500; DPDK's TAP PMD "
+                         "drops frames over 1522 bytes) or an AF_PACKET socket on a veth pair (the default over 1500)")
     ap.add_argument("--client-cpu", default="0",
                     help="CPU list for wrk (taskset; default 0, with the bridge: CPU 1 is the server's alone); 'any' lets it float")
     ap.add_argument("--against", metavar="VIO",
@@ -95,7 +105,11 @@ def main():
         subprocess.run(["swift", "build", "-c", "release", "--product", "vio-nio-httpd"], cwd=os.path.join(ROOT, "Bench"), check=True)
         subprocess.run(["swift", "build", "-c", "release"], cwd=os.path.join(ROOT, "Examples/HummingbirdOnDataplane"), check=True)
 
+    bridge = a.bridge or ("tap" if a.mtu <= 1500 else "af_packet")
+    if bridge == "tap" and a.mtu > 1500:
+        sys.exit("httpd.py: DPDK's TAP PMD drops frames over 1522 bytes: use --bridge af_packet for --mtu %d" % a.mtu)
     client_cpu = [] if a.client_cpu == "any" else ["taskset", "-c", a.client_cpu]
+    mtu_args = ["--mtu", str(a.mtu)] if a.mtu != 1500 else []
     tag = str(os.getpid())
     nsc, nss = "viobc" + tag, "viobs" + tag
     tmp = tempfile.mkdtemp(prefix="vio-httpd-bench-")
@@ -125,40 +139,51 @@ def main():
         sh("ip", "link", "add", "vbc" + tag[-6:], "netns", nsc, "type", "veth", "peer", "name", "vbs" + tag[-6:], "netns", nss)
         for ns, dev, addr in ((nsc, "vbc" + tag[-6:], "198.19.0.1/24"), (nss, "vbs" + tag[-6:], "198.19.0.2/24")):
             sh("ip", "netns", "exec", ns, "ip", "addr", "add", addr, "dev", dev)
-            sh("ip", "netns", "exec", ns, "ip", "link", "set", dev, "up")
+            sh("ip", "netns", "exec", ns, "ip", "link", "set", dev, "mtu", str(a.mtu), "up")
             sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
-        tap = "viobt" + tag[-6:]
+        tap = "viobt" + tag[-6:]   # the client's interface: the TAP, or the client's end of the veth pair
+        if bridge == "tap":
+            far = ["--vdev", "net_tap0,iface=" + tap]
+            mbuf = ["--total-num-mbufs", "16384"]
+        else:
+            # testpmd's AF_PACKET socket on one end of a veth pair; the client's address on the other. The client
+            # end computes its checksums (no offload: AF_PACKET would hand testpmd frames whose checksum is partial).
+            pside = "viobp" + tag[-6:]
+            sh("ip", "netns", "exec", nsc, "ip", "link", "add", pside, "type", "veth", "peer", "name", tap)
+            sh("ip", "netns", "exec", nsc, "ip", "link", "set", pside, "mtu", str(a.mtu), "up")
+            sh("ip", "netns", "exec", nsc, "ethtool", "-K", tap, "tx", "off")
+            far = ["--vdev", "net_af_packet0,iface=%s,framesz=10240,blocksz=20480,framecnt=512" % pside]
+            mbuf = ["--mbuf-size", "10368", "--total-num-mbufs", "8192"]
         pmd = subprocess.Popen(
-            ["taskset", "-c", "0", "ip", "netns", "exec", nsc, TESTPMD, "--lcores", "0@0,1@0", "--no-pci", "--no-huge", "-m", "256",
-             "--file-prefix", "viobench" + tag, "--no-telemetry", "--vdev", "net_tap0,iface=" + tap,
-             "--vdev", "net_vhost0,iface=" + sock, "--", "--forward-mode=io", "--stats-period", "5", "--auto-start",
-             "--total-num-mbufs", "16384"], stdout=open(os.path.join(tmp, "pmd.log"), "w"), stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL)
+            ["taskset", "-c", "0", "ip", "netns", "exec", nsc, TESTPMD, "--lcores", "0@0,1@0", "--no-pci", "--no-huge", "-m", "512",
+             "--file-prefix", "viobench" + tag, "--no-telemetry"] + far +
+            ["--vdev", "net_vhost0,iface=" + sock, "--", "--forward-mode=io", "--stats-period", "5", "--auto-start"] + mbuf,
+            stdout=open(os.path.join(tmp, "pmd.log"), "w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         procs.append(pmd)
         for _ in range(200):
             if os.path.exists(sock) and sh("ip", "netns", "exec", nsc, "ip", "link", "show", tap, check=False).returncode == 0:
                 break
             time.sleep(0.1)
         sh("ip", "netns", "exec", nsc, "ip", "addr", "add", "198.18.0.1/24", "dev", tap)
-        sh("ip", "netns", "exec", nsc, "ip", "link", "set", tap, "up")
+        sh("ip", "netns", "exec", nsc, "ip", "link", "set", tap, "mtu", str(a.mtu), "up")
 
         # name: (command, base URL, ready line, paths, cycles source: "/stats", "/dataplane" or "proc")
         targets = {
             "dataplane (vio httpd, lwIP on virtio-net)": (
                 ["taskset", "-c", "1", VIO, "httpd", "--port", "vhost:" + sock, "--ip", "198.18.0.2/24", "--listen", "8080",
-                 "--root", www, "--memory-mb", "256"], "http://198.18.0.2:8080", "httpd: listening", ["/hello", "/64k.bin"], "/stats"),
+                 "--root", www, "--memory-mb", "256"] + mtu_args, "http://198.18.0.2:8080", "httpd: listening", ["/hello", "/64k.bin"], "/stats"),
             "dataplane, other build (--against)": (
                 ["taskset", "-c", "1", a.against or VIO, "httpd", "--port", "vhost:" + sock, "--ip", "198.18.0.2/24", "--listen", "8080",
-                 "--root", www, "--memory-mb", "256"], "http://198.18.0.2:8080", "httpd: listening", ["/hello", "/64k.bin"], "/stats"),
+                 "--root", www, "--memory-mb", "256"] + mtu_args, "http://198.18.0.2:8080", "httpd: listening", ["/hello", "/64k.bin"], "/stats"),
             "dataplane, --idle poll (busy-polling)": (
                 ["taskset", "-c", "1", VIO, "httpd", "--port", "vhost:" + sock, "--ip", "198.18.0.2/24", "--listen", "8080",
-                 "--root", www, "--memory-mb", "256", "--idle", "poll"], "http://198.18.0.2:8080", "httpd: listening", ["/hello", "/64k.bin"],
+                 "--root", www, "--memory-mb", "256", "--idle", "poll"] + mtu_args, "http://198.18.0.2:8080", "httpd: listening", ["/hello", "/64k.bin"],
                 "/stats"),
             "kernel (SwiftNIO on a veth)": (
                 ["taskset", "-c", "1", "ip", "netns", "exec", nss, NIO, "198.19.0.2", "8080", www, "1"],
                 "http://198.19.0.2:8080", "vio-nio-httpd: listening", ["/hello", "/64k.bin"], "proc"),
             "Hummingbird on the dataplane": (
-                ["taskset", "-c", "1", HB, "--port", "vhost:" + sock, "--ip", "198.18.0.2/24", "--listen", "8080"],
+                ["taskset", "-c", "1", HB, "--port", "vhost:" + sock, "--ip", "198.18.0.2/24", "--listen", "8080"] + mtu_args,
                 "http://198.18.0.2:8080", "hummingbird: listening", ["/hello", "/64k", "/json/bench"], "/dataplane"),
             "Hummingbird on NIOPosix (kernel, veth)": (
                 ["taskset", "-c", "1", "ip", "netns", "exec", nss, HB, "--kernel", "198.19.0.2", "--listen", "8080"],
@@ -288,7 +313,8 @@ def main():
                     path, " ".join("%.3f" % t for t in cyc), g(cyc), " ".join("%.3f" % t for t in rps), g(rps)))
         os.makedirs(os.path.join(ROOT, "Bench/results"), exist_ok=True)
         with open(os.path.join(ROOT, "Bench/results/httpd-latest.json"), "w") as f:
-            json.dump({"seconds": a.seconds, "rounds": a.rounds, "connections": a.connections, "tsc_hz": hz, "results": summary, "idle": idle}, f, indent=2)
+            json.dump({"seconds": a.seconds, "rounds": a.rounds, "connections": a.connections, "tsc_hz": hz, "mtu": a.mtu,
+                       "bridge": bridge, "client_cpu": a.client_cpu, "results": summary, "idle": idle}, f, indent=2)
     finally:
         cleanup()
 

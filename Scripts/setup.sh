@@ -3,14 +3,14 @@
 #   - DPDK 22.11 (libdpdk-dev; dpdk-dev ships dpdk-testpmd, the vhost-user net peer), libnuma-dev, pkg-config
 #   - qemu-system-common (qemu-storage-daemon, the vhost-user-blk peer)
 #   - liblwip-dev (the TCP/IP stack of vio httpd), and for its tests and bench: wrk, curl, iproute2
-#     (ip netns), iputils-ping, python3
+#     (ip netns), ethtool (the MTU 9000 bridge turns off a veth's checksum offload), iputils-ping, python3
 #   - Configs/pkgconfig/vio-dpdk.pc into /usr/local/lib/pkgconfig (SwiftPM cannot read Debian's libdpdk.pc)
 #   - Scripts/guest-setup.sh: QEMU, busybox and a Debian cloud kernel for the virtio-pci guest tests
 #   - 2 MiB hugepages (VIO_HUGEPAGES, default 1024) and a hugetlbfs mount at /dev/hugepages;
 #     when that is not possible, says so: everything then runs on DPDK's --no-huge memfd memory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-packages=(libdpdk-dev dpdk-dev libnuma-dev pkg-config qemu-system-common liblwip-dev wrk curl iproute2 iputils-ping python3)
+packages=(libdpdk-dev dpdk-dev libnuma-dev pkg-config qemu-system-common liblwip-dev wrk curl iproute2 ethtool iputils-ping python3)
 missing=()
 for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -21,8 +21,9 @@
 //    and MEMP_MEM_MALLOC, so each segment (pbuf of ~1.6 KiB, tcp_seg) is a malloc and a free.
 //    glibc's thread cache stops at 1032 bytes, so a segment's pbuf takes the slow path of
 //    malloc and free every time. These keep freed blocks of up to 2 KiB on a free list per size
-//    class (LIFO: the next segment reuses a block still in cache). Blocks of other sizes go to
-//    malloc. A list holds at most `kClassCap` blocks; beyond that they go back to free().
+//    class (LIFO: the next segment reuses a block still in cache), and up to 9.4 KiB for the
+//    segments of an MTU of 9000. Larger blocks go to malloc. A list holds at most `kClassCap`
+//    blocks and 16 MiB; beyond that they go back to free().
 //    lwIP allocates with the core lock held, and also without it (tcpip_callback from other
 //    threads), so each list has its own small spin lock.
 #define _GNU_SOURCE
@@ -95,8 +96,10 @@ u16_t lwip_chksum_copy(void *dst, const void *src, u16_t len) {
 // malloc's is.
 typedef struct { uint32_t cls; uint32_t magic; uint64_t pad; } block_header;
 _Static_assert(sizeof(block_header) == 16, "header keeps 16-byte alignment");
-enum { kClasses = 6, kLarge = 0xffffffffu, kMagic = 0x766c7746u /* "Fwlv" */, kClassCap = 4096 };
-static const size_t kClassSize[kClasses] = { 64, 128, 256, 512, 1024, 2048 };
+// The classes above 2 KiB hold the segments of connections with a large MSS (MTU 9000).
+enum { kClasses = 8, kLarge = 0xffffffffu, kMagic = 0x766c7746u /* "Fwlv" */, kClassCap = 4096,
+       kClassBytesCap = 16 << 20 };
+static const size_t kClassSize[kClasses] = { 64, 128, 256, 512, 1024, 2048, 4096, 9216 + 256 };
 
 typedef struct free_block { struct free_block *next; } free_block;
 static struct {
@@ -106,6 +109,7 @@ static struct {
 } g_class[kClasses] = {
     { ATOMIC_FLAG_INIT, 0, NULL }, { ATOMIC_FLAG_INIT, 0, NULL }, { ATOMIC_FLAG_INIT, 0, NULL },
     { ATOMIC_FLAG_INIT, 0, NULL }, { ATOMIC_FLAG_INIT, 0, NULL }, { ATOMIC_FLAG_INIT, 0, NULL },
+    { ATOMIC_FLAG_INIT, 0, NULL }, { ATOMIC_FLAG_INIT, 0, NULL },
 };
 static atomic_ulong g_from_list, g_from_malloc, g_large;
 static _Atomic int g_used;
@@ -167,7 +171,7 @@ void mem_free(void *mem) {
     uint32_t c = h->cls;
     if (c >= kClasses) { free(h); return; }
     lock_class((int)c);
-    if (g_class[c].count < kClassCap) {
+    if (g_class[c].count < kClassCap && (g_class[c].count + 1) * kClassSize[c] <= kClassBytesCap) {
         free_block *f = (free_block *)h;
         f->next = g_class[c].head;
         g_class[c].head = f;

@@ -12,6 +12,14 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <stddef.h>
+
+#if defined(__x86_64__)
+_Static_assert(offsetof(struct tcp_pcb, snd_buf) == 0xa8 && offsetof(struct tcp_pcb, flags) == 0x52
+               && offsetof(struct tcp_pcb, keep_idle) == 0x108 && offsetof(struct tcp_pcb, mss) == 0x6e
+               && sizeof(struct tcp_pcb) == 0x120,
+               "lwIP's headers do not match the liblwip 2.1.3 these offsets were checked against");
+#endif
 
 struct vlw_listener {
     struct tcp_pcb *pcb;
@@ -157,13 +165,78 @@ int vlw_start(const uint8_t mac[6], uint32_t ip, uint32_t mask, uint32_t gw, uin
     return 0;
 }
 
+// MARK: segments larger than liblwip's TCP_MSS
+
+// Debian's liblwip caps a connection's MSS at its compiled TCP_MSS (1460) when it reads the
+// peer's SYN, whatever the interface's MTU. With an MTU over 1500 the glue reads the MSS option
+// of each SYN itself (before lwIP sees the frame), keeps it by the peer's address and port, and
+// on accept raises the pcb's mss to min(that MSS, MTU - 40). lwIP computes the initial
+// congestion window from pcb->mss after the accept callback returns, and sizes every segment
+// by it. Frames come from the device: every length is checked before it is read.
+#define SYN_MSS_SLOTS 256
+static struct { uint32_t ip; uint16_t port; uint16_t mss; } g_syn_mss[SYN_MSS_SLOTS];
+
+static inline unsigned syn_slot(uint32_t ip, uint16_t port) {
+    uint32_t h = (ip ^ ((uint32_t)port * 0x9e3779b1u)) * 0x85ebca6bu;
+    return (h >> 24) & (SYN_MSS_SLOTS - 1);
+}
+
+uint16_t vlw_syn_mss(const void *frame, uint16_t len, uint32_t *src_ip, uint16_t *src_port) {
+    const uint8_t *f = frame;
+    if (len < 14 + 20 + 20 || f[12] != 0x08 || f[13] != 0x00) return 0;   // IPv4 only
+    const uint8_t *ip = f + 14;
+    unsigned ihl = (unsigned)(ip[0] & 0x0f) * 4;
+    if ((ip[0] >> 4) != 4 || ihl < 20 || ip[9] != 6 || 14u + ihl + 20 > len) return 0;
+    const uint8_t *tcp = ip + ihl;
+    if ((tcp[13] & 0x12) != 0x02) return 0;   // SYN without ACK: a connection request
+    unsigned doff = (unsigned)(tcp[12] >> 4) * 4;
+    if (doff < 20 || 14u + ihl + doff > len) return 0;
+    uint16_t mss = 0;
+    for (unsigned i = 20; i < doff;) {
+        uint8_t kind = tcp[i];
+        if (kind == 0) break;                        // end of options
+        if (kind == 1) { i++; continue; }            // no-op
+        if (i + 1 >= doff) break;
+        unsigned olen = tcp[i + 1];
+        if (olen < 2 || i + olen > doff) break;      // malformed: stop reading
+        if (kind == 2 && olen == 4) { mss = (uint16_t)(tcp[i + 2] << 8 | tcp[i + 3]); break; }
+        i += olen;
+    }
+    memcpy(src_ip, ip + 12, 4);                      // network order, as lwIP keeps addresses
+    *src_port = (uint16_t)(tcp[0] << 8 | tcp[1]);
+    return mss;
+}
+
+static void note_syn_mss(const uint8_t *f, uint16_t len) {
+    uint32_t src;
+    uint16_t port;
+    uint16_t mss = vlw_syn_mss(f, len, &src, &port);
+    if (mss <= TCP_MSS) return;                      // none, or lwIP's own handling is right
+    unsigned k = syn_slot(src, port);
+    g_syn_mss[k].ip = src; g_syn_mss[k].port = port; g_syn_mss[k].mss = mss;
+}
+
+static void raise_mss(struct tcp_pcb *pcb, uint32_t ip, uint16_t port) {
+    unsigned k = syn_slot(ip, port);
+    if (g_syn_mss[k].mss == 0 || g_syn_mss[k].ip != ip || g_syn_mss[k].port != port) return;
+    uint16_t mss = g_syn_mss[k].mss;
+    g_syn_mss[k].mss = 0;
+    if (mss > g_mtu - 40) mss = (uint16_t)(g_mtu - 40);
+    if (mss <= pcb->mss) return;
+    pcb->mss = mss;
+    g_stats.large_mss_connections++;
+    if (mss > g_stats.largest_mss) g_stats.largest_mss = mss;
+}
+
 // One contiguous PBUF_RAM per frame. Not PBUF_POOL: Debian's liblwip 2.1.3 sizes its pool
 // pbufs (616-byte elements, for TCP_MSS 536) unlike what its shipped lwipopts.h implies
 // (TCP_MSS 1460), and a full-size frame taken as a chain of pool pbufs corrupted the heap here
 // (malloc(): invalid size, reproduced with any request body over one segment). The tcp_pcb and
 // netif fields this file touches were checked against the library's own code (tcp_alloc's
-// stores: snd_buf 0xa8, flags 0x52, keep_idle 0x108, size 0x120).
+// stores: snd_buf 0xa8, flags 0x52, keep_idle 0x108, size 0x120; tcp_parseopt's store of mss
+// 0x6e), and the build stops if the headers disagree.
 int vlw_input(const void *frame, uint16_t len) {
+    if (g_mtu > 1500) note_syn_mss(frame, len);
     struct pbuf *p = pbuf_alloc(PBUF_RAW, len, PBUF_RAM);
     if (!p) { g_stats.rx_no_pbuf++; return -1; }
     pbuf_take(p, frame, len);
@@ -234,6 +307,7 @@ static err_t on_accept(void *arg, struct tcp_pcb *pcb, err_t err) {
     tcp_sent(pcb, on_sent);
     tcp_err(pcb, on_err);
     tcp_nagle_disable(pcb);
+    if (g_mtu > 1500) raise_mss(pcb, c->remote_ip, c->remote_port);
     if (l->keepalive_idle_ms > 0) {
         ip_set_option(pcb, SOF_KEEPALIVE);
         pcb->keep_idle = l->keepalive_idle_ms;

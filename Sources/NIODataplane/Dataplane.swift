@@ -31,6 +31,11 @@ public struct DataplaneConfig: Sendable {
     public var mbufs = 16384
     public var ringSize = 1024
     public var burst = 32
+    /// The interface's MTU, 576...9000. Over 1500 the pool's mbufs are sized to hold a whole
+    /// frame (9 KiB of data each at 9000: mind `memoryMB` against `mbufs`), and TCP sends
+    /// segments up to mtu - 40 bytes to peers whose SYN offers that MSS. A device that gives its
+    /// MTU (VIRTIO_NET_F_MTU) must allow it.
+    public var mtu = 1500
     /// Listen on `vhostUserPath` for the backend (vhost-user server mode) instead of connecting.
     public var vhostUserServer = false
     /// Ride through a backend restart (the stack and its connections stay; TCP retransmits what
@@ -125,7 +130,10 @@ public enum Dataplane {
         // However `run` ends, DPDK's runtime files go (idempotent).
         defer { EAL.cleanup() }
         let pool: PacketPool
-        do { pool = try PacketPool(name: config.poolName, count: config.mbufs) } catch {
+        guard (576...9000).contains(config.mtu) else { throw DataplaneError.setup("\(NetStackError.invalidMTU(config.mtu))") }
+        // A frame per mbuf: headroom (128, with the virtio-net header in it), then the frame.
+        let dataRoom = config.mtu <= 1500 ? 2048 + 128 : 128 + (config.mtu + 14 + 1023) / 1024 * 1024
+        do { pool = try PacketPool(name: config.poolName, count: config.mbufs, dataRoom: dataRoom) } catch {
             throw DataplaneError.setup("\(error)")
         }
         var opts = VirtioNetOptions()
@@ -144,8 +152,13 @@ public enum Dataplane {
         } catch {
             throw DataplaneError.setup("port vhost:\(config.vhostUserPath): \(error)")
         }
+        if let deviceMTU = device.mtu, deviceMTU < config.mtu {
+            _ = port.close()
+            throw DataplaneError.setup("MTU \(config.mtu) is more than the device allows (VIRTIO_NET_F_MTU: \(deviceMTU))")
+        }
         var stackConfig = NetStackConfig(interface: config.interface, gateway: config.gateway)
         stackConfig.burst = config.burst
+        stackConfig.mtu = config.mtu
         let stack: NetStack
         do { stack = try NetStack(port: port, config: stackConfig) } catch {
             _ = port.close()
@@ -208,6 +221,8 @@ public enum Dataplane {
         }
         stack.detach()
         _ = port.close()
+        // Every mbuf should be home now: the rings', the staged frames', the stack's spares.
+        logger.info("dataplane: port closed; \(pool.inUseCount) mbufs outside pool \(pool.name)")
         if let e = linkError { throw DataplaneError.linkLost(e) }
     }
 }

@@ -46,6 +46,8 @@ struct Httpd: ParsableCommand {
     var mbufs: Int?
     @Option(help: "Descriptors per ring (power of two, 64...4096).")
     var ringSize: Int?
+    @Option(help: "Interface MTU, 576...9000 (over 1500: 9 KiB mbufs, and TCP segments up to MTU - 40 bytes to peers that offer that MSS).")
+    var mtu: Int?
     @Option(help: "Largest request body in bytes (more: 413).")
     var bodyLimit: Int?
     @Option(help: "Largest request head in bytes (more: 431).")
@@ -70,6 +72,7 @@ struct Httpd: ParsableCommand {
         var memoryMb = 256
         var mbufs = 16384
         var ringSize = 1024
+        var mtu = 1500
         var bodyLimit = 1 << 20
         var maxHeaderBytes = 16 * 1024
         var requestTimeout = 10.0
@@ -101,6 +104,7 @@ struct Httpd: ParsableCommand {
                 case "memory_mb": guard let v = Int(value) else { throw bad() }; s.memoryMb = v
                 case "mbufs": guard let v = Int(value) else { throw bad() }; s.mbufs = v
                 case "ring_size": guard let v = Int(value) else { throw bad() }; s.ringSize = v
+                case "mtu": guard let v = Int(value) else { throw bad() }; s.mtu = v
                 case "body_limit": guard let v = Int(value) else { throw bad() }; s.bodyLimit = v
                 case "max_header_bytes": guard let v = Int(value) else { throw bad() }; s.maxHeaderBytes = v
                 case "request_timeout": guard let v = Double(value) else { throw bad() }; s.requestTimeout = v
@@ -118,6 +122,7 @@ struct Httpd: ParsableCommand {
         if let v = memoryMb { s.memoryMb = v }
         if let v = mbufs { s.mbufs = v }
         if let v = ringSize { s.ringSize = v }
+        if let v = mtu { s.mtu = v }
         if let v = bodyLimit { s.bodyLimit = v }
         if let v = maxHeaderBytes { s.maxHeaderBytes = v }
         if let v = requestTimeout { s.requestTimeout = v }
@@ -129,6 +134,7 @@ struct Httpd: ParsableCommand {
         guard s.ringSize >= 64, s.ringSize <= 4096, s.ringSize & (s.ringSize - 1) == 0 else {
             throw ValidationError("--ring-size must be a power of two from 64 to 4096")
         }
+        guard (576...9000).contains(s.mtu) else { throw ValidationError("--mtu \(s.mtu) must be 576...9000") }
         guard s.mbufs >= s.ringSize * 2 + 4096 else { throw ValidationError("--mbufs \(s.mbufs) is too few for --ring-size \(s.ringSize)") }
         guard s.bodyLimit >= 0, s.maxHeaderBytes >= 256 else { throw ValidationError("--body-limit must be >= 0 and --max-header-bytes >= 256") }
         guard s.requestTimeout > 0, s.idleTimeout > 0 else { throw ValidationError("timeouts must be positive") }
@@ -159,6 +165,7 @@ struct Httpd: ParsableCommand {
         c.dataplane.memoryMB = s.memoryMb
         c.dataplane.mbufs = s.mbufs
         c.dataplane.ringSize = s.ringSize
+        c.dataplane.mtu = s.mtu
         c.listenPort = s.listen
         c.server.maxBodyBytes = s.bodyLimit
         c.server.maxHeaderBytes = s.maxHeaderBytes

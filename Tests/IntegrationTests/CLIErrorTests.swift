@@ -33,6 +33,8 @@ final class CLIErrorTests: XCTestCase {
             (["fwd"], "--port vhost:PATH"),
             (["fwd", "--port", "vhost:/x.sock", "--mode", "bounce"], "--mode"),
             (["pktgen", "--port", "vhost:/x.sock"], "--count or --duration"),
+            (["httpd", "--port", "vhost:/x.sock", "--ip", "198.18.0.2/24", "--mtu", "9001"], "--mtu 9001 must be 576...9000"),
+            (["httpd", "--port", "vhost:/x.sock", "--ip", "198.18.0.2/24", "--mtu", "575"], "--mtu 575 must be 576...9000"),
         ] {
             let r = try Vio.run(args, dir: dir, json: false)
             XCTAssertEqual(r.status, 64, "\(args): \(r)")

@@ -28,14 +28,14 @@ final class HTTPIntegrationTests: XCTestCase {
     }
 
     /// Namespace, bridge, files and the server; `extra` are more `vio httpd` arguments.
-    func start(_ extra: [String] = [], config: String? = nil, bridgeMAC: String? = nil) throws {
+    func start(_ extra: [String] = [], config: String? = nil, bridgeMAC: String? = nil, jumboMTU: Int? = nil) throws {
         for tool in ["/usr/bin/curl", "/usr/bin/python3"] where !FileManager.default.isExecutableFile(atPath: tool) {
             throw XCTSkip("\(tool) is not installed (run Scripts/setup.sh)")
         }
         dir = try TempDir()
         let ns = try NetNamespace(dir: dir)
         self.ns = ns
-        let bridge = try TapBridge(namespace: ns, dir: dir, hostAddress: "198.18.0.1/24", mac: bridgeMAC)
+        let bridge = try TapBridge(namespace: ns, dir: dir, hostAddress: "198.18.0.1/24", mac: bridgeMAC, jumboMTU: jumboMTU)
         self.bridge = bridge
         let www = dir.path("www")
         try FileManager.default.createDirectory(atPath: www, withIntermediateDirectories: true)
@@ -74,6 +74,9 @@ final class HTTPIntegrationTests: XCTestCase {
         let r = h.wait(timeout: 30)
         XCTAssertEqual(r.status, 0, "\(r)", file: file, line: line)
         XCTAssertTrue(r.stdout.contains("httpd: stopped"), "\(r)", file: file, line: line)
+        // Once the port closed, every mbuf was back in the pool (rings, staged frames, spares).
+        XCTAssertTrue((r.stderr + r.stdout).contains("; 0 mbufs outside pool httpd_pool"),
+                      "\(r.stderr)", file: file, line: line)
     }
 
     func curl(_ path: String, _ extra: [String] = [], timeout: Double = 60) throws -> CommandResult {
@@ -144,6 +147,44 @@ final class HTTPIntegrationTests: XCTestCase {
         // file's segments reused freed blocks.
         XCTAssertEqual(number(json, "stack", "fastpathActive"), 3)
         XCTAssertGreaterThan(number(json, "stack", "allocFromList"), 5000)
+        stopServer()
+    }
+
+    /// MTU 9000 on both sides (the AF_PACKET bridge): the peer's SYN offers an MSS of 8960, which
+    /// liblwip alone would cap at 1460; the glue raises the connection's MSS, so the 10 MiB file
+    /// goes out in frames of about 9 KB, byte for byte.
+    func testJumboMTUSendsLargeSegmentsIntact() throws {
+        try start(["--mtu", "9000"], jumboMTU: 9000)
+        let ping = try ns!.run(["/usr/bin/ping", "-c", "2", "-i", "0.2", "-W", "5", "-s", "8000", "-M", "do", Self.serverIP], timeout: 30)
+        XCTAssertTrue(ping.text.contains("2 received"), "8000-byte pings unfragmented: " + ping.text + ping.stderr)
+        let out = dir.path("big.out")
+        let b = try ns!.run(["/usr/bin/curl", "-sS", "--max-time", "120", "-o", out, "-w", "%{http_code} %{size_download}", Self.url + "/big.bin"], timeout: 130)
+        XCTAssertEqual(b.status, 0, b.stderr)
+        XCTAssertEqual(b.text, "200 \(10 << 20)")
+        XCTAssertTrue(FileManager.default.contents(atPath: out) == big, "10 MiB file differs")
+        let json = try stats()
+        XCTAssertGreaterThanOrEqual(number(json, "stack", "largeMSSConnections"), 1)
+        XCTAssertEqual(number(json, "stack", "largestMSS"), 8960)
+        // Frames of about 9 KB: 10 MiB in well under the 7,200 frames that 1460-byte segments take.
+        XCTAssertLessThan(number(json, "stack", "txFrames"), 2500, "\(json)")
+        XCTAssertEqual(number(json, "stack", "txTooBig"), 0)
+        stopServer()
+    }
+
+    /// MTU 9000 here, but the peer's interface has 1500: its SYN offers 1460, so the connection
+    /// keeps lwIP's 1460-byte segments and the file still arrives whole.
+    func testJumboMTUKeepsThePeersSmallerMSS() throws {
+        try start(["--mtu", "9000"], jumboMTU: 9000)
+        let r = try ns!.run([NetNamespace.ip, "link", "set", bridge!.tap, "mtu", "1500"], timeout: 10)
+        XCTAssertEqual(r.status, 0, r.stderr)
+        let out = dir.path("big.out")
+        let b = try ns!.run(["/usr/bin/curl", "-sS", "--max-time", "120", "-o", out, "-w", "%{http_code} %{size_download}", Self.url + "/big.bin"], timeout: 130)
+        XCTAssertEqual(b.status, 0, b.stderr)
+        XCTAssertEqual(b.text, "200 \(10 << 20)")
+        XCTAssertTrue(FileManager.default.contents(atPath: out) == big, "10 MiB file differs")
+        let json = try stats()
+        XCTAssertEqual(number(json, "stack", "largeMSSConnections"), 0)
+        XCTAssertGreaterThan(number(json, "stack", "txFrames"), 7000)
         stopServer()
     }
 

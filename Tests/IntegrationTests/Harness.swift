@@ -396,7 +396,13 @@ final class TapBridge {
 
     /// `socket` and `tap` name a bridge that replaces an earlier one (a restart: same socket,
     /// same TAP name); `mac` fixes the TAP's address, so the server's ARP entry stays right.
-    init(namespace ns: NetNamespace, dir: TempDir, hostAddress: String, socket: String? = nil, tap: String? = nil, mac: String? = nil) throws {
+    ///
+    /// `jumboMTU`: DPDK's TAP PMD drops frames over 1522 bytes, so for a larger MTU the kernel
+    /// side is one end of a veth pair (named `tap`, with that MTU and its checksum offload off:
+    /// AF_PACKET would hand testpmd frames whose checksum is left for the hardware) and testpmd
+    /// bridges an AF_PACKET socket on the other end.
+    init(namespace ns: NetNamespace, dir: TempDir, hostAddress: String, socket: String? = nil, tap: String? = nil, mac: String? = nil,
+         jumboMTU: Int? = nil) throws {
         guard FileManager.default.isExecutableFile(atPath: Tools.testpmd) else {
             throw XCTSkip("dpdk-testpmd is not installed (run Scripts/setup.sh)")
         }
@@ -404,13 +410,30 @@ final class TapBridge {
         self.tap = tap ?? "viotap\(tapCounter)"
         let tap = self.tap
         let socket = socket ?? dir.path("bridge\(tapCounter).sock")
+        var far = ["--vdev", "net_tap0,iface=\(tap)"]
+        var mbufs = ["--total-num-mbufs", "16384"]
+        if let mtu = jumboMTU {
+            guard FileManager.default.isExecutableFile(atPath: "/usr/sbin/ethtool") else {
+                throw XCTSkip("ethtool is not installed (run Scripts/setup.sh)")
+            }
+            let pside = "viopkt\(tapCounter)"
+            for args in [["link", "add", pside, "type", "veth", "peer", "name", tap], ["link", "set", pside, "mtu", "\(mtu)", "up"],
+                         ["link", "set", tap, "mtu", "\(mtu)"]] {
+                let r = try ns.run([NetNamespace.ip] + args, timeout: 10)
+                guard r.status == 0 else { throw TestFailure("ip \(args.joined(separator: " ")): \(r.stderr)") }
+            }
+            let r = try ns.run(["/usr/sbin/ethtool", "-K", tap, "tx", "off"], timeout: 10)
+            guard r.status == 0 else { throw TestFailure("ethtool -K \(tap) tx off: \(r.stderr)") }
+            far = ["--vdev", "net_af_packet0,iface=\(pside),framesz=10240,blocksz=20480,framecnt=512"]
+            mbufs = ["--mbuf-size", "10368", "--total-num-mbufs", "8192"]
+        }
         server = try SocketServerProcess(
             socket: socket, log: dir.path("bridge\(tapCounter).log"),
-            command: ns.wrap([Tools.testpmd, "--lcores", "0@0,1@0", "--no-pci", "--no-huge", "-m", "256",
-                              "--file-prefix", "viohttp-\(getpid())-\(tapCounter)", "--no-telemetry",
-                              "--vdev", "net_tap0,iface=\(tap)", "--vdev", "net_vhost0,iface=\(socket)", "--",
-                              "--forward-mode=io", "--stats-period", "1", "--auto-start", "--total-num-mbufs", "16384"]),
-            name: "testpmd TAP bridge")
+            command: ns.wrap([Tools.testpmd, "--lcores", "0@0,1@0", "--no-pci", "--no-huge", "-m", "512",
+                              "--file-prefix", "viohttp-\(getpid())-\(tapCounter)", "--no-telemetry"] + far +
+                             ["--vdev", "net_vhost0,iface=\(socket)", "--",
+                              "--forward-mode=io", "--stats-period", "1", "--auto-start"] + mbufs),
+            name: jumboMTU == nil ? "testpmd TAP bridge" : "testpmd AF_PACKET bridge")
         // The TAP appears when testpmd probes it; give it the kernel side's address.
         let deadline = Date().addingTimeInterval(20)
         while true {

@@ -36,6 +36,9 @@ typedef struct {
     uint64_t accepted, accept_failed, active, closed, aborted, reset_by_peer, errors;
     uint64_t bytes_read, bytes_written, write_would_block;
     uint64_t tx_timer_frames;   ///< of tx_frames, those lwIP's tcpip thread produced (its timers)
+    /// Connections whose segments may exceed 1460 bytes (an MTU over 1500 and the peer's SYN
+    /// offered a larger MSS), and the largest MSS one of them sends with.
+    uint64_t large_mss_connections, largest_mss;
 } vlw_stats;
 
 /// Starts lwIP's tcpip thread and adds the one Ethernet interface (address, mask, gateway in
@@ -97,6 +100,11 @@ int vlw_conn_error(const vlw_conn *c);
 void vlw_conn_close(vlw_conn *c);
 /// Reset (RST); the handle is invalid afterwards. Lock held.
 void vlw_conn_abort(vlw_conn *c);
+
+/// The MSS option of an Ethernet frame that carries an IPv4 TCP SYN without ACK (0: not such a
+/// frame, malformed, or no MSS option), with the sender's address (network order) and port.
+/// Reads only within `len`.
+uint16_t vlw_syn_mss(const void *frame, uint16_t len, uint32_t *src_ip, uint16_t *src_port);
 
 /// A copy of the counters (lock held for a consistent copy).
 vlw_stats vlw_get_stats(void);

@@ -1,4 +1,4 @@
-// HummingbirdOnDataplane --port vhost:SOCK --ip 198.18.0.2/24 [--listen 8080]   (the dataplane)
+// HummingbirdOnDataplane --port vhost:SOCK --ip 198.18.0.2/24 [--listen 8080] [--mtu 9000]   (the dataplane)
 // HummingbirdOnDataplane --kernel 0.0.0.0 [--listen 8080]                        (NIOPosix, for comparison)
 import Foundation
 import HTTPTypes
@@ -55,13 +55,14 @@ func makeRouter(transport: String) -> Router<BasicRequestContext> {
 }
 
 var args = CommandLine.arguments.dropFirst()
-var port = "", ip = "", kernel: String?, listen = 8080
+var port = "", ip = "", kernel: String?, listen = 8080, mtu = 1500
 while let a = args.popFirst() {
     switch a {
     case "--port": port = args.popFirst() ?? ""
     case "--ip": ip = args.popFirst() ?? ""
     case "--kernel": kernel = args.popFirst()
     case "--listen": listen = Int(args.popFirst() ?? "") ?? 8080
+    case "--mtu": mtu = Int(args.popFirst() ?? "") ?? 1500
     default: print("unknown argument \(a)"); exit(1)
     }
 }
@@ -73,11 +74,13 @@ if let host = kernel {
     try await app.runService()
 } else {
     guard port.hasPrefix("vhost:"), let iface = IPv4Interface(cidr: ip) else {
-        print("usage: HummingbirdOnDataplane --port vhost:SOCK --ip A.B.C.D/N [--listen P] | --kernel HOST [--listen P]")
+        print("usage: HummingbirdOnDataplane --port vhost:SOCK --ip A.B.C.D/N [--listen P] [--mtu M] | --kernel HOST [--listen P]")
         exit(1)
     }
     let responder = makeRouter(transport: "dataplane").buildResponder()
-    try HummingbirdDataplane.run(responder, dataplane: DataplaneConfig(vhostUserPath: String(port.dropFirst(6)), interface: iface),
+    var dataplane = DataplaneConfig(vhostUserPath: String(port.dropFirst(6)), interface: iface)
+    dataplane.mtu = mtu
+    try HummingbirdDataplane.run(responder, dataplane: dataplane,
                                  port: tcpPort, serverName: "swift-virtio") {
         print("hummingbird: listening on \(iface.address):\(tcpPort) (dataplane)")
     }
