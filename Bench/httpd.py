@@ -26,7 +26,7 @@ percentiles. Writes Bench/results/httpd-latest.json and prints a Markdown table 
 import argparse, json, math, os, re, shutil, signal, statistics, subprocess, sys, tempfile, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VIO = os.path.join(ROOT, ".build/release/vio")
+VIO = os.environ.get("VIO_BIN") or os.path.join(ROOT, ".build/release/vio")
 NIO = os.path.join(ROOT, "Bench/.build/release/vio-nio-httpd")
 HB = os.path.join(ROOT, "Examples/HummingbirdOnDataplane/.build/release/HummingbirdOnDataplane")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -294,7 +294,8 @@ def main():
             for path in targets[name][3]:
                 rs = sorted(runs[name][path], key=lambda x: x["rps"])
                 med = rs[(len(rs) - 1) // 2]   # the lower middle round when the count is even
-                summary.setdefault(name, {})[path] = {"median": med, "all_rps": [x["rps"] for x in runs[name][path]]}
+                summary.setdefault(name, {})[path] = {"median": med, "all_rps": [x["rps"] for x in runs[name][path]],
+                                                      "all_cycles_per_request": [x["cycles_per_request"] for x in runs[name][path]]}
                 print("| %s | %s | %.0f | %.2f ms | %.2f ms | %.2f ms | %.2f ms | %.0f | %s |" % (
                     name, path, med["rps"], med.get("p50_ms", 0), med.get("p75_ms", 0), med.get("p90_ms", 0),
                     med.get("p99_ms", 0), med["cycles_per_request"], med["errors"]))
