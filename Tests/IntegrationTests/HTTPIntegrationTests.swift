@@ -157,11 +157,7 @@ final class HTTPIntegrationTests: XCTestCase {
         try start(["--mtu", "9000"], jumboMTU: 9000)
         let ping = try ns!.run(["/usr/bin/ping", "-c", "2", "-i", "0.2", "-W", "5", "-s", "8000", "-M", "do", Self.serverIP], timeout: 30)
         XCTAssertTrue(ping.text.contains("2 received"), "8000-byte pings unfragmented: " + ping.text + ping.stderr)
-        let out = dir.path("big.out")
-        let b = try ns!.run(["/usr/bin/curl", "-sS", "--max-time", "120", "-o", out, "-w", "%{http_code} %{size_download}", Self.url + "/big.bin"], timeout: 130)
-        XCTAssertEqual(b.status, 0, b.stderr)
-        XCTAssertEqual(b.text, "200 \(10 << 20)")
-        XCTAssertTrue(FileManager.default.contents(atPath: out) == big, "10 MiB file differs")
+        try assertBigFileArrivesWhole()
         let json = try stats()
         XCTAssertGreaterThanOrEqual(number(json, "stack", "largeMSSConnections"), 1)
         XCTAssertEqual(number(json, "stack", "largestMSS"), 8960)
@@ -177,15 +173,20 @@ final class HTTPIntegrationTests: XCTestCase {
         try start(["--mtu", "9000"], jumboMTU: 9000)
         let r = try ns!.run([NetNamespace.ip, "link", "set", bridge!.tap, "mtu", "1500"], timeout: 10)
         XCTAssertEqual(r.status, 0, r.stderr)
-        let out = dir.path("big.out")
-        let b = try ns!.run(["/usr/bin/curl", "-sS", "--max-time", "120", "-o", out, "-w", "%{http_code} %{size_download}", Self.url + "/big.bin"], timeout: 130)
-        XCTAssertEqual(b.status, 0, b.stderr)
-        XCTAssertEqual(b.text, "200 \(10 << 20)")
-        XCTAssertTrue(FileManager.default.contents(atPath: out) == big, "10 MiB file differs")
+        try assertBigFileArrivesWhole()
         let json = try stats()
         XCTAssertEqual(number(json, "stack", "largeMSSConnections"), 0)
         XCTAssertGreaterThan(number(json, "stack", "txFrames"), 7000)
         stopServer()
+    }
+
+    /// curl fetches the 10 MiB file: status 200, its size, byte for byte.
+    func assertBigFileArrivesWhole(file: StaticString = #filePath, line: UInt = #line) throws {
+        let out = dir.path("big.out")
+        let b = try ns!.run(["/usr/bin/curl", "-sS", "--max-time", "120", "-o", out, "-w", "%{http_code} %{size_download}", Self.url + "/big.bin"], timeout: 130)
+        XCTAssertEqual(b.status, 0, b.stderr, file: file, line: line)
+        XCTAssertEqual(b.text, "200 \(10 << 20)", file: file, line: line)
+        XCTAssertTrue(FileManager.default.contents(atPath: out) == big, "10 MiB file differs", file: file, line: line)
     }
 
     /// CPU seconds (user + system, all threads) of a process so far, from /proc/PID/stat.
