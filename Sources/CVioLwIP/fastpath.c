@@ -80,8 +80,13 @@ uint16_t vlw_checksum(const void *data, size_t len) { return fold(sum_bytes(data
 
 static _Atomic int g_chksum_used;
 
+// Marks first use without writing the shared line on every call.
+static inline void mark(_Atomic int *flag) {
+    if (!atomic_load_explicit(flag, memory_order_relaxed)) atomic_store_explicit(flag, 1, memory_order_relaxed);
+}
+
 u16_t lwip_standard_chksum(const void *dataptr, int len) {
-    atomic_store_explicit(&g_chksum_used, 1, memory_order_relaxed);
+    mark(&g_chksum_used);
     return len > 0 ? fold(sum_bytes(dataptr, (size_t)len)) : 0;
 }
 
@@ -102,16 +107,18 @@ enum { kClasses = 8, kLarge = 0xffffffffu, kMagic = 0x766c7746u /* "Fwlv" */, kC
 static const size_t kClassSize[kClasses] = { 64, 128, 256, 512, 1024, 2048, 4096, 9216 + 256 };
 
 typedef struct free_block { struct free_block *next; } free_block;
+// A class's list, lock and counters share a cache line of their own.
 static struct {
     atomic_flag lock;
     uint32_t count;
     free_block *head;
-} g_class[kClasses] = {
-    { ATOMIC_FLAG_INIT, 0, NULL }, { ATOMIC_FLAG_INIT, 0, NULL }, { ATOMIC_FLAG_INIT, 0, NULL },
-    { ATOMIC_FLAG_INIT, 0, NULL }, { ATOMIC_FLAG_INIT, 0, NULL }, { ATOMIC_FLAG_INIT, 0, NULL },
-    { ATOMIC_FLAG_INIT, 0, NULL }, { ATOMIC_FLAG_INIT, 0, NULL },
+    uint64_t from_list, from_malloc;   // counted with the lock held
+} __attribute__((aligned(64))) g_class[kClasses] = {
+    { ATOMIC_FLAG_INIT, 0, NULL, 0, 0 }, { ATOMIC_FLAG_INIT, 0, NULL, 0, 0 }, { ATOMIC_FLAG_INIT, 0, NULL, 0, 0 },
+    { ATOMIC_FLAG_INIT, 0, NULL, 0, 0 }, { ATOMIC_FLAG_INIT, 0, NULL, 0, 0 }, { ATOMIC_FLAG_INIT, 0, NULL, 0, 0 },
+    { ATOMIC_FLAG_INIT, 0, NULL, 0, 0 }, { ATOMIC_FLAG_INIT, 0, NULL, 0, 0 },
 };
-static atomic_ulong g_from_list, g_from_malloc, g_large;
+static atomic_ulong g_large;
 static _Atomic int g_used;
 
 static inline void lock_class(int c) {
@@ -129,7 +136,7 @@ static inline int class_of(size_t size) {
 }
 
 void *mem_malloc(mem_size_t size) {
-    atomic_store_explicit(&g_used, 1, memory_order_relaxed);
+    mark(&g_used);
     int c = class_of(size);
     block_header *h;
     if (c < 0) {
@@ -140,15 +147,14 @@ void *mem_malloc(mem_size_t size) {
     } else {
         lock_class(c);
         free_block *f = g_class[c].head;
-        if (f) { g_class[c].head = f->next; g_class[c].count--; }
+        if (f) { g_class[c].head = f->next; g_class[c].count--; g_class[c].from_list++; }
+        else g_class[c].from_malloc++;
         unlock_class(c);
         if (f) {
             h = (block_header *)f;
-            atomic_fetch_add_explicit(&g_from_list, 1, memory_order_relaxed);
         } else {
             h = malloc(sizeof *h + kClassSize[c]);
             if (!h) return NULL;
-            atomic_fetch_add_explicit(&g_from_malloc, 1, memory_order_relaxed);
         }
         h->cls = (uint32_t)c;
     }
@@ -187,11 +193,13 @@ void mem_free(void *mem) {
 void *mem_trim(void *mem, mem_size_t size) { (void)size; return mem; }
 
 vlw_fastpath_stats vlw_fastpath_get_stats(void) {
-    vlw_fastpath_stats s = {
-        .from_list = atomic_load_explicit(&g_from_list, memory_order_relaxed),
-        .from_malloc = atomic_load_explicit(&g_from_malloc, memory_order_relaxed),
-        .large = atomic_load_explicit(&g_large, memory_order_relaxed),
-    };
+    vlw_fastpath_stats s = { .large = atomic_load_explicit(&g_large, memory_order_relaxed) };
+    for (int c = 0; c < kClasses; c++) {
+        lock_class(c);
+        s.from_list += g_class[c].from_list;
+        s.from_malloc += g_class[c].from_malloc;
+        unlock_class(c);
+    }
     return s;
 }
 
