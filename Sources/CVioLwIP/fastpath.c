@@ -1,5 +1,5 @@
-// Faster versions of three of liblwip's own functions, defined here so that they take the place
-// of the library's.
+// Faster versions of six of liblwip's own functions (the checksum, the copy with checksum, and
+// the four of its heap), defined here so that they take the place of the library's.
 //
 // Debian's liblwip.so calls its exported functions through its PLT (it is not linked with
 // -Bsymbolic), so a definition with the same name in the executable interposes on the
